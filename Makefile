@@ -1,0 +1,44 @@
+# The two commands of the README: `make serve` and `make test`. Both build .venv first on a
+# fresh machine (python3 + pip only), installing the exact versions of constraints.txt.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 3000
+SAMPLE := training/sample_data
+export BENTOML_DO_NOT_TRACK := True
+
+.PHONY: serve test install demo-zoo clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 resolves to the CPU build on this machine's disk (an unpinned torch pulls CUDA wheels).
+$(VENV)/.installed: $(BIN)/activate pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Only when models/zoo holds no bundle: small demo models from the committed sample data.
+demo-zoo: install
+	@if ls models/zoo/*/manifest.json >/dev/null 2>&1; then :; else \
+	  echo "models/zoo is empty: training demo models from $(SAMPLE) (a few minutes)"; \
+	  $(BIN)/python -m training train --data $(SAMPLE)/trec.txt --format trec --epochs 5 --out checkpoints/demo-trec6.pt && \
+	  $(BIN)/python -m training export --checkpoint checkpoints/demo-trec6.pt --data $(SAMPLE)/trec.txt --format trec --bundle models/zoo/kim-cnn-trec6 && \
+	  $(BIN)/python -m training train --data $(SAMPLE)/mr --format mr --epochs 5 --out checkpoints/demo-mr.pt && \
+	  $(BIN)/python -m training export --checkpoint checkpoints/demo-mr.pt --data $(SAMPLE)/mr --format mr --bundle models/zoo/kim-cnn-mr; \
+	fi
+
+serve: demo-zoo
+	$(BIN)/python -m services.model_store
+	@echo "textserve on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/ , metrics: /metrics)"
+	$(BIN)/bentoml serve services.service:TextService --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache

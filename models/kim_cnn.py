@@ -1,0 +1,112 @@
+"""Kim's CNN for sentence classification (Yoon Kim, "Convolutional Neural Networks for Sentence
+Classification", EMNLP 2014; reference code yoonkim/CNN_sentence).
+
+word ids -> embedding (E=300) -> convolutions of widths 3, 4, 5 (100 maps each, ReLU)
+-> max over time -> concat (300) -> dropout 0.5 -> linear to K classes (logits).
+
+Each filter of width m is an n-gram detector; max-over-time keeps its strongest match wherever
+it occurs. The service batches texts of different lengths, so the max must only see windows
+that lie inside the text's own (Kim-padded) length: windows past it are masked to 0, which
+is exact under ReLU (every real feature is >= 0) and, unlike -inf, stays finite in fp16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+VARIANTS = ("rand", "static", "non-static", "multichannel")
+
+
+@dataclass(frozen=True)
+class KimCNNConfig:
+    vocab_size: int
+    num_classes: int
+    variant: str = "rand"  # rand | static | non-static | multichannel (see VARIANTS)
+    embedding_dim: int = 300
+    filter_widths: tuple[int, ...] = (3, 4, 5)
+    feature_maps: int = 100  # per filter width
+    dropout: float = 0.5
+    max_norm: float = 3.0  # cap on the L2 norm of each class's output weight row
+    embedding_init_range: float = 0.25  # rand vectors ~ U[-0.25, 0.25]
+    # Kim's training recipe: Adadelta (lr 1.0, rho 0.95, eps 1e-6), batch 50, 25 epochs.
+    batch_size: int = 50
+    epochs: int = 25
+    adadelta_rho: float = 0.95
+    adadelta_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; expected one of {VARIANTS}")
+
+    @property
+    def edge_padding(self) -> int:
+        """Zero pads before and after each text (Kim: widest filter - 1)."""
+        return max(self.filter_widths) - 1
+
+
+# The paper's four variants; they differ only in where the word vectors come from.
+PRESETS: dict[str, dict] = {variant: {"variant": variant} for variant in VARIANTS}
+
+
+def kim_cnn_config(preset: str, vocab_size: int, num_classes: int, **overrides) -> KimCNNConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {tuple(PRESETS)}")
+    return replace(KimCNNConfig(vocab_size, num_classes, **PRESETS[preset]), **overrides)
+
+
+class KimCNN(nn.Module):
+    def __init__(self, config: KimCNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        channels = 2 if config.variant == "multichannel" else 1
+        # Channel 0 is tuned (rand / non-static / multichannel) or frozen (static); a
+        # multichannel model adds a frozen copy as channel 1. Kim's 2-channel 2-D convolution
+        # sums one filter per channel, which is a 1-D convolution over the concatenated vectors.
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=0) for _ in range(channels)
+        )
+        self.convolutions = nn.ModuleList(
+            nn.Conv1d(channels * config.embedding_dim, config.feature_maps, width) for width in config.filter_widths
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.feature_maps * len(config.filter_widths), config.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = self.config.embedding_init_range
+        for embedding in self.embeddings:
+            nn.init.uniform_(embedding.weight, -bound, bound)
+            with torch.no_grad():
+                embedding.weight[0].zero_()  # <pad> stays a zero vector, as in Kim's set_zero
+        for convolution in self.convolutions:
+            nn.init.xavier_uniform_(convolution.weight)  # Theano's U(+-sqrt(6/(fan_in+fan_out)))
+            nn.init.zeros_(convolution.bias)
+        nn.init.zeros_(self.output.weight)  # Kim's LogisticRegression layer starts at zero
+        nn.init.zeros_(self.output.bias)
+        frozen = {"static": [0], "multichannel": [1]}.get(self.config.variant, [])
+        for channel in frozen:
+            self.embeddings[channel].weight.requires_grad_(False)
+
+    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """token_ids (B, T) int64, right-padded; lengths (B,) int64 -> logits (B, K)."""
+        vectors = torch.cat([embedding(token_ids) for embedding in self.embeddings], dim=2)  # (B, T, C*E)
+        vectors = vectors.transpose(1, 2)  # (B, C*E, T): Conv1d slides over the last axis
+        pooled = []
+        for convolution, width in zip(self.convolutions, self.config.filter_widths):
+            feature_maps = torch.relu(convolution(vectors))  # (B, F, T - width + 1)
+            window_starts = torch.arange(feature_maps.shape[2], device=token_ids.device)  # (T - width + 1,)
+            # A window is real when it ends inside the row's own length.
+            inside = window_starts.unsqueeze(0) <= (lengths - width).unsqueeze(1)  # (B, T - width + 1)
+            feature_maps = feature_maps * inside.unsqueeze(1).to(feature_maps.dtype)
+            pooled.append(feature_maps.amax(dim=2))  # (B, F)
+        features = torch.cat(pooled, dim=1)  # (B, F * len(widths))
+        return self.output(self.dropout(features))
+
+    @torch.no_grad()
+    def constrain_output_norm(self) -> None:
+        """Kim's max-norm: rescale each class's output weight row to L2 norm <= max_norm."""
+        weight = self.output.weight  # (K, F * len(widths))
+        weight.copy_(torch.renorm(weight, p=2, dim=0, maxnorm=self.config.max_norm))

@@ -1,0 +1,127 @@
+"""Torch-free text encoding shared by training and serving, so the two cannot drift.
+
+Word-level models (Kim 2014) see a text as word ids:
+
+    "How far is it?"  --clean_str-->  "how far is it ?"  --vocab-->  [57, 211, 9, 30, 4]
+                      --pad-->  [0, 0, 0, 0, 57, 211, 9, 30, 4, 0, 0, 0, 0]   length 5 + 2*4
+
+The padding follows Kim's CNN_sentence code: (widest filter - 1) zero pads in front and behind,
+so every word can sit in every position of a window and even an empty text is as long as the
+widest filter. A batch is right-padded to its longest member; the model receives each row's
+own length and ignores windows beyond it, so a text's logits do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+PAD_ID = 0
+UNK_ID = 1
+
+
+def clean_str(text: str, lowercase: bool = True) -> str:
+    """Kim's tokenisation (CNN_sentence/process_data.py `clean_str`).
+
+    Keeps letters, digits and ( ) , ! ? ' `; splits clitics ('s 've n't 're 'd 'll) and
+    punctuation into tokens; lower-cases unless `lowercase` is False (Kim keeps case for TREC).
+    One deliberate difference: Kim's replacement strings " \\( " leave a literal backslash in
+    the token ("\\?"); we emit the bare "?" "(" ")", which partitions words identically.
+    """
+    text = re.sub(r"[^A-Za-z0-9(),!?\'\`]", " ", text)
+    text = re.sub(r"\'s", " 's", text)
+    text = re.sub(r"\'ve", " 've", text)
+    text = re.sub(r"n\'t", " n't", text)
+    text = re.sub(r"\'re", " 're", text)
+    text = re.sub(r"\'d", " 'd", text)
+    text = re.sub(r"\'ll", " 'll", text)
+    text = re.sub(r",", " , ", text)
+    text = re.sub(r"!", " ! ", text)
+    text = re.sub(r"\(", " ( ", text)
+    text = re.sub(r"\)", " ) ", text)
+    text = re.sub(r"\?", " ? ", text)
+    text = re.sub(r"\s{2,}", " ", text)
+    text = text.strip()
+    return text.lower() if lowercase else text
+
+
+def tokenize(text: str, lowercase: bool = True) -> list[str]:
+    """Words of `text` after Kim's cleaning; an empty list for a text with no word characters."""
+    cleaned = clean_str(text, lowercase=lowercase)
+    return cleaned.split(" ") if cleaned else []
+
+
+@dataclass(frozen=True)
+class WordVocab:
+    """Word <-> id map with `<pad>` = 0 and `<unk>` = 1; saved as JSON `{"tokens": [...]}`."""
+
+    tokens: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.tokens[:2] != (PAD_TOKEN, UNK_TOKEN):
+            raise ValueError(f"a vocabulary must start with {PAD_TOKEN!r}, {UNK_TOKEN!r}")
+        if len(set(self.tokens)) != len(self.tokens):
+            raise ValueError("a vocabulary must not repeat a token")
+        object.__setattr__(self, "_ids", {token: i for i, token in enumerate(self.tokens)})
+
+    @classmethod
+    def build(cls, tokenized_texts: Iterable[Sequence[str]], min_count: int = 1) -> WordVocab:
+        """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
+        counts = Counter(word for words in tokenized_texts for word in words)
+        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls((PAD_TOKEN, UNK_TOKEN, *(w for w in kept if w not in (PAD_TOKEN, UNK_TOKEN))))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def ids(self, words: Sequence[str]) -> list[int]:
+        lookup = self._ids  # type: ignore[attr-defined]
+        return [lookup.get(word, UNK_ID) for word in words]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"tokens": list(self.tokens)}, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> WordVocab:
+        return cls(tuple(json.loads(Path(path).read_text())["tokens"]))
+
+
+@dataclass(frozen=True)
+class WordEncoder:
+    """Turns raw texts into the (token_ids, lengths) pair a word-level model takes.
+
+    `edge_padding` pads before and after each text (Kim: widest filter - 1); `max_words`
+    truncates longer texts (the service rejects them before they get here).
+    """
+
+    vocab: WordVocab
+    lowercase: bool
+    edge_padding: int
+    max_words: int | None = None
+
+    def encode_one(self, text: str) -> list[int]:
+        words = tokenize(text, lowercase=self.lowercase)
+        if self.max_words is not None:
+            words = words[: self.max_words]
+        pad = [PAD_ID] * self.edge_padding
+        return pad + self.vocab.ids(words) + pad
+
+    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(token_ids (B, T) int64 right-padded with 0, lengths (B,) int64 before that padding)."""
+        rows = [self.encode_one(text) for text in texts]
+        lengths = np.array([len(row) for row in rows], dtype=np.int64)
+        token_ids = np.full((len(rows), int(lengths.max(initial=0))), PAD_ID, dtype=np.int64)
+        for i, row in enumerate(rows):
+            token_ids[i, : len(row)] = row
+        return token_ids, lengths
+
+    def count_words(self, text: str) -> int:
+        return len(tokenize(text, lowercase=self.lowercase))

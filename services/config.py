@@ -1,0 +1,95 @@
+"""Every knob of the service: a documented default, overridable by an environment variable.
+
+| variable                         | default      | meaning                                                    |
+|----------------------------------|--------------|------------------------------------------------------------|
+| TEXTSERVE_ZOO                    | models/zoo   | folder of model bundles imported into the BentoML store    |
+| TEXTSERVE_MODELS                 | (all)        | comma-separated bundle names to serve                      |
+| TEXTSERVE_DEVICE                 | auto         | cpu, cuda (an error if CUDA cannot run), auto (CUDA if an NVIDIA GPU is present) |
+| TEXTSERVE_ORT_THREADS            | 0            | onnxruntime intra-op threads per runner worker; 0 = cores / runner workers |
+| TEXTSERVE_RUNNER_WORKERS         | 1            | processes running onnxruntime sessions                     |
+| TEXTSERVE_HTTP_WORKERS           | 1            | processes answering HTTP (validation, JSON, OIP codec)     |
+| TEXTSERVE_MAX_BATCH_TEXTS        | 64           | adaptive batching: most texts in one inference batch       |
+| TEXTSERVE_MAX_LATENCY_MS         | 1000         | adaptive batching: a batch that cannot start in time is refused (503) |
+| TEXTSERVE_MAX_TEXTS_PER_REQUEST  | 256          | more texts in one request -> 413                           |
+| TEXTSERVE_MAX_TEXT_CHARS         | 2000         | a longer text -> 413                                       |
+| TEXTSERVE_MAX_PENDING_TEXTS      | 2048         | texts in flight per HTTP worker before new requests get 429 |
+| TEXTSERVE_DEFAULT_TOP_K          | 3            | top-k when a request does not say                          |
+| TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    zoo: Path = REPOSITORY_ROOT / "models" / "zoo"
+    models: tuple[str, ...] = ()  # empty: every bundle in the zoo
+    device: str = "auto"
+    ort_threads: int = 0
+    runner_workers: int = 1
+    http_workers: int = 1
+    max_batch_texts: int = 64
+    max_latency_ms: int = 1000
+    max_texts_per_request: int = 256
+    max_text_chars: int = 2000
+    max_pending_texts: int = 2048
+    default_top_k: int = 3
+    request_timeout_s: int = 30
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
+        environ = dict(os.environ if environ is None else environ)
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(f"TEXTSERVE_{field.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            if field.name == "zoo":
+                values[field.name] = Path(raw)
+            elif field.name == "models":
+                values[field.name] = tuple(name.strip() for name in raw.split(",") if name.strip())
+            elif field.name == "device":
+                values[field.name] = raw.strip().lower()
+            else:
+                try:
+                    values[field.name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"TEXTSERVE_{field.name.upper()}={raw!r} is not an integer") from None
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"TEXTSERVE_DEVICE={self.device!r}; expected auto, cpu or cuda")
+        for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
+                     "max_text_chars", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")
+        if self.ort_threads < 0:
+            raise ValueError("TEXTSERVE_ORT_THREADS must be 0 (automatic) or more")
+
+    def session_threads(self) -> int:
+        """Intra-op threads per runner worker: about cores / workers, so workers do not fight."""
+        if self.ort_threads:
+            return self.ort_threads
+        return max(1, (os.cpu_count() or 1) // self.runner_workers)
+
+
+def gpu_present() -> bool:
+    """An NVIDIA device node exists; cheaper and quieter than letting onnxruntime try CUDA."""
+    return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
+
+
+def resolve_device(requested: str) -> str:
+    """auto -> cuda where an NVIDIA GPU is present, else cpu; cpu and cuda are taken as asked
+    (make_session then refuses cuda that cannot run, rather than falling back)."""
+    if requested == "auto":
+        return "cuda" if gpu_present() else "cpu"
+    return requested

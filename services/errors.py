@@ -1,0 +1,56 @@
+"""Every error the service answers is `{"error": "what was wrong"}` with a 4xx/5xx status.
+
+FastAPI's own validation errors (a list, status 422) and unmatched routes are rewritten to that
+shape here, so a client only ever parses one error format.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def describe_validation_error(error: dict) -> str:
+    """One pydantic error as `field.path: message`, e.g. `texts.2: Input should be a valid string`."""
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}"
+    if error.get("type") == "missing":
+        return f"{'.'.join(location)}: this field is required"
+    if error.get("type") == "extra_forbidden":
+        return f"{'.'.join(location)}: unknown field"
+    prefix = ".".join(location) or "body"
+    return f"{prefix}: {error.get('msg')}"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return error_response(error.status, error.message, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [describe_validation_error(e) for e in error.errors()]
+        return error_response(400, "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
+        if error.status_code == 405:
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}")
+        return error_response(error.status_code, str(error.detail))

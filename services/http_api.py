@@ -1,0 +1,71 @@
+"""The service's own JSON API: POST /classify and GET /models. Requests enter here (and in
+open_inference.py for OIP v2); both hand texts to TextService.probabilities, the one path to
+the batched runner."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+import bentoml
+from services.errors import ApiError
+from services.schemas import ClassifyRequest, ClassifyResponse, LabelProbability, ModelInfo, ModelsResponse, TextResult
+
+router = APIRouter()
+
+
+def top_k_results(labels: tuple[str, ...], probabilities: np.ndarray, k: int) -> list[TextResult]:
+    """probabilities (N, K) -> one TextResult per row, its top k by descending probability."""
+    results = []
+    for row in probabilities:
+        order = np.argsort(-row, kind="stable")[:k]
+        results.append(
+            TextResult(
+                label=labels[order[0]],
+                probabilities={label: float(p) for label, p in zip(labels, row)},
+                top_k=[LabelProbability(label=labels[i], probability=float(row[i])) for i in order],
+            )
+        )
+    return results
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    summary="Classify texts with one model",
+    # The body is read as JSON whatever its Content-Type (`curl -d` sends a form type), so the
+    # schema is declared here rather than inferred from a typed parameter.
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}}},
+)
+async def classify(request: Request, service=Depends(bentoml.get_current_service)) -> ClassifyResponse:
+    try:
+        body = ClassifyRequest.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    bundle = service.bundle(body.model)
+    request.state.model = bundle.name
+    k = service.settings.default_top_k if body.top_k is None else body.top_k
+    if not 1 <= k <= len(bundle.labels):
+        raise ApiError(400, f"top_k must be between 1 and {len(bundle.labels)} (the model's label count), got {k}")
+    probabilities = await service.probabilities(bundle.name, body.texts)
+    return ClassifyResponse(model=bundle.name, results=top_k_results(bundle.labels, probabilities, min(k, len(bundle.labels))))
+
+
+@router.get("/models", response_model=ModelsResponse, summary="Every loaded model")
+async def list_models(service=Depends(bentoml.get_current_service)) -> ModelsResponse:
+    return ModelsResponse(
+        models=[
+            ModelInfo(
+                name=bundle.name,
+                architecture=bundle.architecture,
+                preset=bundle.config.get("preset", ""),
+                labels=list(bundle.labels),
+                metrics={k: v for k, v in bundle.metrics.items() if k != "history"},
+                sha256=bundle.sha256,
+                store_tag=service.store_tags[bundle.name],
+            )
+            for bundle in service.bundles.values()
+        ]
+    )

@@ -1,0 +1,135 @@
+"""Model bundles and their onnxruntime sessions: the one inference path that the service and
+`python -m training evaluate` share. Torch-free.
+
+A bundle folder holds model.onnx, vocab.json, labels.json, config.json, metrics.json and
+manifest.json (every other file's sha256, checked here before a session is made).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.text_encoding import WordEncoder, WordVocab
+
+MANIFEST = "manifest.json"
+DEVICES = ("cpu", "cuda")
+
+
+class BundleError(RuntimeError):
+    """A bundle is incomplete, altered, or cannot run where it was asked to."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str
+    path: Path
+    config: dict
+    labels: tuple[str, ...]
+    metrics: dict
+    sha256: str  # of manifest.json, which pins every other file
+
+    @property
+    def architecture(self) -> str:
+        return self.config["architecture"]
+
+
+def read_bundle(path: str | Path) -> Bundle:
+    """Read a bundle folder, checking every file against the manifest's sha256."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{path}: no {MANIFEST}; is this a model bundle?")
+    manifest = json.loads(manifest_path.read_text())
+    for file_name, expected in manifest["files"].items():
+        file_path = path / file_name
+        if not file_path.is_file():
+            raise BundleError(f"{path}: {file_name} is listed in the manifest but missing")
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise BundleError(f"{path}: {file_name} has sha256 {actual}, the manifest says {expected}")
+    config = json.loads((path / "config.json").read_text())
+    return Bundle(
+        name=config["name"],
+        path=path,
+        config=config,
+        labels=tuple(json.loads((path / "labels.json").read_text())),
+        metrics=json.loads((path / "metrics.json").read_text()),
+        sha256=sha256_file(manifest_path),
+    )
+
+
+def make_session(onnx_path: Path, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime session on `device`; asking for CUDA where it cannot run is an error,
+    never a silent fall-back to the CPU. `threads` 0 lets onnxruntime pick (one per core)."""
+    if device not in DEVICES:
+        raise BundleError(f"unknown device {device!r}; expected one of {DEVICES}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BundleError("device 'cuda' requested but this onnxruntime build has no CUDAExecutionProvider")
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            raise BundleError(
+                "device 'cuda' requested but onnxruntime could not start its CUDA provider "
+                f"(no usable GPU or CUDA libraries); providers in use: {session.get_providers()}"
+            )
+        return session
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class TextClassifier:
+    """A word-level classifier bundle in onnxruntime: texts -> logits / probabilities."""
+
+    EXPECTED_INPUTS = {"token_ids": ("tensor(int64)", 2), "lengths": ("tensor(int64)", 1)}
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
+        encoding = bundle.config["encoding"]
+        if encoding["kind"] != "words":
+            raise BundleError(f"{bundle.name}: input encoding {encoding['kind']!r} is not supported by this server")
+        self.bundle = bundle
+        self.encoder = WordEncoder(
+            WordVocab.load(bundle.path / "vocab.json"), encoding["lowercase"], encoding["edge_padding"]
+        )
+        self.session = make_session(bundle.path / "model.onnx", device, threads)
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """Read the graph's inputs rather than assume them, and fail early with what differs."""
+        found = {i.name: (i.type, len(i.shape)) for i in self.session.get_inputs()}
+        if found != self.EXPECTED_INPUTS:
+            raise BundleError(f"{self.bundle.name}: graph inputs are {found}, expected {self.EXPECTED_INPUTS}")
+        self.output_name = self.session.get_outputs()[0].name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.bundle.labels
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), K) float32 logits; all texts run as one padded batch."""
+        token_ids, lengths = self.encoder.encode_batch(texts)
+        return self.session.run([self.output_name], {"token_ids": token_ids, "lengths": lengths})[0]
+
+    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        return softmax(self.logits(texts))

@@ -1,0 +1,48 @@
+"""The service's own Prometheus metrics (prometheus-client, through bentoml.metrics so that they
+live in BentoML's multiprocess registry and /metrics shows them from every worker and process).
+
+BentoML's built-in batch histogram counts requests per batch and has no queue wait; these
+count texts and measure the wait between the HTTP worker handing texts over and the batch
+starting on the runner.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+NAMESPACE = "textserve"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+requests_total = bentoml.metrics.Counter(
+    name=f"{NAMESPACE}_requests_total",
+    documentation="HTTP requests answered, by model, endpoint and status code",
+    labelnames=["model", "endpoint", "status"],
+)
+request_duration_seconds = bentoml.metrics.Histogram(
+    name=f"{NAMESPACE}_request_duration_seconds",
+    documentation="Time from request arrival to response, by model and endpoint",
+    labelnames=["model", "endpoint"],
+    buckets=LATENCY_BUCKETS,
+)
+texts_total = bentoml.metrics.Counter(
+    name=f"{NAMESPACE}_texts_total",
+    documentation="Texts run through a model",
+    labelnames=["model"],
+)
+inference_duration_seconds = bentoml.metrics.Histogram(
+    name=f"{NAMESPACE}_inference_duration_seconds",
+    documentation="onnxruntime time for one model's share of a batch (encoding included)",
+    labelnames=["model"],
+    buckets=LATENCY_BUCKETS,
+)
+batch_texts = bentoml.metrics.Histogram(
+    name=f"{NAMESPACE}_batch_texts",
+    documentation="Texts in one adaptive batch (all models together)",
+    buckets=BATCH_BUCKETS,
+)
+queue_wait_seconds = bentoml.metrics.Histogram(
+    name=f"{NAMESPACE}_queue_wait_seconds",
+    documentation="Time from the HTTP worker sending texts to the runner until their batch starts",
+    buckets=LATENCY_BUCKETS,
+)

@@ -1,0 +1,668 @@
+"""Codec for the Open Inference Protocol v2 (KServe v2 / Triton HTTP) infer API.
+
+This module is deliberately pure: it turns request *bytes* into numpy arrays
+and output arrays into response *bytes + headers*, with no web framework and
+no model code, so it can be unit-tested against the real ``tritonclient``
+encoder/decoder without starting a server.
+
+It implements Triton's *binary tensor data extension*, which the standard
+``tritonclient.http.InferenceServerClient`` uses by default:
+
+* Request: when any input carries raw bytes, the client sends the header
+  ``Inference-Header-Content-Length: N``. The first ``N`` bytes of the
+  (decompressed) body are the JSON request; the raw bytes of every input whose
+  ``parameters.binary_data_size`` is set follow, concatenated in input order.
+  ``N`` is measured on the *uncompressed* body: the client compresses the whole
+  body (JSON + blobs) after computing it, so we must decompress first and split
+  second.
+* BYTES tensors in binary form are, per element in row-major order, a 4-byte
+  little-endian length followed by that many bytes.
+* Response: an output goes binary when its request entry has
+  ``parameters.binary_data: true`` or, absent an explicit flag, when the
+  request-level ``parameters.binary_data_output`` is true (the client sets that
+  whenever it lists no outputs). A binary output's JSON has
+  ``parameters.binary_data_size`` and no ``data``; the blobs follow the JSON in
+  output order and the response carries ``Inference-Header-Content-Length``.
+
+``services`` must never import torch; this module only needs numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "OIPError",
+    "InferRequest",
+    "OutputTensor",
+    "DATATYPES",
+    "MAX_DECOMPRESSED_BYTES",
+    "parse_header_length",
+    "decode_infer_request",
+    "encode_infer_response",
+    "select_outputs",
+]
+
+
+class OIPError(ValueError):
+    """A request that violates the protocol, or asks for something we do not support.
+
+    The message says exactly what was wrong (which input/output, which field)
+    because the server returns it verbatim as HTTP 400 ``{"error": msg}``;
+    ``tritonclient`` surfaces that string as ``InferenceServerException``.
+    """
+
+
+# v2 datatype name -> numpy dtype. Numeric dtypes are pinned little-endian
+# because the binary extension is defined on little-endian bytes (the client
+# just calls ``ndarray.tobytes()`` on x86/ARM hosts), independent of our host.
+_NUMERIC_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+
+#: Every datatype this codec accepts. BF16 is a Triton type that newer clients
+#: can send (via ml_dtypes), but numpy has no native bfloat16 and none of our
+#: text classifiers take it, so it is rejected with a clear message instead.
+DATATYPES: frozenset[str] = frozenset(_NUMERIC_DTYPES) | {"BYTES"}
+_DATATYPES_LISTED = ", ".join(sorted(DATATYPES))
+
+_INT_TYPES = frozenset(n for n in _NUMERIC_DTYPES if "INT" in n)
+_FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
+
+#: Cap on a decompressed request body. A few KiB of gzip can expand to GiB
+#: ("zip bomb"); text-classification requests are tiny, so 64 MiB is generous.
+MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024
+
+_LEN_PREFIX = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded v2 inference request.
+
+    Attributes:
+        id: the request ``id`` to echo back in the response (``None`` when the
+            client sent none; ``tritonclient`` omits it for ``request_id=""``).
+        inputs: input name -> array, in request order. BYTES inputs are numpy
+            object arrays of ``bytes``; numeric inputs have the dtype of their
+            declared datatype (native byte order); all are reshaped to the
+            declared shape and own their memory (writable).
+        requested_outputs: output names in the order listed, or ``None`` when
+            the request lists no outputs (meaning: return all outputs).
+        binary_outputs: listed output names to send in binary form, resolved
+            from each entry's ``binary_data`` flag, falling back to
+            ``binary_default`` when an entry has no flag.
+        binary_default: the request-level ``parameters.binary_data_output``;
+            decides the format of outputs the request did not list.
+    """
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    requested_outputs: list[str] | None
+    binary_outputs: set[str] = field(default_factory=set)
+    binary_default: bool = False
+
+    def binary_output_names(self, selected: Iterable[str]) -> set[str]:
+        """Return which of ``selected`` (e.g. from :func:`select_outputs`) go binary.
+
+        ``binary_outputs`` only covers outputs the request listed; when it
+        listed none, every returned output follows ``binary_default``. This
+        helper folds both cases so the server can pass the result straight to
+        :func:`encode_infer_response`.
+        """
+        if self.requested_outputs is None:
+            return set(selected) if self.binary_default else set()
+        return {name for name in selected if name in self.binary_outputs}
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output to encode.
+
+    ``array`` for BYTES may hold ``bytes`` or ``str`` elements (any numpy
+    dtype: object, ``U``, ``S``); ``str`` is encoded as UTF-8. Numeric arrays
+    are cast to the dtype of ``datatype``.
+    """
+
+    name: str
+    datatype: str
+    array: np.ndarray
+
+
+# --------------------------------------------------------------------------
+# Request decoding
+# --------------------------------------------------------------------------
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """Parse an ``Inference-Header-Content-Length`` header value.
+
+    Kept here (not in the web layer) so a malformed header yields the same
+    kind of 400 error as every other protocol violation.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    # int() would also accept "+5", " 5", "5_0"; the header is a plain decimal.
+    if not text.isdigit() or not text.isascii():
+        raise OIPError(
+            f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}"
+        )
+    return int(text)
+
+
+def _decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """Undo ``Content-Encoding`` (what ``request_compression_algorithm`` sends).
+
+    tritonclient sends ``gzip`` (``gzip.compress``) or ``deflate``
+    (``zlib.compress``, i.e. zlib-wrapped as RFC 9110 says). Some other
+    clients send raw DEFLATE for ``deflate``, so that is accepted too.
+    Decompression is bounded by ``limit`` to defuse compression bombs.
+    """
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        candidates = [zlib.MAX_WBITS | 16]
+    elif encoding == "deflate":
+        candidates = [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+    else:
+        raise OIPError(
+            f"unsupported Content-Encoding {content_encoding!r}; supported: gzip, deflate, identity"
+        )
+
+    last_error: Exception | None = None
+    for wbits in candidates:
+        try:
+            return _bounded_inflate(body, wbits, limit)
+        except zlib.error as exc:
+            last_error = exc
+    raise OIPError(f"request body is not valid {encoding} data: {last_error}")
+
+
+def _bounded_inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    """Inflate ``data`` (possibly several concatenated gzip members) up to ``limit`` bytes."""
+    out: list[bytes] = []
+    total = 0
+    remaining = data
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        chunk = inflater.decompress(remaining, limit - total + 1)
+        total += len(chunk)
+        out.append(chunk)
+        if total > limit or inflater.unconsumed_tail:
+            raise OIPError(f"decompressed request body exceeds the {limit}-byte limit")
+        if not inflater.eof:
+            raise zlib.error("compressed stream is truncated")
+        remaining = inflater.unused_data
+        # gzip allows concatenated members (RFC 1952 §2.2); zlib/raw do not.
+        if not remaining or not (wbits & 16):
+            if remaining:
+                raise zlib.error(f"{len(remaining)} trailing bytes after compressed stream")
+            return b"".join(out)
+
+
+def _expect_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise OIPError(f"{what} must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """Name a decoded JSON value's type the way a client author would."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _parse_shape(raw: Any, label: str) -> tuple[int, ...]:
+    if not isinstance(raw, list):
+        raise OIPError(f"{label}: 'shape' must be a list of non-negative integers, got {_json_type(raw)}")
+    for i, dim in enumerate(raw):
+        # bool is an int subclass in Python; true/false is not a dimension.
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            raise OIPError(
+                f"{label}: 'shape' must be a list of non-negative integers, "
+                f"got {dim!r} at position {i}"
+            )
+    return tuple(raw)
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """Flatten (possibly nested) row-major JSON ``data`` into one list.
+
+    Iterative rather than recursive so a hostile, deeply nested array cannot
+    blow the interpreter stack.
+    """
+    flat: list[Any] = []
+    stack: list[Iterable[Any]] = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _json_to_array(flat: list[Any], datatype: str, label: str) -> np.ndarray:
+    """Convert flattened JSON elements to a 1-D array, checking element types.
+
+    We check types ourselves instead of trusting ``np.array(..., dtype)``,
+    which would silently truncate 1.7 -> 1 for INT32 or accept "3" for FP32.
+    """
+    if datatype == "BYTES":
+        out = np.empty(len(flat), dtype=object)
+        for i, item in enumerate(flat):
+            if not isinstance(item, str):
+                raise OIPError(
+                    f"{label}: BYTES data in JSON must be strings, "
+                    f"element {i} is a {_json_type(item)}"
+                )
+            out[i] = item.encode("utf-8")
+        return out
+
+    if datatype == "BOOL":
+        def ok(v: Any) -> bool:
+            return isinstance(v, bool)
+        expected = "booleans"
+    elif datatype in _INT_TYPES:
+        def ok(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+        expected = "integers"
+    else:  # FP16/FP32/FP64
+        def ok(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+        expected = "numbers"
+    for i, item in enumerate(flat):
+        if not ok(item):
+            raise OIPError(
+                f"{label}: {datatype} data must be {expected}, element {i} is {item!r}"
+            )
+    try:
+        return np.array(flat, dtype=_NUMERIC_DTYPES[datatype])
+    except OverflowError as exc:
+        raise OIPError(f"{label}: value out of range for {datatype}: {exc}") from None
+
+
+def _binary_to_array(
+    raw: memoryview, datatype: str, count: int, label: str
+) -> np.ndarray:
+    """Convert one input's raw blob to a 1-D array of ``count`` elements."""
+    if datatype == "BYTES":
+        elements: list[bytes] = []
+        offset = 0
+        size = len(raw)
+        while offset < size:
+            if len(elements) == count:
+                raise OIPError(
+                    f"{label}: binary BYTES data holds more than the {count} element(s) "
+                    f"the shape declares ({size - offset} extra byte(s))"
+                )
+            if size - offset < 4:
+                raise OIPError(
+                    f"{label}: binary BYTES element {len(elements)} is truncated: "
+                    f"needs a 4-byte length prefix, only {size - offset} byte(s) left"
+                )
+            (length,) = _LEN_PREFIX.unpack_from(raw, offset)
+            offset += 4
+            if length > size - offset:
+                raise OIPError(
+                    f"{label}: binary BYTES element {len(elements)} declares {length} byte(s) "
+                    f"but only {size - offset} remain"
+                )
+            elements.append(bytes(raw[offset : offset + length]))
+            offset += length
+        if len(elements) != count:
+            raise OIPError(
+                f"{label}: binary BYTES data holds {len(elements)} element(s) "
+                f"but the shape declares {count}"
+            )
+        out = np.empty(count, dtype=object)
+        out[:] = elements
+        return out
+
+    dtype = _NUMERIC_DTYPES[datatype]
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise OIPError(
+            f"{label}: binary_data_size is {len(raw)} byte(s) but shape and {datatype} "
+            f"require {count} x {dtype.itemsize} = {expected}"
+        )
+    # Copy so the array owns writable memory (frombuffer views of the request
+    # body are read-only and would pin the whole body in memory) and is in
+    # native byte order for onnxruntime.
+    return np.frombuffer(raw, dtype=dtype, count=count).astype(dtype.newbyteorder("="))
+
+
+def _parse_outputs(
+    raw: Any, binary_default: bool
+) -> tuple[list[str] | None, set[str]]:
+    """Validate the request's ``outputs`` list; resolve which go binary."""
+    if raw is None:
+        return None, set()
+    if not isinstance(raw, list):
+        raise OIPError(f"'outputs' must be a list, got {_json_type(raw)}")
+    if not raw:
+        # An empty list carries no selection; treat it like an absent one
+        # (tritonclient never sends it: it omits 'outputs' when empty).
+        return None, set()
+    names: list[str] = []
+    binary: set[str] = set()
+    for i, entry in enumerate(raw):
+        entry = _expect_object(entry, f"outputs[{i}]")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise OIPError(f"outputs[{i}]: 'name' must be a non-empty string")
+        label = f"output '{name}'"
+        if name in names:
+            raise OIPError(f"{label} is requested more than once")
+        params = _expect_object(entry.get("parameters", {}), f"{label}: 'parameters'")
+        if "classification" in params:
+            # InferRequestedOutput(name, class_count=k) sends this; it asks
+            # Triton to return top-k "score:index:label" strings instead of
+            # the tensor. Our models already return labels/scores explicitly.
+            raise OIPError(
+                f"{label}: the 'classification' parameter (class_count) is not supported; "
+                "request the output without class_count"
+            )
+        if any(k.startswith("shared_memory") for k in params):
+            raise OIPError(f"{label}: shared-memory outputs are not supported")
+        flag = params.get("binary_data")
+        if flag is None:
+            # Triton semantics: an unflagged output follows the request default.
+            flag = binary_default
+        elif not isinstance(flag, bool):
+            raise OIPError(f"{label}: parameters.binary_data must be a boolean, got {flag!r}")
+        if flag:
+            binary.add(name)
+        names.append(name)
+    return names, binary
+
+
+def decode_infer_request(
+    body: bytes,
+    header_length: int | None,
+    content_encoding: str | None = None,
+    *,
+    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
+) -> InferRequest:
+    """Decode a v2 inference request body (JSON or JSON + binary tensor data).
+
+    Args:
+        body: the HTTP request body exactly as received.
+        header_length: ``int`` of the ``Inference-Header-Content-Length``
+            header (see :func:`parse_header_length`), or ``None`` when absent,
+            in which case the whole body is JSON.
+        content_encoding: the ``Content-Encoding`` header; ``gzip`` and
+            ``deflate`` bodies are decompressed before splitting (the header
+            length counts uncompressed bytes).
+        max_decompressed_bytes: bound on the decompressed size.
+
+    Raises:
+        OIPError: with a message naming the offending input/field.
+    """
+    body = _decompress(bytes(body), content_encoding, max_decompressed_bytes)
+
+    if header_length is None:
+        header_length = len(body)
+    elif isinstance(header_length, bool) or not isinstance(header_length, int) or header_length < 0:
+        raise OIPError(f"Inference-Header-Content-Length must be a non-negative integer, got {header_length!r}")
+    elif header_length > len(body):
+        raise OIPError(
+            f"Inference-Header-Content-Length is {header_length} but the "
+            f"(decompressed) body is only {len(body)} byte(s)"
+        )
+
+    try:
+        text = body[:header_length].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OIPError(f"request JSON is not valid UTF-8: {exc}") from None
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OIPError(f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise OIPError("request is not valid JSON: nesting too deep") from None
+    request = _expect_object(request, "request")
+
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise OIPError(f"'id' must be a string, got {_json_type(request_id)}")
+
+    params = _expect_object(request.get("parameters", {}), "request 'parameters'")
+    # Other request parameters tritonclient may send (sequence_id, priority,
+    # timeout, custom ones) are scheduling hints with no meaning for a
+    # stateless classifier, so they are ignored rather than rejected.
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise OIPError(
+            f"parameters.binary_data_output must be a boolean, got {binary_default!r}"
+        )
+
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise OIPError("'inputs' must be a non-empty list")
+
+    binary = memoryview(body)[header_length:]
+    offset = 0
+    inputs: dict[str, np.ndarray] = {}
+    for i, entry in enumerate(raw_inputs):
+        entry = _expect_object(entry, f"inputs[{i}]")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise OIPError(f"inputs[{i}]: 'name' must be a non-empty string")
+        label = f"input '{name}'"
+        if name in inputs:
+            raise OIPError(f"{label} appears more than once in 'inputs'")
+
+        if "shape" not in entry:
+            raise OIPError(f"{label}: missing 'shape'")
+        shape = _parse_shape(entry["shape"], label)
+        count = math.prod(shape)
+
+        datatype = entry.get("datatype")
+        if datatype not in DATATYPES:
+            raise OIPError(
+                f"{label}: unsupported datatype {datatype!r}; expected one of {_DATATYPES_LISTED}"
+            )
+
+        in_params = _expect_object(entry.get("parameters", {}), f"{label}: 'parameters'")
+        if any(k.startswith("shared_memory") for k in in_params):
+            raise OIPError(f"{label}: shared-memory inputs are not supported")
+        size = in_params.get("binary_data_size")
+        has_data = "data" in entry
+
+        if size is not None:
+            if has_data:
+                raise OIPError(f"{label}: has both 'data' and parameters.binary_data_size")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise OIPError(
+                    f"{label}: parameters.binary_data_size must be a non-negative integer, got {size!r}"
+                )
+            if offset + size > len(binary):
+                raise OIPError(
+                    f"{label}: binary_data_size {size} overruns the body: only "
+                    f"{len(binary) - offset} byte(s) of binary data remain after the "
+                    f"{header_length}-byte JSON header"
+                )
+            flat = _binary_to_array(binary[offset : offset + size], datatype, count, label)
+            offset += size
+        elif has_data:
+            data = entry["data"]
+            if not isinstance(data, list):
+                raise OIPError(f"{label}: 'data' must be a list, got {_json_type(data)}")
+            elements = _flatten(data)
+            if len(elements) != count:
+                raise OIPError(
+                    f"{label}: 'data' has {len(elements)} element(s) but shape "
+                    f"{list(shape)} requires {count}"
+                )
+            flat = _json_to_array(elements, datatype, label)
+        else:
+            raise OIPError(f"{label}: has neither 'data' nor parameters.binary_data_size")
+
+        inputs[name] = flat.reshape(shape)
+
+    if offset != len(binary):
+        # Either a header length that is too short, or blobs nobody claimed;
+        # both mean we would be guessing at the client's intent.
+        raise OIPError(
+            f"{len(binary) - offset} byte(s) of binary data after the JSON header "
+            f"are not claimed by any input's binary_data_size (claimed {offset})"
+        )
+
+    requested, binary_outputs = _parse_outputs(request.get("outputs"), binary_default)
+    return InferRequest(
+        id=request_id,
+        inputs=inputs,
+        requested_outputs=requested,
+        binary_outputs=binary_outputs,
+        binary_default=binary_default,
+    )
+
+
+# --------------------------------------------------------------------------
+# Output selection and response encoding
+# --------------------------------------------------------------------------
+
+
+def select_outputs(request: InferRequest, available: list[str]) -> list[str]:
+    """Return the output names to compute/send, in the order the client asked.
+
+    With no outputs listed, all of ``available`` (in that order). An unknown
+    name is a client error, reported with the list of valid names.
+    """
+    if request.requested_outputs is None:
+        return list(available)
+    known = set(available)
+    for name in request.requested_outputs:
+        if name not in known:
+            raise OIPError(
+                f"unknown output '{name}' requested; available outputs: {', '.join(available)}"
+            )
+    return list(request.requested_outputs)
+
+
+def _bytes_element(item: Any, name: str) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    raise ValueError(f"output '{name}': BYTES element must be bytes or str, got {type(item).__name__}")
+
+
+def _bytes_elements(array: np.ndarray, name: str) -> list[bytes]:
+    # ravel(order="C") is the row-major order both JSON 'data' and the binary
+    # layout use. tolist() turns numpy str_/bytes_ scalars into str/bytes.
+    return [_bytes_element(item, name) for item in np.asarray(array).ravel(order="C").tolist()]
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str | None,
+    request_id: str | None,
+    outputs: list[OutputTensor],
+    binary_outputs: set[str],
+) -> tuple[bytes, dict[str, str]]:
+    """Encode a v2 inference response.
+
+    Outputs named in ``binary_outputs`` are sent as blobs after the JSON
+    header (``parameters.binary_data_size``, no ``data``); the rest carry a
+    flattened row-major ``data`` list (BYTES as UTF-8 strings).
+
+    Returns:
+        ``(body, headers)``; headers always has ``content-type`` and, when any
+        output is binary, ``inference-header-content-length`` (JSON byte size).
+
+    Raises:
+        OIPError: a BYTES output asked for in JSON is not valid UTF-8 (the
+            client can fix this by requesting ``binary_data``).
+        ValueError: outputs themselves are malformed (a server bug).
+    """
+    json_outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    seen: set[str] = set()
+    for out in outputs:
+        if out.name in seen:
+            raise ValueError(f"output '{out.name}' given more than once")
+        seen.add(out.name)
+        if out.datatype not in DATATYPES:
+            raise ValueError(f"output '{out.name}': unknown datatype {out.datatype!r}")
+        array = np.asarray(out.array)
+        entry: dict[str, Any] = {
+            "name": out.name,
+            "datatype": out.datatype,
+            "shape": [int(d) for d in array.shape],
+        }
+        if out.datatype == "BYTES":
+            elements = _bytes_elements(array, out.name)
+            if out.name in binary_outputs:
+                blob = b"".join(_LEN_PREFIX.pack(len(e)) + e for e in elements)
+            else:
+                try:
+                    entry["data"] = [e.decode("utf-8") for e in elements]
+                except UnicodeDecodeError:
+                    raise OIPError(
+                        f"output '{out.name}' contains bytes that are not valid UTF-8 and "
+                        "cannot be sent as JSON; request it with binary_data=true"
+                    ) from None
+        else:
+            # Cast to the declared type so the bytes match what the client
+            # will np.frombuffer() them as (e.g. a float64 array for FP32).
+            typed = np.ascontiguousarray(array, dtype=_NUMERIC_DTYPES[out.datatype])
+            if out.name in binary_outputs:
+                blob = typed.tobytes(order="C")
+            else:
+                entry["data"] = typed.ravel(order="C").tolist()
+        if out.name in binary_outputs:
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        json_outputs.append(entry)
+
+    response: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        response["model_version"] = model_version
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = json_outputs
+
+    # ensure_ascii=False + UTF-8 keeps texts readable and compact; the header
+    # length below is measured in bytes *after* encoding, as the client slices
+    # bytes. NaN/Infinity are emitted as-is: the client's rapidjson accepts them.
+    header = json.dumps(response, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if not any(o.name in binary_outputs for o in outputs):
+        return header, {"content-type": "application/json"}
+    return header + b"".join(blobs), {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }

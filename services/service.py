@@ -1,0 +1,134 @@
+"""The HTTP front of the model server: `bentoml serve services.service:TextService`.
+
+    client -> TextService (this file; JSON API in http_api.py, OIP v2 in open_inference.py)
+           -> validation, admission -> ClassifierRunner.classify_batch (runner.py, adaptive
+              batching, onnxruntime) -> probabilities -> JSON / OIP response
+
+The runner sits behind `bentoml.depends`: BentoML batches only calls to its own APIs, and a
+call through `depends` is one, so every endpoint here shares one batcher.
+"""
+
+from __future__ import annotations
+
+import time
+
+import bentoml
+import httpx
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from fastapi import FastAPI, Request
+
+from services import metrics
+from services.config import ServiceSettings
+from services.errors import ApiError, install_error_handlers
+from services.http_api import router as json_api
+from services.inference import Bundle
+from services.model_store import stored_bundles, store_tag
+from services.open_inference import router as open_inference_api
+from services.runner import SETTINGS, ClassifierRunner, TextItem
+
+app = FastAPI(
+    title="textserve",
+    description="Neural text classifiers (ONNX, onnxruntime) with adaptive batching. "
+    "Errors are {\"error\": \"...\"}; OIP v2 under /v2; Prometheus metrics at /metrics.",
+    version="0.1.0",
+)
+install_error_handlers(app)
+app.include_router(json_api)
+app.include_router(open_inference_api)
+
+
+@app.middleware("http")
+async def count_requests(request: Request, call_next):
+    """Requests and their latency by model, route template and status (not raw path: bounded labels)."""
+    started = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    endpoint = getattr(route, "path", "unmatched")
+    model = getattr(request.state, "model", "")
+    metrics.requests_total.labels(model=model, endpoint=endpoint, status=str(response.status_code)).inc()
+    metrics.request_duration_seconds.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+@bentoml.service(
+    name="textserve",
+    workers=SETTINGS.http_workers,
+    traffic={"timeout": SETTINGS.request_timeout_s},
+)
+@bentoml.asgi_app(app, path="/")
+class TextService:
+    runner = bentoml.depends(ClassifierRunner)
+
+    def __init__(self) -> None:
+        self.settings: ServiceSettings = SETTINGS
+        self.bundles: dict[str, Bundle] = {b.name: b for b in stored_bundles(SETTINGS)}
+        self.store_tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
+        self.pending_texts = 0  # texts admitted and not yet answered, in this worker
+        self.ready_models: set[str] = set()
+
+    def bundle(self, name: str) -> Bundle:
+        if name not in self.bundles:
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}")
+        return self.bundles[name]
+
+    def check_texts(self, texts: list[str]) -> None:
+        limits = self.settings
+        if not texts:
+            raise ApiError(400, "texts is empty: send at least one text")
+        if len(texts) > limits.max_texts_per_request:
+            raise ApiError(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts_per_request} (TEXTSERVE_MAX_TEXTS_PER_REQUEST)")
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise ApiError(400, f"texts[{index}] is empty or only whitespace")
+            if len(text) > limits.max_text_chars:
+                raise ApiError(413, f"texts[{index}] has {len(text)} characters; the limit is {limits.max_text_chars} (TEXTSERVE_MAX_TEXT_CHARS)")
+
+    async def probabilities(self, model: str, texts: list[str]) -> np.ndarray:
+        """Validate, admit and run `texts` through the batched runner: (len(texts), K) float32."""
+        self.check_texts(texts)
+        if self.pending_texts + len(texts) > self.settings.max_pending_texts:
+            raise ApiError(
+                429,
+                f"overloaded: {self.pending_texts} texts are already waiting in this worker "
+                f"(limit {self.settings.max_pending_texts}, TEXTSERVE_MAX_PENDING_TEXTS); retry shortly",
+                {"Retry-After": "1"},
+            )
+        self.pending_texts += len(texts)
+        try:
+            sent_at = time.time()
+            items = [TextItem(model=model, text=text, sent_at=sent_at) for text in texts]
+            answers = await self.runner.to_async.classify_batch(items)
+        except BentoMLException as error:
+            raise runner_error(error) from None
+        except httpx.HTTPError as error:
+            raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
+        finally:
+            self.pending_texts -= len(texts)
+        return np.asarray(answers, dtype=np.float32)
+
+    async def models_not_ready(self) -> list[str]:
+        """Models whose runner session is not built and warmed up yet (asks the runner once)."""
+        if self.ready_models != set(self.bundles):
+            try:
+                self.ready_models = set(await self.runner.to_async.loaded_models())
+            except (BentoMLException, httpx.HTTPError):
+                return sorted(self.bundles)
+        return sorted(set(self.bundles) - self.ready_models)
+
+
+def runner_error(error: BentoMLException) -> ApiError:
+    """BentoML's refusals, reworded to say what happened and what to do."""
+    status = int(error.error_code)
+    if status == 503:
+        return ApiError(
+            503,
+            "overloaded: the batch queue cannot start these texts within "
+            f"{SETTINGS.max_latency_ms} ms (TEXTSERVE_MAX_LATENCY_MS); retry shortly",
+            {"Retry-After": "1"},
+        )
+    if status == 429:
+        return ApiError(429, "overloaded: the inference runner refuses more concurrent requests; retry shortly", {"Retry-After": "1"})
+    if status == 504:
+        return ApiError(504, f"inference did not finish within {SETTINGS.request_timeout_s} s (TEXTSERVE_REQUEST_TIMEOUT_S)")
+    return ApiError(500, f"inference failed in the runner: {error}")

@@ -1,0 +1,105 @@
+"""Export: the parity gate, the bundle's manifest, and evaluation through onnxruntime."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from services.inference import BundleError, TextClassifier, read_bundle
+from training import export_onnx as export_module
+from training.datasets import read_trec, split_dev
+from training.evaluate import evaluate_classifier
+from training.export_onnx import ExportRefused, export_bundle
+from training.train_classifier import accuracy, encode_examples, encoder_for, load_model, train_classifier
+
+from tests.conftest import REPOSITORY, ZOO
+
+
+@pytest.fixture(scope="module")
+def small_run(trec_path):
+    train, dev = split_dev(read_trec(trec_path)[:800], dev_fraction=0.25, seed=2)
+    return train_classifier(train, dev, epochs=2, show_progress=False), dev
+
+
+def test_bundle_has_every_file_and_a_true_manifest(small_run, tmp_path):
+    checkpoint, dev = small_run
+    metrics = export_bundle(checkpoint, tmp_path / "tiny", "tiny", [e.text for e in dev])
+    files = sorted(p.name for p in (tmp_path / "tiny").iterdir())
+    assert files == ["config.json", "labels.json", "manifest.json", "metrics.json", "model.onnx", "vocab.json"]
+    assert metrics["parity_max_abs_logit_delta"] <= 1e-4 and metrics["parity_texts"] >= 100
+    bundle = read_bundle(tmp_path / "tiny")
+    assert bundle.labels == tuple(checkpoint["labels"]) and bundle.architecture == "kim-cnn"
+    graph = onnx.load(str(tmp_path / "tiny" / "model.onnx"))
+    dims = [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
+    assert dims == [["batch", "length"], ["batch"]]  # symbolic, not frozen to the export example
+
+
+def test_onnx_matches_pytorch_at_a_new_batch_size_and_length(small_run, tmp_path):
+    checkpoint, dev = small_run
+    export_bundle(checkpoint, tmp_path / "tiny", "tiny", [e.text for e in dev])
+    classifier = TextClassifier(read_bundle(tmp_path / "tiny"))
+    texts = [e.text for e in dev[:7]] + ["what " * 60 + "?"]  # batch 8, 128 positions (export example: 2 x 10)
+    token_ids, lengths = classifier.encoder.encode_batch(texts)
+    with torch.no_grad():
+        expected = load_model(checkpoint)(torch.from_numpy(token_ids), torch.from_numpy(lengths)).numpy()
+    np.testing.assert_allclose(classifier.logits(texts), expected, atol=1e-5)
+
+
+def test_export_is_refused_when_onnx_differs_from_pytorch(small_run, tmp_path, monkeypatch):
+    checkpoint, dev = small_run
+    real_export = export_module.export_onnx
+
+    def export_a_different_model(model, path, opset=export_module.OPSET):  # stands in for an exporter bug
+        with torch.no_grad():
+            model.output.bias.add_(0.5)
+        real_export(model, path, opset)
+        with torch.no_grad():
+            model.output.bias.sub_(0.5)
+
+    monkeypatch.setattr(export_module, "export_onnx", export_a_different_model)
+    with pytest.raises(ExportRefused, match="differs from PyTorch"):
+        export_bundle(checkpoint, tmp_path / "tiny", "tiny", [e.text for e in dev])
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "tiny.staging").exists()
+
+
+def test_an_altered_bundle_is_refused(small_run, tmp_path):
+    checkpoint, dev = small_run
+    export_bundle(checkpoint, tmp_path / "tiny", "tiny", [e.text for e in dev])
+    labels = tmp_path / "tiny" / "labels.json"
+    labels.write_text(json.dumps(list(reversed(json.loads(labels.read_text())))))
+    with pytest.raises(BundleError, match="labels.json has sha256"):
+        read_bundle(tmp_path / "tiny")
+
+
+def test_evaluate_agrees_with_pytorch_accuracy(small_run, tmp_path):
+    checkpoint, dev = small_run
+    export_bundle(checkpoint, tmp_path / "tiny", "tiny", [e.text for e in dev])
+    rows, targets = encode_examples(encoder_for(checkpoint), dev, checkpoint["labels"])
+    result = evaluate_classifier(tmp_path / "tiny", dev)
+    assert result == {"model": "tiny", "accuracy": pytest.approx(accuracy(load_model(checkpoint), rows, targets)), "n": len(dev)}
+
+
+def test_cuda_request_without_a_gpu_is_an_error_not_a_fallback(small_run, tmp_path):
+    from services.config import gpu_present
+
+    if gpu_present():
+        pytest.skip("a GPU is present here")
+    checkpoint, dev = small_run
+    export_bundle(checkpoint, tmp_path / "tiny", "tiny", [e.text for e in dev])
+    with pytest.raises(BundleError, match="cuda"):
+        TextClassifier(read_bundle(tmp_path / "tiny"), device="cuda")
+
+
+@pytest.mark.parametrize("name", ["kim-cnn-trec6"])
+def test_evaluate_command_prints_json_on_its_last_line(name, trec_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "evaluate", "--bundle", str(ZOO / name), "--data", str(trec_path), "--format", "trec"],
+        capture_output=True, text=True, check=True, cwd=REPOSITORY,
+    )
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scored["model"] == name and scored["n"] == 1500
+    assert scored["accuracy"] > 0.9  # the sample comes from the file the bundle was trained on

@@ -1,0 +1,236 @@
+"""End to end: the real BentoML server on a free port, serving the released zoo bundles.
+
+Runs with two HTTP workers so that metrics really come from several processes, and a small
+pending-text limit so that overload can be provoked.
+"""
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import REPOSITORY
+
+MAX_PENDING_TEXTS = 300
+STARTUP_SECONDS = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    home = tmp_path_factory.mktemp("bentoml_home")
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "TEXTSERVE_HTTP_WORKERS": "2",
+        "TEXTSERVE_MAX_PENDING_TEXTS": str(MAX_PENDING_TEXTS),
+        "TEXTSERVE_DEVICE": "cpu",
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
+    log = open(home / "serve.log", "w")
+    process = subprocess.Popen(
+        [bentoml, "serve", "services.service:TextService", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{(home / 'serve.log').read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise RuntimeError(f"not ready in {STARTUP_SECONDS} s:\n{(home / 'serve.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    log.close()
+
+
+def classify(url, body, **kwargs):
+    return requests.post(f"{url}/classify", json=body, timeout=30, **kwargs)
+
+
+def metric_samples(url) -> dict[tuple[str, tuple], float]:
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples, name, **labels) -> float:
+    return sum(v for (n, l), v in samples.items() if n == name and all(dict(l).get(k) == x for k, x in labels.items()))
+
+
+def test_classifies_the_readme_example_as_num(server):
+    # Exactly what the README's curl sends: no JSON content type.
+    response = requests.post(
+        f"{server}/classify", data='{"model":"kim-cnn-trec6","texts":["How far is it from Denver to Aspen ?"]}', timeout=30
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert result["label"] == "NUM"
+    assert set(result["probabilities"]) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert [entry["label"] for entry in result["top_k"]][0] == "NUM" and len(result["top_k"]) == 3
+
+
+def test_classifies_questions_and_reviews_with_both_released_models(server):
+    trec = classify(server, {"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?", "Where is the Eiffel Tower ?"], "top_k": 6})
+    assert [r["label"] for r in trec.json()["results"]] == ["HUM", "LOC"]
+    assert len(trec.json()["results"][0]["top_k"]) == 6
+    mr = classify(server, {"model": "kim-cnn-mr", "texts": [
+        "a gorgeous , witty , moving film , one of the best of the year .",
+        "a dull , tedious mess with nothing to say and no reason to watch .",
+    ]})
+    assert [r["label"] for r in mr.json()["results"]] == ["positive", "negative"]
+
+
+def test_models_lists_each_bundle_with_metrics_and_sha256(server):
+    models = {m["name"]: m for m in requests.get(f"{server}/models", timeout=10).json()["models"]}
+    assert {"kim-cnn-trec6", "kim-cnn-mr"} <= set(models)
+    trec = models["kim-cnn-trec6"]
+    assert trec["architecture"] == "kim-cnn" and trec["labels"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert len(trec["sha256"]) == 64 and trec["metrics"]["dev_accuracy"] > 0.85
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"model": "kim-cnn-trec6", "texts": []}, 400, "texts is empty"),
+        ({"model": "kim-cnn-trec6", "texts": ["fine", 3]}, 400, "texts.1"),
+        ({"model": "kim-cnn-trec6", "texts": "not a list"}, 400, "texts"),
+        ({"model": "kim-cnn-trec6"}, 400, "texts: this field is required"),
+        ({"model": "no-such-model", "texts": ["x"]}, 404, "unknown model 'no-such-model'"),
+        ({"model": "kim-cnn-trec6", "texts": ["x"] * 257}, 413, "257 texts"),
+        ({"model": "kim-cnn-trec6", "texts": ["x" * 2001]}, 413, "2001 characters"),
+        ({"model": "kim-cnn-trec6", "texts": ["  "]}, 400, "texts[0] is empty"),
+        ({"model": "kim-cnn-trec6", "texts": ["x"], "top_k": 0}, 400, "top_k"),
+        ({"model": "kim-cnn-trec6", "texts": ["x"], "colour": "red"}, 400, "colour: unknown field"),
+    ],
+)
+def test_bad_input_gets_a_4xx_that_says_what_was_wrong(server, body, status, message):
+    response = classify(server, body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_invalid_json_and_unknown_routes_get_json_errors(server):
+    response = requests.post(f"{server}/classify", data="{not json", timeout=10)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+    response = requests.get(f"{server}/nowhere", timeout=10)
+    assert response.status_code == 404 and "no such endpoint" in response.json()["error"]
+
+
+def test_oip_v2_with_the_standard_client_binary_and_json(server):
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("kim-cnn-trec6")
+    metadata = client.get_model_metadata("kim-cnn-trec6")
+    assert metadata["inputs"][0]["datatype"] == "BYTES"
+    texts = np.array(["How far is it from Denver to Aspen ?".encode(), "Who wrote Hamlet ?".encode()], dtype=object)
+    for binary in (True, False):
+        text_input = triton.InferInput("text", [2], "BYTES")
+        text_input.set_data_from_numpy(texts, binary_data=binary)
+        outputs = [triton.InferRequestedOutput("probabilities", binary_data=binary), triton.InferRequestedOutput("label", binary_data=binary)]
+        result = client.infer("kim-cnn-trec6", [text_input], outputs=outputs, request_id="r-1")
+        assert [label.decode() for label in result.as_numpy("label")] == ["NUM", "HUM"]
+        probabilities = result.as_numpy("probabilities")
+        assert probabilities.shape == (2, 6) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+        assert result.get_response()["id"] == "r-1"
+    # The same texts through /classify give the same probabilities: one path to the model.
+    classified = classify(server, {"model": "kim-cnn-trec6", "texts": [t.decode() for t in texts], "top_k": 1}).json()
+    labels = metadata["parameters"]["labels"]
+    expected = np.array([[r["probabilities"][label] for label in labels] for r in classified["results"]])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+
+
+def test_oip_v2_errors_reach_the_client_with_a_message(server):
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    wrong = triton.InferInput("sentence", [1], "BYTES")
+    wrong.set_data_from_numpy(np.array([b"hi"], dtype=object))
+    with pytest.raises(InferenceServerException, match="one BYTES input named 'text'"):
+        client.infer("kim-cnn-trec6", [wrong])
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_metadata("no-such-model")
+    assert requests.get(f"{server}/v2/models/no-such-model/ready", timeout=10).status_code == 404
+    response = requests.post(f"{server}/v2/models/kim-cnn-trec6/infer", data=b"{}", timeout=10)
+    assert response.status_code == 400 and "inputs" in response.json()["error"]
+    assert requests.get(f"{server}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data"]
+
+
+def test_concurrent_requests_are_batched_and_counted_across_workers(server):
+    before = metric_samples(server)
+    n_requests = 48
+
+    def one(i):
+        return classify(server, {"model": "kim-cnn-trec6", "texts": [f"What is the population of city number {i} ?"]})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+        statuses = [r.status_code for r in pool.map(one, range(n_requests))]
+    assert statuses == [200] * n_requests
+    after = metric_samples(server)
+    ok = dict(model="kim-cnn-trec6", endpoint="/classify", status="200")
+    assert total(after, "textserve_requests_total", **ok) - total(before, "textserve_requests_total", **ok) == n_requests
+    texts = total(after, "textserve_texts_total", model="kim-cnn-trec6") - total(before, "textserve_texts_total", model="kim-cnn-trec6")
+    assert texts == n_requests
+    batches = total(after, "textserve_batch_texts_count") - total(before, "textserve_batch_texts_count")
+    assert 1 <= batches < n_requests  # several requests shared a batch
+    assert total(after, "textserve_queue_wait_seconds_count") > total(before, "textserve_queue_wait_seconds_count")
+    assert total(after, "textserve_inference_duration_seconds_count", model="kim-cnn-trec6") > 0
+    assert total(after, "textserve_request_duration_seconds_count", model="kim-cnn-trec6", endpoint="/classify") >= n_requests
+
+
+def test_metrics_follow_prometheus_conventions(server):
+    text = requests.get(f"{server}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("textserve_")}
+    assert families["textserve_requests"].type == "counter"  # exposed as textserve_requests_total
+    assert families["textserve_request_duration_seconds"].type == "histogram"
+    assert families["textserve_queue_wait_seconds"].type == "histogram"
+    assert families["textserve_batch_texts"].type == "histogram"
+    assert "# TYPE textserve_requests_total counter" in text
+
+
+def test_overload_gets_a_fast_429_with_retry_after(server):
+    long_texts = ["what is the longest river in the world and how long is it ? " * 30] * 256
+
+    def one(_):
+        return classify(server, {"model": "kim-cnn-trec6", "texts": long_texts})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
+        responses = list(pool.map(one, range(12)))
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused, "12 concurrent requests of 256 texts should exceed 300 pending texts per worker"
+    assert refused[0].headers["Retry-After"] == "1" and "overloaded" in refused[0].json()["error"]
+    assert any(r.status_code == 200 for r in responses)

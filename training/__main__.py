@@ -1,0 +1,123 @@
+"""Command line of the training jobs: `python -m training {train,cv,export,evaluate} ...`.
+
+    python -m training train    --data ../shared/data/trec/train.txt --format trec --out checkpoints/kim-cnn-trec6.pt
+    python -m training cv       --data ../shared/data/mr --format mr --folds 10 --out checkpoints/kim-cnn-mr-cv.json
+    python -m training export   --checkpoint checkpoints/kim-cnn-trec6.pt --data ../shared/data/trec/train.txt \\
+                                --format trec --bundle models/zoo/kim-cnn-trec6
+    python -m training evaluate --bundle models/zoo/kim-cnn-trec6 --data FILE --format trec
+
+`evaluate` prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from training.datasets import CLASSIFICATION_FORMATS, read_labelled, split_dev
+
+CASED_FORMATS = ("trec", "trec50")  # Kim keeps case for TREC, lower-cases everything else
+
+
+def command_line() -> str:
+    return shlex.join(["python", "-m", "training", *sys.argv[1:]])
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="data file (for mr: the folder with rt-polarity.pos/.neg)")
+    parser.add_argument("--format", required=True, choices=CLASSIFICATION_FORMATS)
+    parser.add_argument("--text-column", default="text", help="csv/tsv/jsonl: column holding the text")
+    parser.add_argument("--label-column", default="label", help="csv/tsv/jsonl: column holding the label")
+
+
+def read_examples(args: argparse.Namespace):
+    if args.format in ("csv", "tsv", "jsonl"):
+        return read_labelled(args.data, args.format, text_column=args.text_column, label_column=args.label_column)
+    return read_labelled(args.data, args.format)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a classifier, early-stopped on a dev split")
+    add_data_arguments(train)
+    train.add_argument("--preset", default="rand", help="Kim CNN variant (rand; others need pretrained vectors)")
+    train.add_argument("--dev-fraction", type=float, default=0.1, help="share of the data held out as dev (Kim: 10 %%)")
+    train.add_argument("--epochs", type=int, default=None, help="override the preset's epoch count (Kim: 25)")
+    train.add_argument("--seed", type=int, default=3435, help="seed for the split, the init and the batch order")
+    train.add_argument("--patience", type=int, default=None, help="stop after this many epochs without a better dev accuracy (default: Kim's full run)")
+    train.add_argument("--min-count", type=int, default=1, help="keep words seen this often in training; rarer ones become <unk>")
+    train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+
+    cv = commands.add_parser("cv", help="k-fold cross-validation (Kim's protocol for MR); prints mean and std")
+    add_data_arguments(cv)
+    cv.add_argument("--preset", default="rand")
+    cv.add_argument("--folds", type=int, default=10)
+    cv.add_argument("--epochs", type=int, default=None)
+    cv.add_argument("--seed", type=int, default=3435)
+    cv.add_argument("--min-count", type=int, default=1)
+    cv.add_argument("--patience", type=int, default=None)
+    cv.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+
+    export = commands.add_parser("export", help="checkpoint -> ONNX with a parity check -> model bundle")
+    export.add_argument("--checkpoint", required=True, type=Path)
+    add_data_arguments(export)
+    export.add_argument("--bundle", required=True, type=Path, help="bundle folder, e.g. models/zoo/kim-cnn-trec6")
+    export.add_argument("--metrics-from", type=Path, action="append", default=[], help="JSON file of extra metrics (e.g. cv output)")
+
+    evaluate = commands.add_parser("evaluate", help="score a bundle through onnxruntime; last line is JSON")
+    evaluate.add_argument("--bundle", required=True, type=Path)
+    add_data_arguments(evaluate)
+    evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from training.train_classifier import train_classifier
+        import torch
+
+        examples = read_examples(args)
+        train_part, dev_part = split_dev(examples, dev_fraction=args.dev_fraction, seed=args.seed)
+        checkpoint = train_classifier(
+            train_part, dev_part, preset=args.preset, lowercase=args.format not in CASED_FORMATS,
+            seed=args.seed, epochs=args.epochs, min_count=args.min_count, patience=args.patience,
+        )
+        checkpoint["metrics"]["train_command"] = command_line()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, args.out)
+        summary = {k: checkpoint["metrics"][k] for k in ("dev_accuracy", "best_epoch", "train_examples", "dev_examples")}
+        print(json.dumps({"checkpoint": str(args.out), **summary}))
+    elif args.command == "cv":
+        from training.train_classifier import cross_validate
+
+        result = cross_validate(
+            read_examples(args), folds=args.folds, seed=args.seed, preset=args.preset,
+            lowercase=args.format not in CASED_FORMATS, epochs=args.epochs, min_count=args.min_count, patience=args.patience,
+        )
+        result["cv_command"] = command_line()
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
+    elif args.command == "export":
+        from training.export_onnx import export_bundle
+        from training.train_classifier import load_checkpoint
+
+        extra = {"export_command": command_line()}
+        for path in args.metrics_from:
+            extra.update(json.loads(path.read_text()))
+        checkpoint = load_checkpoint(args.checkpoint)
+        texts = [example.text for example in read_examples(args)]
+        metrics = export_bundle(checkpoint, args.bundle, args.bundle.name, texts, extra_metrics=extra)
+        print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith("parity")}}))
+    elif args.command == "evaluate":
+        from training.evaluate import evaluate_classifier
+
+        print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device)))
+
+
+if __name__ == "__main__":
+    main()

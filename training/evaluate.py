@@ -1,0 +1,31 @@
+"""Score a released bundle on a labelled file through onnxruntime: the service's own code path
+(services.inference), so a figure printed here is what the service would answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from services.inference import TextClassifier, read_bundle
+from training.datasets import LabelledText
+
+
+def evaluate_classifier(
+    bundle_path: str | Path, examples: Sequence[LabelledText], batch_size: int = 256, device: str = "cpu"
+) -> dict:
+    """{"model", "accuracy", "n"} of the bundle on `examples`."""
+    classifier = TextClassifier(read_bundle(bundle_path), device=device)
+    label_ids = {label: i for i, label in enumerate(classifier.labels)}
+    unknown = sorted({e.label for e in examples} - set(label_ids))
+    if unknown:
+        raise ValueError(f"labels {unknown} in the data are not among the model's labels {list(classifier.labels)}")
+    targets = np.array([label_ids[e.label] for e in examples])
+    predictions = np.concatenate(
+        [
+            classifier.logits([e.text for e in examples[start : start + batch_size]]).argmax(axis=1)
+            for start in range(0, len(examples), batch_size)
+        ]
+    )
+    return {"model": classifier.bundle.name, "accuracy": float((predictions == targets).mean()), "n": len(examples)}

@@ -1,0 +1,195 @@
+"""The classifier training job: Kim's recipe, read top to bottom.
+
+    examples -> vocabulary -> word ids -> KimCNN -> Adadelta, batch 50, max-norm 3
+             -> keep the epoch with the best dev accuracy -> checkpoint
+
+A checkpoint is a plain dict {state_dict, config, vocab, labels, encoding, metrics, step},
+loadable with torch.load(weights_only=True); never a pickled module.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from models.kim_cnn import KimCNN, KimCNNConfig, kim_cnn_config
+from models.text_encoding import WordEncoder, WordVocab, tokenize
+from training.datasets import LabelledText, kfold, split_dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def encode_examples(
+    encoder: WordEncoder, examples: Sequence[LabelledText], labels: Sequence[str]
+) -> tuple[list[list[int]], np.ndarray]:
+    """Word-id rows (unpadded across rows) and label ids (N,)."""
+    label_ids = {label: i for i, label in enumerate(labels)}
+    rows = [encoder.encode_one(example.text) for example in examples]
+    return rows, np.array([label_ids[example.label] for example in examples], dtype=np.int64)
+
+
+def batch_tensors(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad rows to the longest: token_ids (B, T), lengths (B,)."""
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.int64)
+    token_ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.int64)
+    for i, row in enumerate(rows):
+        token_ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+    return token_ids, lengths
+
+
+@torch.no_grad()
+def accuracy(model: KimCNN, rows: Sequence[Sequence[int]], targets: np.ndarray, batch_size: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        token_ids, lengths = batch_tensors(rows[start : start + batch_size])
+        predictions = model(token_ids, lengths).argmax(dim=1).numpy()
+        correct += int((predictions == targets[start : start + batch_size]).sum())
+    return correct / len(rows)
+
+
+def train_classifier(
+    train: Sequence[LabelledText],
+    dev: Sequence[LabelledText],
+    preset: str = "rand",
+    lowercase: bool = True,
+    seed: int = 3435,  # Kim's seed in CNN_sentence
+    epochs: int | None = None,
+    min_count: int = 1,
+    patience: int | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Train on `train`, early-stop on `dev`, return the checkpoint dict of the best dev epoch.
+
+    Kim trains the full 25 epochs and keeps the best dev epoch (patience None); `patience` N
+    stops once N epochs in a row have not improved dev accuracy."""
+    # ---- data: vocabulary from the training split only, labels sorted for a stable order ----
+    seed_everything(seed)
+    labels = sorted({example.label for example in train})
+    unseen = sorted({example.label for example in dev} - set(labels))
+    if unseen:
+        raise ValueError(f"dev labels never seen in training: {unseen}")
+    vocab = WordVocab.build((tokenize(e.text, lowercase) for e in train), min_count=min_count)
+    overrides = {} if epochs is None else {"epochs": epochs}
+    config = kim_cnn_config(preset, vocab_size=len(vocab), num_classes=len(labels), **overrides)
+    if config.variant != "rand":
+        raise ValueError(f"preset {preset!r} needs pretrained word vectors, which this job does not read yet")
+    encoder = WordEncoder(vocab, lowercase=lowercase, edge_padding=config.edge_padding)
+    train_rows, train_targets = encode_examples(encoder, train, labels)
+    dev_rows, dev_targets = encode_examples(encoder, dev, labels)
+
+    # ---- model and optimiser: Adadelta over every trainable parameter ----
+    model = KimCNN(config)
+    optimizer = torch.optim.Adadelta(
+        [p for p in model.parameters() if p.requires_grad], lr=1.0, rho=config.adadelta_rho, eps=config.adadelta_eps
+    )
+
+    # ---- loop: shuffle, step, max-norm; keep the best dev epoch ----
+    best = {"dev_accuracy": -1.0}
+    best_state: dict[str, torch.Tensor] = {}
+    history = []
+    step = 0
+    order_rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    epoch_bar = tqdm(range(1, config.epochs + 1), desc="epochs", disable=not show_progress, leave=False)
+    for epoch in epoch_bar:
+        model.train()
+        order = order_rng.permutation(len(train_rows))
+        losses = []
+        batches = range(0, len(order), config.batch_size)
+        for start in tqdm(batches, desc=f"epoch {epoch}", disable=not show_progress, leave=False):
+            index = order[start : start + config.batch_size]
+            token_ids, lengths = batch_tensors([train_rows[i] for i in index])
+            loss = F.cross_entropy(model(token_ids, lengths), torch.from_numpy(train_targets[index]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.constrain_output_norm()
+            losses.append(loss.item())
+            step += 1
+        dev_accuracy = accuracy(model, dev_rows, dev_targets)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_accuracy})
+        epoch_bar.set_postfix(loss=f"{np.mean(losses):.4f}", dev=f"{dev_accuracy:.4f}")
+        if dev_accuracy > best["dev_accuracy"]:
+            best = {"dev_accuracy": dev_accuracy, "best_epoch": epoch, "step": step}
+            best_state = copy.deepcopy(model.state_dict())
+        elif patience is not None and epoch - best["best_epoch"] >= patience:
+            break
+
+    metrics = {
+        **best,
+        "train_examples": len(train),
+        "dev_examples": len(dev),
+        "epochs": config.epochs,
+        "epochs_run": len(history),
+        "patience": patience,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "history": history,
+    }
+    return {
+        "state_dict": best_state,
+        "config": asdict(config),
+        "vocab": list(vocab.tokens),
+        "labels": labels,
+        "encoding": {"kind": "words", "lowercase": lowercase, "edge_padding": config.edge_padding},
+        "metrics": metrics,
+        "step": best["step"],
+    }
+
+
+def cross_validate(
+    examples: Sequence[LabelledText],
+    folds: int = 10,
+    dev_fraction: float = 0.1,
+    seed: int = 3435,
+    show_progress: bool = True,
+    **train_options,
+) -> dict:
+    """Kim's k-fold CV: per fold, 10 % of the training part is dev for early stopping and the
+    held-out fold is scored at the best dev epoch. Returns mean, std and every fold's accuracy."""
+    fold_accuracies = []
+    for fold, (train_part, test_part) in enumerate(kfold(examples, folds=folds, seed=seed), start=1):
+        train, dev = split_dev(train_part, dev_fraction=dev_fraction, seed=seed + fold)
+        checkpoint = train_classifier(train, dev, seed=seed + fold, show_progress=show_progress, **train_options)
+        model = load_model(checkpoint)
+        encoder = encoder_for(checkpoint)
+        rows, targets = encode_examples(encoder, test_part, checkpoint["labels"])
+        fold_accuracies.append(accuracy(model, rows, targets))
+        print(f"fold {fold}/{folds}: accuracy {fold_accuracies[-1]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
+    return {
+        "cv_folds": folds,
+        "cv_accuracy_mean": statistics.mean(fold_accuracies),
+        "cv_accuracy_std": statistics.stdev(fold_accuracies) if folds > 1 else 0.0,
+        "cv_fold_accuracies": fold_accuracies,
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(checkpoint: dict) -> KimCNN:
+    config = dict(checkpoint["config"])
+    config["filter_widths"] = tuple(config["filter_widths"])
+    model = KimCNN(KimCNNConfig(**config))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def encoder_for(checkpoint: dict) -> WordEncoder:
+    encoding = checkpoint["encoding"]
+    return WordEncoder(WordVocab(tuple(checkpoint["vocab"])), encoding["lowercase"], encoding["edge_padding"])
