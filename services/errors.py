@@ -6,6 +6,8 @@ shape here, so a client only ever parses one error format.
 
 from __future__ import annotations
 
+import json
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -54,3 +56,34 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 405:
             return error_response(405, f"{request.method} is not allowed on {request.url.path}")
         return error_response(error.status_code, str(error.detail))
+
+
+class JsonNotFound:
+    """ASGI middleware around the whole server: the router's plain-text 404 for a path nobody
+    serves becomes `{"error": "no such endpoint: ..."}`; every other response passes as it is."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rewriting = False
+
+        async def send_json_404(message) -> None:
+            nonlocal rewriting
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                headers = dict(message.get("headers", []))
+                rewriting = headers.get(b"content-type", b"").startswith(b"text/plain")
+            if not rewriting:
+                return await send(message)
+            if message["type"] == "http.response.start":
+                return  # sent with the body, once its length is known
+            if message.get("more_body"):
+                return  # drop the plain-text body
+            body = json.dumps({"error": f"no such endpoint: {scope['method']} {scope['path']}"}).encode()
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, send_json_404)

@@ -46,11 +46,14 @@ async def classify(request: Request, service=Depends(bentoml.get_current_service
         raise RequestValidationError(error.errors()) from None
     bundle = service.bundle(body.model)
     request.state.model = bundle.name
-    k = service.settings.default_top_k if body.top_k is None else body.top_k
-    if not 1 <= k <= len(bundle.labels):
-        raise ApiError(400, f"top_k must be between 1 and {len(bundle.labels)} (the model's label count), got {k}")
+    if body.top_k is None:
+        k = min(service.settings.default_top_k, len(bundle.labels))
+    elif 1 <= body.top_k <= len(bundle.labels):
+        k = body.top_k
+    else:
+        raise ApiError(400, f"top_k must be between 1 and {len(bundle.labels)} (the model's label count), got {body.top_k}")
     probabilities = await service.probabilities(bundle.name, body.texts)
-    return ClassifyResponse(model=bundle.name, results=top_k_results(bundle.labels, probabilities, min(k, len(bundle.labels))))
+    return ClassifyResponse(model=bundle.name, results=top_k_results(bundle.labels, probabilities, k))
 
 
 @router.get("/models", response_model=ModelsResponse, summary="Every loaded model")

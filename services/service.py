@@ -10,6 +10,7 @@ call through `depends` is one, so every endpoint here shares one batcher.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import bentoml
@@ -20,12 +21,14 @@ from fastapi import FastAPI, Request
 
 from services import metrics
 from services.config import ServiceSettings
-from services.errors import ApiError, install_error_handlers
+from services.errors import ApiError, JsonNotFound, install_error_handlers
 from services.http_api import router as json_api
 from services.inference import Bundle
 from services.model_store import stored_bundles, store_tag
 from services.open_inference import router as open_inference_api
 from services.runner import SETTINGS, ClassifierRunner, TextItem
+
+READY_CHECK_SECONDS = 2.0
 
 app = FastAPI(
     title="textserve",
@@ -36,6 +39,7 @@ app = FastAPI(
 install_error_handlers(app)
 app.include_router(json_api)
 app.include_router(open_inference_api)
+
 
 
 @app.middleware("http")
@@ -58,6 +62,8 @@ async def count_requests(request: Request, call_next):
 )
 @bentoml.asgi_app(app, path="/")
 class TextService:
+    """Entry service: validation, limits and admission, then the batched runner."""
+
     runner = bentoml.depends(ClassifierRunner)
 
     def __init__(self) -> None:
@@ -111,10 +117,14 @@ class TextService:
         """Models whose runner session is not built and warmed up yet (asks the runner once)."""
         if self.ready_models != set(self.bundles):
             try:
-                self.ready_models = set(await self.runner.to_async.loaded_models())
-            except (BentoMLException, httpx.HTTPError):
+                # A probe must answer fast: a runner still starting counts as not ready.
+                self.ready_models = set(await asyncio.wait_for(self.runner.to_async.loaded_models(), READY_CHECK_SECONDS))
+            except (BentoMLException, httpx.HTTPError, asyncio.TimeoutError):
                 return sorted(self.bundles)
         return sorted(set(self.bundles) - self.ready_models)
+
+
+TextService.add_asgi_middleware(JsonNotFound)
 
 
 def runner_error(error: BentoMLException) -> ApiError:

@@ -59,7 +59,7 @@ def server(tmp_path_factory):
         try:
             if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or still starting up
             pass
         if time.monotonic() > deadline:
             os.killpg(process.pid, signal.SIGKILL)
@@ -113,6 +113,7 @@ def test_classifies_questions_and_reviews_with_both_released_models(server):
         "a dull , tedious mess with nothing to say and no reason to watch .",
     ]})
     assert [r["label"] for r in mr.json()["results"]] == ["positive", "negative"]
+    assert len(mr.json()["results"][0]["top_k"]) == 2  # the default 3, capped at the label count
 
 
 def test_models_lists_each_bundle_with_metrics_and_sha256(server):
@@ -148,7 +149,13 @@ def test_invalid_json_and_unknown_routes_get_json_errors(server):
     response = requests.post(f"{server}/classify", data="{not json", timeout=10)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
     response = requests.get(f"{server}/nowhere", timeout=10)
-    assert response.status_code == 404 and "no such endpoint" in response.json()["error"]
+    assert response.status_code == 404 and response.json() == {"error": "no such endpoint: GET /nowhere"}
+
+
+def test_docs_page_documents_the_json_api_and_oip(server):
+    assert requests.get(f"{server}/", timeout=10).headers["content-type"].startswith("text/html")
+    paths = requests.get(f"{server}/docs.json", timeout=10).json()["paths"]
+    assert {"/classify", "/models", "/v2/models/{name}/infer", "/metrics"} <= set(paths)
 
 
 def test_oip_v2_with_the_standard_client_binary_and_json(server):
@@ -163,7 +170,8 @@ def test_oip_v2_with_the_standard_client_binary_and_json(server):
         text_input.set_data_from_numpy(texts, binary_data=binary)
         outputs = [triton.InferRequestedOutput("probabilities", binary_data=binary), triton.InferRequestedOutput("label", binary_data=binary)]
         result = client.infer("kim-cnn-trec6", [text_input], outputs=outputs, request_id="r-1")
-        assert [label.decode() for label in result.as_numpy("label")] == ["NUM", "HUM"]
+        labels = [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")]  # JSON BYTES come back as str
+        assert labels == ["NUM", "HUM"]
         probabilities = result.as_numpy("probabilities")
         assert probabilities.shape == (2, 6) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
         assert result.get_response()["id"] == "r-1"
@@ -220,7 +228,8 @@ def test_metrics_follow_prometheus_conventions(server):
     assert "# TYPE textserve_requests_total counter" in text
 
 
-def test_overload_gets_a_fast_429_with_retry_after(server):
+def test_overload_gets_a_fast_explicit_refusal_with_retry_after(server):
+    """Either our admission limit (429) or BentoML's batch queue deadline (503) refuses; both say so."""
     long_texts = ["what is the longest river in the world and how long is it ? " * 30] * 256
 
     def one(_):
@@ -229,8 +238,10 @@ def test_overload_gets_a_fast_429_with_retry_after(server):
     with concurrent.futures.ThreadPoolExecutor(max_workers=12) as pool:
         responses = list(pool.map(one, range(12)))
     statuses = sorted(r.status_code for r in responses)
-    assert set(statuses) <= {200, 429}, statuses
-    refused = [r for r in responses if r.status_code == 429]
+    assert set(statuses) <= {200, 429, 503}, statuses
+    refused = [r for r in responses if r.status_code in (429, 503)]
     assert refused, "12 concurrent requests of 256 texts should exceed 300 pending texts per worker"
-    assert refused[0].headers["Retry-After"] == "1" and "overloaded" in refused[0].json()["error"]
+    for response in refused:
+        assert response.headers["Retry-After"] == "1" and "overloaded" in response.json()["error"]
     assert any(r.status_code == 200 for r in responses)
+    assert requests.get(f"{server}/v2/health/ready", timeout=10).status_code == 200  # and it recovers
