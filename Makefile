@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 3000
 SAMPLE := training/sample_data
+# Longer than the 15 s that BentoML's internal client keeps idle connections (BentoML issue #4971).
+KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: serve test install demo-zoo clean
@@ -35,7 +37,7 @@ demo-zoo: install
 serve: demo-zoo
 	$(BIN)/python -m services.model_store
 	@echo "textserve on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/ , metrics: /metrics)"
-	$(BIN)/bentoml serve services.service:TextService --host $(HOST) --port $(PORT)
+	$(BIN)/bentoml serve services.service:TextService --host $(HOST) --port $(PORT) --timeout-keep-alive $(KEEP_ALIVE_S)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -11,8 +11,10 @@ call through `depends` is one, so every endpoint here shares one batcher.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
+import aiohttp
 import bentoml
 import httpx
 import numpy as np
@@ -28,7 +30,9 @@ from services.model_store import stored_bundles, store_tag
 from services.open_inference import router as open_inference_api
 from services.runner import SETTINGS, ClassifierRunner, TextItem
 
+logger = logging.getLogger("bentoml.textserve")
 READY_CHECK_SECONDS = 2.0
+RUNNER_CONNECTION_ATTEMPTS = 3
 
 app = FastAPI(
     title="textserve",
@@ -102,16 +106,31 @@ class TextService:
             )
         self.pending_texts += len(texts)
         try:
-            sent_at = time.time()
-            items = [TextItem(model=model, text=text, sent_at=sent_at) for text in texts]
-            answers = await self.runner.to_async.classify_batch(items)
+            answers = await self.call_runner(model, texts)
         except BentoMLException as error:
             raise runner_error(error) from None
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, aiohttp.ClientError) as error:
             raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
         finally:
             self.pending_texts -= len(texts)
         return np.asarray(answers, dtype=np.float32)
+
+    async def call_runner(self, model: str, texts: list[str]) -> list[list[float]]:
+        """One batched runner call, retried when the connection (not the inference) failed.
+
+        BentoML's internal client keeps idle connections for 15 s while the runner's server may
+        close them sooner (BentoML issue #4971), so a write can hit a closed socket. Inference
+        has no side effects, so sending it again is safe."""
+        for attempt in range(1, RUNNER_CONNECTION_ATTEMPTS + 1):
+            sent_at = time.time()
+            items = [TextItem(model=model, text=text, sent_at=sent_at) for text in texts]
+            try:
+                return await self.runner.to_async.classify_batch(items)
+            except aiohttp.ClientConnectionError as error:
+                if attempt == RUNNER_CONNECTION_ATTEMPTS:
+                    raise
+                logger.warning("runner connection failed (%s: %s); sending again", type(error).__name__, error)
+        raise AssertionError("unreachable")
 
     async def models_not_ready(self) -> list[str]:
         """Models whose runner session is not built and warmed up yet (asks the runner once)."""
@@ -119,7 +138,7 @@ class TextService:
             try:
                 # A probe must answer fast: a runner still starting counts as not ready.
                 self.ready_models = set(await asyncio.wait_for(self.runner.to_async.loaded_models(), READY_CHECK_SECONDS))
-            except (BentoMLException, httpx.HTTPError, asyncio.TimeoutError):
+            except (BentoMLException, httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError):
                 return sorted(self.bundles)
         return sorted(set(self.bundles) - self.ready_models)
 

@@ -48,7 +48,7 @@ def server(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
     log = open(home / "serve.log", "w")
     process = subprocess.Popen(
-        [bentoml, "serve", "services.service:TextService", "--host", "127.0.0.1", "--port", str(port)],
+        [bentoml, "serve", "services.service:TextService", "--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "30"],
         cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -245,3 +245,16 @@ def test_overload_gets_a_fast_explicit_refusal_with_retry_after(server):
         assert response.headers["Retry-After"] == "1" and "overloaded" in response.json()["error"]
     assert any(r.status_code == 200 for r in responses)
     assert requests.get(f"{server}/v2/health/ready", timeout=10).status_code == 200  # and it recovers
+
+
+def test_a_short_locust_run_has_no_failures(server, tmp_path):
+    locust = str(Path(sys.executable).parent / "locust")
+    result = subprocess.run(
+        [locust, "-f", "loadtests/locustfile.py", "--host", server, "--headless", "-u", "8", "-r", "8",
+         "-t", "5s", "--csv", str(tmp_path / "run"), "--only-summary"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=120,
+    )
+    rows = {row.split(",")[1]: row.split(",") for row in (tmp_path / "run_stats.csv").read_text().splitlines()[1:]}
+    requests_made, failures = int(rows["Aggregated"][2]), int(rows["Aggregated"][3])
+    assert requests_made > 20 and failures == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert {"/classify", "/v2/models/[name]/infer"} <= set(rows)
