@@ -82,6 +82,9 @@ class ServiceSettings:
         return max(1, (os.cpu_count() or 1) // self.runner_workers)
 
 
+SETTINGS = ServiceSettings.from_environment()  # read once per process, at import
+
+
 def gpu_present() -> bool:
     """An NVIDIA device node exists; cheaper and quieter than letting onnxruntime try CUDA."""
     return Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia/gpus").is_dir()

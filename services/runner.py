@@ -16,11 +16,10 @@ import numpy as np
 from pydantic import BaseModel
 
 from services import metrics
-from services.config import ServiceSettings, resolve_device
+from services.config import SETTINGS, resolve_device
 from services.inference import TextClassifier
 from services.model_store import stored_bundles
 
-SETTINGS = ServiceSettings.from_environment()
 WARM_UP_TEXTS = ["Warm-up text one .", "a second , somewhat longer warm-up text for the batch ?"]
 logger = logging.getLogger("bentoml.textserve")
 

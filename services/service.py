@@ -22,13 +22,13 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 
 from services import metrics
-from services.config import ServiceSettings
+from services.config import SETTINGS, ServiceSettings
 from services.errors import ApiError, JsonNotFound, install_error_handlers
 from services.http_api import router as json_api
 from services.inference import Bundle
 from services.model_store import stored_bundles, store_tag
 from services.open_inference import router as open_inference_api
-from services.runner import SETTINGS, ClassifierRunner, TextItem
+from services.runner import ClassifierRunner, TextItem
 
 logger = logging.getLogger("bentoml.textserve")
 READY_CHECK_SECONDS = 2.0

@@ -62,10 +62,10 @@ def test_encoder_truncates_to_max_words():
     assert WordEncoder(vocab, True, 1, max_words=2).encode_one("a a a a") == [0, 2, 2, 0]
 
 
-def test_encoding_is_torch_free():
+def test_encoding_and_services_are_torch_free():
     import subprocess
     import sys
 
-    code = "import sys, models.text_encoding, services.inference; print('torch' in sys.modules)"
+    code = "import sys, models.text_encoding, services.service; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

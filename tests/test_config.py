@@ -1,0 +1,54 @@
+"""Service settings: every knob from the environment, bad values refused with the variable's name."""
+
+from pathlib import Path
+
+import pytest
+
+from services.config import ServiceSettings, resolve_device
+from services.inference import BundleError
+from services.model_store import zoo_bundles
+
+from tests.conftest import ZOO
+
+
+def test_defaults_and_overrides_from_the_environment():
+    assert ServiceSettings.from_environment({}) == ServiceSettings()
+    settings = ServiceSettings.from_environment(
+        {"TEXTSERVE_MODELS": "kim-cnn-mr, kim-cnn-trec6", "TEXTSERVE_MAX_TEXTS_PER_REQUEST": "10", "TEXTSERVE_ZOO": "/z", "TEXTSERVE_DEVICE": "CPU"}
+    )
+    assert settings.models == ("kim-cnn-mr", "kim-cnn-trec6")
+    assert settings.max_texts_per_request == 10 and settings.zoo == Path("/z") and settings.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"TEXTSERVE_MAX_BATCH_TEXTS": "many"}, "TEXTSERVE_MAX_BATCH_TEXTS='many' is not an integer"),
+        ({"TEXTSERVE_HTTP_WORKERS": "0"}, "TEXTSERVE_HTTP_WORKERS must be at least 1"),
+        ({"TEXTSERVE_DEVICE": "tpu"}, "TEXTSERVE_DEVICE='tpu'"),
+        ({"TEXTSERVE_ORT_THREADS": "-1"}, "TEXTSERVE_ORT_THREADS"),
+    ],
+)
+def test_bad_values_are_refused_with_the_variable_name(environ, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ServiceSettings.from_environment(environ)
+
+
+def test_session_threads_split_the_cores_between_runner_workers(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert ServiceSettings(runner_workers=4).session_threads() == 4
+    assert ServiceSettings(runner_workers=32).session_threads() == 1
+    assert ServiceSettings(ort_threads=3).session_threads() == 3
+
+
+def test_explicit_devices_are_kept():
+    assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"
+
+
+def test_zoo_selection_names_unknown_models():
+    assert {p.name for p in zoo_bundles(ServiceSettings(zoo=ZOO))} >= {"kim-cnn-trec6", "kim-cnn-mr"}
+    assert [p.name for p in zoo_bundles(ServiceSettings(zoo=ZOO, models=("kim-cnn-mr",)))] == ["kim-cnn-mr"]
+    with pytest.raises(BundleError, match="not-there"):
+        zoo_bundles(ServiceSettings(zoo=ZOO, models=("not-there",)))
+    with pytest.raises(BundleError, match="does not exist"):
+        zoo_bundles(ServiceSettings(zoo=ZOO / "missing"))
