@@ -45,7 +45,6 @@ app.include_router(json_api)
 app.include_router(open_inference_api)
 
 
-
 @app.middleware("http")
 async def count_requests(request: Request, call_next):
     """Requests and their latency by model, route template and status (not raw path: bounded labels)."""
