@@ -22,7 +22,7 @@ def zoo_bundles(settings: ServiceSettings) -> list[Path]:
     """Bundle folders of the zoo (those holding a manifest), limited to settings.models if set."""
     if not settings.zoo.is_dir():
         raise BundleError(f"model zoo {settings.zoo} does not exist")
-    found = {p.name: p for p in sorted(settings.zoo.iterdir()) if (p / MANIFEST).is_file()}
+    found = {p.name: p for p in sorted(settings.zoo.iterdir()) if not p.name.startswith(".") and (p / MANIFEST).is_file()}
     if settings.models:
         missing = sorted(set(settings.models) - set(found))
         if missing:

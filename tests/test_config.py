@@ -45,6 +45,13 @@ def test_explicit_devices_are_kept():
     assert resolve_device("cpu") == "cpu" and resolve_device("cuda") == "cuda"
 
 
+def test_zoo_ignores_hidden_staging_folders(tmp_path):
+    (tmp_path / ".half.staging").mkdir()
+    (tmp_path / ".half.staging" / "manifest.json").write_text("{}")
+    with pytest.raises(BundleError, match="holds no bundles"):
+        zoo_bundles(ServiceSettings(zoo=tmp_path))
+
+
 def test_zoo_selection_names_unknown_models():
     assert {p.name for p in zoo_bundles(ServiceSettings(zoo=ZOO))} >= {"kim-cnn-trec6", "kim-cnn-mr"}
     assert [p.name for p in zoo_bundles(ServiceSettings(zoo=ZOO, models=("kim-cnn-mr",)))] == ["kim-cnn-mr"]

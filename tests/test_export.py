@@ -63,7 +63,7 @@ def test_export_is_refused_when_onnx_differs_from_pytorch(small_run, tmp_path, m
     monkeypatch.setattr(export_module, "export_onnx", export_a_different_model)
     with pytest.raises(ExportRefused, match="differs from PyTorch"):
         export_bundle(checkpoint, tmp_path / "tiny", "tiny", [e.text for e in dev])
-    assert not (tmp_path / "tiny").exists() and not (tmp_path / "tiny.staging").exists()
+    assert sorted(tmp_path.iterdir()) == []  # neither the bundle nor its staging folder
 
 
 def test_an_altered_bundle_is_refused(small_run, tmp_path):

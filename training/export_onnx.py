@@ -101,7 +101,8 @@ def export_bundle(
 ) -> dict:
     """Write the bundle for `checkpoint` into `bundle_dir` (replaced only if parity passes)."""
     model = load_model(checkpoint)
-    staging = bundle_dir.with_name(bundle_dir.name + ".staging")
+    # A hidden sibling: the zoo ignores it, so a run killed halfway never leaves a servable half-bundle.
+    staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
