@@ -12,10 +12,12 @@ is exact under ReLU (every real feature is >= 0) and, unlike -inf, stays finite 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+
+from models.recipe import TrainingRecipe
 
 VARIANTS = ("rand", "static", "non-static", "multichannel")
 
@@ -32,10 +34,7 @@ class KimCNNConfig:
     max_norm: float = 3.0  # cap on the L2 norm of each class's output weight row
     embedding_init_range: float = 0.25  # rand vectors ~ U[-0.25, 0.25]
     # Kim's training recipe: Adadelta (lr 1.0, rho 0.95, eps 1e-6), batch 50, 25 epochs.
-    batch_size: int = 50
-    epochs: int = 25
-    adadelta_rho: float = 0.95
-    adadelta_eps: float = 1e-6
+    recipe: TrainingRecipe = field(default=TrainingRecipe())
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -106,7 +105,7 @@ class KimCNN(nn.Module):
         return self.output(self.dropout(features))
 
     @torch.no_grad()
-    def constrain_output_norm(self) -> None:
+    def apply_constraints(self) -> None:
         """Kim's max-norm: rescale each class's output weight row to L2 norm <= max_norm."""
         weight = self.output.weight  # (K, F * len(widths))
         weight.copy_(torch.renorm(weight, p=2, dim=0, maxnorm=self.config.max_norm))

@@ -106,13 +106,15 @@ class WordEncoder:
     lowercase: bool
     edge_padding: int
     max_words: int | None = None
+    min_length: int = 1  # a text with no words still gets one <pad> position (an RNN needs a step)
 
     def encode_one(self, text: str) -> list[int]:
         words = tokenize(text, lowercase=self.lowercase)
         if self.max_words is not None:
             words = words[: self.max_words]
         pad = [PAD_ID] * self.edge_padding
-        return pad + self.vocab.ids(words) + pad
+        row = pad + self.vocab.ids(words) + pad
+        return row + [PAD_ID] * (self.min_length - len(row))
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(token_ids (B, T) int64 right-padded with 0, lengths (B,) int64 before that padding)."""
@@ -125,3 +127,55 @@ class WordEncoder:
 
     def count_words(self, text: str) -> int:
         return len(tokenize(text, lowercase=self.lowercase))
+
+
+# Zhang, Zhao & LeCun (2015): 26 letters, 10 digits, 33 other characters and the newline.
+ZHANG_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789-,;.!?:'\"/\\|_@#$%^&*~`+-=<>()[]{}\n"
+
+
+@dataclass(frozen=True)
+class CharEncoder:
+    """Zhang et al.'s quantisation: each character -> its 1-based index in the alphabet, 0 for
+    any other character and for padding (the model turns ids into one-hot vectors, with 0 as
+    the all-zero vector). Fixed length `length` (l0), shorter texts padded; with `reverse`
+    (the paper's setting) the last l0 characters are kept and fed last-first."""
+
+    alphabet: str = ZHANG_ALPHABET
+    length: int = 1014
+    lowercase: bool = True
+    reverse: bool = True
+
+    def __post_init__(self) -> None:
+        # The paper's list repeats "-"; the first index wins, so ids stay stable.
+        ids: dict[str, int] = {}
+        for i, char in enumerate(self.alphabet, start=1):
+            ids.setdefault(char, i)
+        object.__setattr__(self, "_ids", ids)
+
+    @property
+    def alphabet_size(self) -> int:
+        return len(self.alphabet)
+
+    def encode_one(self, text: str) -> list[int]:
+        text = text.lower() if self.lowercase else text
+        # Zhang's Crepe reads from the end: the last `length` characters, last first.
+        kept = text[::-1][: self.length] if self.reverse else text[: self.length]
+        lookup = self._ids  # type: ignore[attr-defined]
+        row = [lookup.get(char, 0) for char in kept]
+        return row + [0] * (self.length - len(row))
+
+    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(char_ids (B, length) int64, lengths (B,) int64 = length: every row is full)."""
+        token_ids = np.array([self.encode_one(text) for text in texts], dtype=np.int64).reshape(len(texts), self.length)
+        return token_ids, np.full(len(texts), self.length, dtype=np.int64)
+
+
+def encoder_from_config(encoding: dict, vocab: WordVocab | None = None) -> WordEncoder | CharEncoder:
+    """The encoder a bundle's or checkpoint's `encoding` section describes."""
+    if encoding["kind"] == "words":
+        if vocab is None:
+            raise ValueError("a word encoding needs its vocabulary")
+        return WordEncoder(vocab, encoding["lowercase"], encoding["edge_padding"], min_length=encoding.get("min_length", 1))
+    if encoding["kind"] == "chars":
+        return CharEncoder(encoding["alphabet"], encoding["length"], encoding["lowercase"], encoding["reverse"])
+    raise ValueError(f"unknown input encoding {encoding['kind']!r}; expected 'words' or 'chars'")

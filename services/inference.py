@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from models.text_encoding import WordEncoder, WordVocab
+from models.text_encoding import WordVocab, encoder_from_config
 
 MANIFEST = "manifest.json"
 DEVICES = ("cpu", "cuda")
@@ -100,26 +100,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class TextClassifier:
-    """A word-level classifier bundle in onnxruntime: texts -> logits / probabilities."""
+    """A classifier bundle in onnxruntime: texts -> logits / probabilities. The bundle's
+    `encoding` says whether its graph takes word ids or characters."""
 
-    EXPECTED_INPUTS = {"token_ids": ("tensor(int64)", 2), "lengths": ("tensor(int64)", 1)}
+    KNOWN_INPUTS = ("token_ids", "lengths")
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
         encoding = bundle.config["encoding"]
-        if encoding["kind"] != "words":
+        if encoding["kind"] not in ("words", "chars"):
             raise BundleError(f"{bundle.name}: input encoding {encoding['kind']!r} is not supported by this server")
+        vocab = WordVocab.load(bundle.path / "vocab.json") if encoding["kind"] == "words" else None
         self.bundle = bundle
-        self.encoder = WordEncoder(
-            WordVocab.load(bundle.path / "vocab.json"), encoding["lowercase"], encoding["edge_padding"]
-        )
+        self.encoder = encoder_from_config(encoding, vocab)
         self.session = make_session(bundle.path / "model.onnx", device, threads)
         self._check_graph()
 
     def _check_graph(self) -> None:
         """Read the graph's inputs rather than assume them, and fail early with what differs."""
-        found = {i.name: (i.type, len(i.shape)) for i in self.session.get_inputs()}
-        if found != self.EXPECTED_INPUTS:
-            raise BundleError(f"{self.bundle.name}: graph inputs are {found}, expected {self.EXPECTED_INPUTS}")
+        found = {i.name: i.type for i in self.session.get_inputs()}
+        if "token_ids" not in found or not set(found) <= set(self.KNOWN_INPUTS) or set(found.values()) != {"tensor(int64)"}:
+            raise BundleError(f"{self.bundle.name}: graph inputs are {found}; expected int64 token_ids (and lengths)")
+        self.input_names = [name for name in self.KNOWN_INPUTS if name in found]
         self.output_name = self.session.get_outputs()[0].name
 
     @property
@@ -129,7 +130,8 @@ class TextClassifier:
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), K) float32 logits; all texts run as one padded batch."""
         token_ids, lengths = self.encoder.encode_batch(texts)
-        return self.session.run([self.output_name], {"token_ids": token_ids, "lengths": lengths})[0]
+        feeds = {"token_ids": token_ids, "lengths": lengths}
+        return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         return softmax(self.logits(texts))

@@ -53,10 +53,10 @@ def test_export_is_refused_when_onnx_differs_from_pytorch(small_run, tmp_path, m
     checkpoint, dev = small_run
     real_export = export_module.export_onnx
 
-    def export_a_different_model(model, path, opset=export_module.OPSET):  # stands in for an exporter bug
+    def export_a_different_model(model, path, encoding=None, opset=export_module.OPSET):  # stands in for an exporter bug
         with torch.no_grad():
             model.output.bias.add_(0.5)
-        real_export(model, path, opset)
+        real_export(model, path, encoding, opset)
         with torch.no_grad():
             model.output.bias.sub_(0.5)
 

@@ -34,7 +34,8 @@ def alone_and_padded(short_text: list[int]) -> tuple[torch.Tensor, torch.Tensor,
 def test_config_holds_the_papers_values():
     config = kim_cnn_config("rand", vocab_size=10, num_classes=2)
     assert (config.embedding_dim, config.filter_widths, config.feature_maps) == (300, (3, 4, 5), 100)
-    assert (config.dropout, config.max_norm, config.batch_size, config.adadelta_rho, config.epochs) == (0.5, 3.0, 50, 0.95, 25)
+    recipe = config.recipe
+    assert (config.dropout, config.max_norm, recipe.optimizer, recipe.batch_size, recipe.adadelta_rho, recipe.epochs) == (0.5, 3.0, "adadelta", 50, 0.95, 25)
     assert config.edge_padding == 4
     with pytest.raises(ValueError, match="unknown preset"):
         kim_cnn_config("fancy", vocab_size=10, num_classes=2)
@@ -84,7 +85,7 @@ def test_max_norm_caps_each_output_row_at_three():
         model.output.weight[0].fill_(1.0)  # norm sqrt(300) ~ 17.3
         model.output.weight[1].fill_(0.01)  # norm 0.17, left alone
     before = model.output.weight[1].clone()
-    model.constrain_output_norm()
+    model.apply_constraints()
     norms = model.output.weight.norm(dim=1)
     assert norms[0].item() == pytest.approx(3.0, rel=1e-5)
     assert torch.equal(model.output.weight[1], before)

@@ -33,6 +33,29 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-column", default="label", help="csv/tsv/jsonl: column holding the label")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.registry import ARCHITECTURES
+
+    presets = "; ".join(f"{name}: {', '.join(arch.presets)}" for name, arch in ARCHITECTURES.items())
+    parser.add_argument("--architecture", default="kim-cnn", choices=tuple(ARCHITECTURES))
+    parser.add_argument("--preset", default=None, help=f"the paper's settings to start from (default: the first). {presets}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a config value, e.g. --set length=256 --set recipe.epochs=10")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    from models.registry import architecture
+
+    overrides = {}
+    for item in args.overrides:
+        name, separator, value = item.partition("=")
+        if not separator:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+        overrides[name.strip()] = value.strip()
+    preset = args.preset or next(iter(architecture(args.architecture).presets))
+    return {"architecture_name": args.architecture, "preset": preset, "overrides": overrides}
+
+
 def read_examples(args: argparse.Namespace):
     if args.format in ("csv", "tsv", "jsonl"):
         return read_labelled(args.data, args.format, text_column=args.text_column, label_column=args.label_column)
@@ -45,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
 
     train = commands.add_parser("train", help="train a classifier, early-stopped on a dev split")
     add_data_arguments(train)
-    train.add_argument("--preset", default="rand", help="Kim CNN variant (rand; others need pretrained vectors)")
+    add_model_arguments(train)
     train.add_argument("--dev-fraction", type=float, default=0.1, help="share of the data held out as dev (Kim: 10 %%)")
-    train.add_argument("--epochs", type=int, default=None, help="override the preset's epoch count (Kim: 25)")
+    train.add_argument("--epochs", type=int, default=None, help="override the preset's epoch count (same as --set recipe.epochs=N)")
     train.add_argument("--seed", type=int, default=3435, help="seed for the split, the init and the batch order")
     train.add_argument("--patience", type=int, default=None, help="stop after this many epochs without a better dev accuracy (default: Kim's full run)")
     train.add_argument("--min-count", type=int, default=1, help="keep words seen this often in training; rarer ones become <unk>")
@@ -55,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cv = commands.add_parser("cv", help="k-fold cross-validation (Kim's protocol for MR); prints mean and std")
     add_data_arguments(cv)
-    cv.add_argument("--preset", default="rand")
+    add_model_arguments(cv)
     cv.add_argument("--folds", type=int, default=10)
     cv.add_argument("--epochs", type=int, default=None)
     cv.add_argument("--seed", type=int, default=3435)
@@ -82,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         examples = read_examples(args)
         train_part, dev_part = split_dev(examples, dev_fraction=args.dev_fraction, seed=args.seed)
         checkpoint = train_classifier(
-            train_part, dev_part, preset=args.preset, lowercase=args.format not in CASED_FORMATS,
+            train_part, dev_part, **model_options(args), lowercase=args.format not in CASED_FORMATS,
             seed=args.seed, epochs=args.epochs, min_count=args.min_count, patience=args.patience,
         )
         checkpoint["metrics"]["train_command"] = command_line()
@@ -94,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         from training.train_classifier import cross_validate
 
         result = cross_validate(
-            read_examples(args), folds=args.folds, seed=args.seed, preset=args.preset,
+            read_examples(args), folds=args.folds, seed=args.seed, **model_options(args),
             lowercase=args.format not in CASED_FORMATS, epochs=args.epochs, min_count=args.min_count, patience=args.patience,
         )
         result["cv_command"] = command_line()

@@ -36,25 +36,38 @@ class ExportRefused(RuntimeError):
     """The exported graph does not reproduce the PyTorch model; nothing is written."""
 
 
-def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> None:
+def export_example(encoding: dict) -> tuple[tuple[torch.Tensor, ...], list[str], dict]:
+    """Example inputs, input names and dynamic axes for a model with this input encoding."""
+    if encoding["kind"] == "chars":
+        # Characters arrive at the fixed length l0, so only the batch axis is dynamic; the
+        # graph does not read `lengths`, so it is not an input either.
+        token_ids = torch.arange(2 * encoding["length"], dtype=torch.int64).reshape(2, -1) % 60 + 1  # (2, l0)
+        return (token_ids,), ["token_ids"], {"token_ids": {0: "batch"}, "logits": {0: "batch"}}
     example = batch_tensors([[2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [2, 3, 4, 5, 6, 7, 8, 9]])  # (2, 10) ids, (2,) lengths
+    return example, INPUT_NAMES, {"token_ids": {0: "batch", 1: "length"}, "lengths": {0: "batch"}, "logits": {0: "batch"}}
+
+
+def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None, opset: int = OPSET) -> None:
+    encoding = encoding or {"kind": "words"}
+    example, input_names, dynamic_axes = export_example(encoding)
     torch.onnx.export(
         model,
         example,
         str(path),
         dynamo=False,
         opset_version=opset,
-        input_names=INPUT_NAMES,
+        input_names=input_names,
         output_names=OUTPUT_NAMES,
-        dynamic_axes={"token_ids": {0: "batch", 1: "length"}, "lengths": {0: "batch"}, "logits": {0: "batch"}},
+        dynamic_axes=dynamic_axes,
     )
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
     for tensor in graph.graph.input:
         dims = tensor.type.tensor_type.shape.dim
-        if any(dim.HasField("dim_value") for dim in dims):
-            frozen = [dim.dim_value if dim.HasField("dim_value") else dim.dim_param for dim in dims]
-            raise ExportRefused(f"input {tensor.name} has a fixed dimension in the exported graph: {frozen}")
+        for axis, dim in enumerate(dims):
+            if dim.HasField("dim_value") and axis in dynamic_axes[tensor.name]:
+                frozen = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+                raise ExportRefused(f"input {tensor.name} has its dynamic axis {axis} frozen in the exported graph: {frozen}")
     if any(path.parent.glob(path.name + ".data")) or any(
         init.data_location == onnx.TensorProto.EXTERNAL for init in graph.graph.initializer
     ):
@@ -95,8 +108,6 @@ def export_bundle(
     bundle_dir: Path,
     name: str,
     parity_texts: Sequence[str],
-    architecture: str = "kim-cnn",
-    preset: str = "rand",
     extra_metrics: dict | None = None,
 ) -> dict:
     """Write the bundle for `checkpoint` into `bundle_dir` (replaced only if parity passes)."""
@@ -106,18 +117,19 @@ def export_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        export_onnx(model, staging / "model.onnx")
-        encoder_for(checkpoint).vocab.save(staging / "vocab.json")
+        export_onnx(model, staging / "model.onnx", checkpoint["encoding"])
+        if checkpoint.get("vocab"):
+            encoder_for(checkpoint).vocab.save(staging / "vocab.json")
         write_json(staging / "labels.json", list(checkpoint["labels"]))
         write_json(
             staging / "config.json",
             {
                 "name": name,
-                "architecture": architecture,
-                "preset": preset,
+                "architecture": checkpoint.get("architecture", "kim-cnn"),
+                "preset": checkpoint.get("preset", "rand"),
                 "model": checkpoint["config"],
                 "encoding": checkpoint["encoding"],
-                "onnx": {"opset": OPSET, "inputs": INPUT_NAMES, "outputs": OUTPUT_NAMES},
+                "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": OUTPUT_NAMES},
             },
         )
         metrics = {**checkpoint["metrics"], **(extra_metrics or {})}

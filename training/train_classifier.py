@@ -1,10 +1,11 @@
-"""The classifier training job: Kim's recipe, read top to bottom.
+"""The classifier training job, one loop for every architecture, read top to bottom.
 
-    examples -> vocabulary -> word ids -> KimCNN -> Adadelta, batch 50, max-norm 3
-             -> keep the epoch with the best dev accuracy -> checkpoint
+    examples -> vocabulary (word models) -> input ids -> model from the registry
+             -> the preset's recipe: optimiser, learning-rate halving, gradient clipping,
+                the model's own constraints (Kim's max-norm) -> keep the best dev epoch -> checkpoint
 
-A checkpoint is a plain dict {state_dict, config, vocab, labels, encoding, metrics, step},
-loadable with torch.load(weights_only=True); never a pickled module.
+A checkpoint is a plain dict {architecture, preset, state_dict, config, vocab, labels, encoding,
+metrics, step}, loadable with torch.load(weights_only=True); never a pickled module.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,9 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from models.kim_cnn import KimCNN, KimCNNConfig, kim_cnn_config
-from models.text_encoding import WordEncoder, WordVocab, tokenize
+from models.recipe import TrainingRecipe
+from models.registry import architecture, build_config, build_model, config_values, input_encoding
+from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
 from training.datasets import LabelledText, kfold, split_dev
 
 
@@ -34,7 +35,7 @@ def seed_everything(seed: int) -> None:
 
 
 def encode_examples(
-    encoder: WordEncoder, examples: Sequence[LabelledText], labels: Sequence[str]
+    encoder: WordEncoder | CharEncoder, examples: Sequence[LabelledText], labels: Sequence[str]
 ) -> tuple[list[list[int]], np.ndarray]:
     """Word-id rows (unpadded across rows) and label ids (N,)."""
     label_ids = {label: i for i, label in enumerate(labels)}
@@ -52,7 +53,7 @@ def batch_tensors(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def accuracy(model: KimCNN, rows: Sequence[Sequence[int]], targets: np.ndarray, batch_size: int = 500) -> float:
+def accuracy(model: torch.nn.Module, rows: Sequence[Sequence[int]], targets: np.ndarray, batch_size: int = 500) -> float:
     model.eval()
     correct = 0
     for start in range(0, len(rows), batch_size):
@@ -62,67 +63,88 @@ def accuracy(model: KimCNN, rows: Sequence[Sequence[int]], targets: np.ndarray, 
     return correct / len(rows)
 
 
+def make_optimizer(recipe: TrainingRecipe, parameters) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adadelta":
+        return torch.optim.Adadelta(parameters, lr=recipe.learning_rate, rho=recipe.adadelta_rho, eps=recipe.adadelta_eps)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=recipe.learning_rate, momentum=recipe.momentum)
+    return torch.optim.Adam(parameters, lr=recipe.learning_rate)
+
+
 def train_classifier(
     train: Sequence[LabelledText],
     dev: Sequence[LabelledText],
+    architecture_name: str = "kim-cnn",
     preset: str = "rand",
     lowercase: bool = True,
     seed: int = 3435,  # Kim's seed in CNN_sentence
     epochs: int | None = None,
     min_count: int = 1,
     patience: int | None = None,
+    overrides: dict[str, str] | None = None,
     show_progress: bool = True,
 ) -> dict:
     """Train on `train`, early-stop on `dev`, return the checkpoint dict of the best dev epoch.
 
-    Kim trains the full 25 epochs and keeps the best dev epoch (patience None); `patience` N
-    stops once N epochs in a row have not improved dev accuracy."""
-    # ---- data: vocabulary from the training split only, labels sorted for a stable order ----
+    The preset's recipe trains the full run and keeps the best dev epoch (Kim); `patience` N
+    stops once N epochs in a row have not improved dev accuracy. `overrides` are config
+    `name=value` strings, e.g. {"length": "256", "recipe.epochs": "10"}."""
+    # ---- data: labels sorted for a stable order; a vocabulary from the training split only ----
     seed_everything(seed)
     labels = sorted({example.label for example in train})
     unseen = sorted({example.label for example in dev} - set(labels))
     if unseen:
         raise ValueError(f"dev labels never seen in training: {unseen}")
-    vocab = WordVocab.build((tokenize(e.text, lowercase) for e in train), min_count=min_count)
-    overrides = {} if epochs is None else {"epochs": epochs}
-    config = kim_cnn_config(preset, vocab_size=len(vocab), num_classes=len(labels), **overrides)
-    if config.variant != "rand":
+    uses_words = architecture(architecture_name).input_kind == "words"
+    vocab = WordVocab.build((tokenize(e.text, lowercase) for e in train), min_count=min_count) if uses_words else None
+    overrides = dict(overrides or {})
+    if epochs is not None:
+        overrides["recipe.epochs"] = str(epochs)
+    config = build_config(architecture_name, preset, len(vocab) if vocab else 0, len(labels), overrides)
+    if getattr(config, "variant", "rand") != "rand":
         raise ValueError(f"preset {preset!r} needs pretrained word vectors, which this job does not read yet")
-    encoder = WordEncoder(vocab, lowercase=lowercase, edge_padding=config.edge_padding)
+    recipe: TrainingRecipe = config.recipe
+    encoding = input_encoding(architecture_name, config, lowercase)
+    encoder = encoder_from_config(encoding, vocab)
     train_rows, train_targets = encode_examples(encoder, train, labels)
     dev_rows, dev_targets = encode_examples(encoder, dev, labels)
 
-    # ---- model and optimiser: Adadelta over every trainable parameter ----
-    model = KimCNN(config)
-    optimizer = torch.optim.Adadelta(
-        [p for p in model.parameters() if p.requires_grad], lr=1.0, rho=config.adadelta_rho, eps=config.adadelta_eps
-    )
+    # ---- model and optimiser, both from the preset ----
+    model = build_model(architecture_name, config_values(config))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, parameters)
 
-    # ---- loop: shuffle, step, max-norm; keep the best dev epoch ----
+    # ---- loop: shuffle, step, clip, constrain; keep the best dev epoch ----
     best = {"dev_accuracy": -1.0}
     best_state: dict[str, torch.Tensor] = {}
     history = []
     step = 0
     order_rng = np.random.default_rng(seed)
     started = time.perf_counter()
-    epoch_bar = tqdm(range(1, config.epochs + 1), desc="epochs", disable=not show_progress, leave=False)
+    epoch_bar = tqdm(range(1, recipe.epochs + 1), desc="epochs", disable=not show_progress, leave=False)
     for epoch in epoch_bar:
         model.train()
+        learning_rate = recipe.learning_rate_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
         order = order_rng.permutation(len(train_rows))
         losses = []
-        batches = range(0, len(order), config.batch_size)
+        batches = range(0, len(order), recipe.batch_size)
         for start in tqdm(batches, desc=f"epoch {epoch}", disable=not show_progress, leave=False):
-            index = order[start : start + config.batch_size]
+            index = order[start : start + recipe.batch_size]
             token_ids, lengths = batch_tensors([train_rows[i] for i in index])
             loss = F.cross_entropy(model(token_ids, lengths), torch.from_numpy(train_targets[index]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if recipe.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip_norm)
             optimizer.step()
-            model.constrain_output_norm()
+            if hasattr(model, "apply_constraints"):
+                model.apply_constraints()  # Kim's max-norm on the output rows
             losses.append(loss.item())
             step += 1
         dev_accuracy = accuracy(model, dev_rows, dev_targets)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_accuracy})
+        history.append({"epoch": epoch, "learning_rate": learning_rate, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_accuracy})
         epoch_bar.set_postfix(loss=f"{np.mean(losses):.4f}", dev=f"{dev_accuracy:.4f}")
         if dev_accuracy > best["dev_accuracy"]:
             best = {"dev_accuracy": dev_accuracy, "best_epoch": epoch, "step": step}
@@ -134,18 +156,21 @@ def train_classifier(
         **best,
         "train_examples": len(train),
         "dev_examples": len(dev),
-        "epochs": config.epochs,
+        "epochs": recipe.epochs,
         "epochs_run": len(history),
         "patience": patience,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": round(time.perf_counter() - started, 1),
         "history": history,
     }
     return {
+        "architecture": architecture_name,
+        "preset": preset,
         "state_dict": best_state,
-        "config": asdict(config),
-        "vocab": list(vocab.tokens),
+        "config": config_values(config),
+        "vocab": list(vocab.tokens) if vocab else None,
         "labels": labels,
-        "encoding": {"kind": "words", "lowercase": lowercase, "edge_padding": config.edge_padding},
+        "encoding": encoding,
         "metrics": metrics,
         "step": best["step"],
     }
@@ -182,14 +207,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(checkpoint: dict) -> KimCNN:
-    config = dict(checkpoint["config"])
-    config["filter_widths"] = tuple(config["filter_widths"])
-    model = KimCNN(KimCNNConfig(**config))
+def load_model(checkpoint: dict) -> torch.nn.Module:
+    model = build_model(checkpoint.get("architecture", "kim-cnn"), checkpoint["config"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
 
-def encoder_for(checkpoint: dict) -> WordEncoder:
-    encoding = checkpoint["encoding"]
-    return WordEncoder(WordVocab(tuple(checkpoint["vocab"])), encoding["lowercase"], encoding["edge_padding"])
+def encoder_for(checkpoint: dict) -> WordEncoder | CharEncoder:
+    vocab = WordVocab(tuple(checkpoint["vocab"])) if checkpoint.get("vocab") else None
+    return encoder_from_config(checkpoint["encoding"], vocab)
