@@ -5,6 +5,7 @@
     python -m training export   --checkpoint checkpoints/kim-cnn-trec6.pt --data ../shared/data/trec/train.txt \\
                                 --format trec --bundle models/zoo/kim-cnn-trec6
     python -m training evaluate --bundle models/zoo/kim-cnn-trec6 --data FILE --format trec
+    python -m training results  (regenerates docs/results.md from models/zoo)
 
 `evaluate` prints one JSON object on its last line.
 """
@@ -39,6 +40,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     presets = "; ".join(f"{name}: {', '.join(arch.presets)}" for name, arch in ARCHITECTURES.items())
     parser.add_argument("--architecture", default="kim-cnn", choices=tuple(ARCHITECTURES))
     parser.add_argument("--preset", default=None, help=f"the paper's settings to start from (default: the first). {presets}")
+    parser.add_argument("--vectors", type=Path, default=None, help="pretrained word vectors (word2vec text/binary or GloVe) for Kim's static, non-static, multichannel")
+    parser.add_argument("--vectors-format", default="auto", choices=("auto", "word2vec-text", "word2vec-binary", "glove"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override a config value, e.g. --set length=256 --set recipe.epochs=10")
 
@@ -53,7 +56,8 @@ def model_options(args: argparse.Namespace) -> dict:
             raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
         overrides[name.strip()] = value.strip()
     preset = args.preset or next(iter(architecture(args.architecture).presets))
-    return {"architecture_name": args.architecture, "preset": preset, "overrides": overrides}
+    return {"architecture_name": args.architecture, "preset": preset, "overrides": overrides,
+            "vectors_path": args.vectors, "vectors_format": args.vectors_format}
 
 
 def read_examples(args: argparse.Namespace):
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     add_data_arguments(evaluate)
     evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 
+    results = commands.add_parser("results", help="regenerate docs/results.md from the zoo (measures speed on this machine)")
+    results.add_argument("--zoo", type=Path, default=Path("models/zoo"))
+    results.add_argument("--out", type=Path, default=Path("docs/results.md"))
+
     args = parser.parse_args(argv)
     if args.command == "train":
         from training.train_classifier import train_classifier
@@ -136,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         texts = [example.text for example in read_examples(args)]
         metrics = export_bundle(checkpoint, args.bundle, args.bundle.name, texts, extra_metrics=extra)
         print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith("parity")}}))
+    elif args.command == "results":
+        from training.results_table import write_results
+
+        for row in write_results(args.zoo, args.out):
+            print(f"{row['bundle']}: {row['accuracy']}, {row['latency_ms']:.2f} ms/text, {row['throughput']:,.0f} texts/s")
+        print(f"wrote {args.out}")
     elif args.command == "evaluate":
         from training.evaluate import evaluate_classifier
 

@@ -26,6 +26,7 @@ from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
 from training.datasets import LabelledText, kfold, split_dev
+from training.word_vectors import embedding_matrix, read_word_vectors
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +83,8 @@ def train_classifier(
     min_count: int = 1,
     patience: int | None = None,
     overrides: dict[str, str] | None = None,
+    vectors_path: str | Path | None = None,
+    vectors_format: str = "auto",
     show_progress: bool = True,
 ) -> dict:
     """Train on `train`, early-stop on `dev`, return the checkpoint dict of the best dev epoch.
@@ -101,8 +104,14 @@ def train_classifier(
     if epochs is not None:
         overrides["recipe.epochs"] = str(epochs)
     config = build_config(architecture_name, preset, len(vocab) if vocab else 0, len(labels), overrides)
+    pretrained = None
     if getattr(config, "variant", "rand") != "rand":
-        raise ValueError(f"preset {preset!r} needs pretrained word vectors, which this job does not read yet")
+        if vectors_path is None:
+            raise ValueError(f"preset {preset!r} starts from pretrained word vectors: give --vectors FILE (word2vec or GloVe)")
+        vectors, dimension = read_word_vectors(vectors_path, vocab, vectors_format)
+        config = build_config(architecture_name, preset, len(vocab), len(labels), {**overrides, "embedding_dim": str(dimension)})
+        pretrained = embedding_matrix(vocab, vectors, dimension, seed, config.embedding_init_range)
+        vectors_found = len(vectors)
     recipe: TrainingRecipe = config.recipe
     encoding = input_encoding(architecture_name, config, lowercase)
     encoder = encoder_from_config(encoding, vocab)
@@ -111,6 +120,10 @@ def train_classifier(
 
     # ---- model and optimiser, both from the preset ----
     model = build_model(architecture_name, config_values(config))
+    if pretrained is not None:
+        with torch.no_grad():
+            for embedding in model.embeddings:  # every channel starts from the same vectors
+                embedding.weight.copy_(torch.from_numpy(pretrained))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, parameters)
 
@@ -160,6 +173,7 @@ def train_classifier(
         "epochs_run": len(history),
         "patience": patience,
         "parameters": sum(p.numel() for p in model.parameters()),
+        **({"vectors_file": Path(vectors_path).name, "vectors_coverage": vectors_found / (len(vocab) - 2)} if pretrained is not None else {}),
         "train_seconds": round(time.perf_counter() - started, 1),
         "history": history,
     }
