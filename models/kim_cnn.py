@@ -89,20 +89,35 @@ class KimCNN(nn.Module):
         for channel in frozen:
             self.embeddings[channel].weight.requires_grad_(False)
 
-    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """token_ids (B, T) int64, right-padded; lengths (B,) int64 -> logits (B, K)."""
+    def pooled_features(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max-over-time features (B, F * len(widths)) and where each window starts (same shape)."""
         vectors = torch.cat([embedding(token_ids) for embedding in self.embeddings], dim=2)  # (B, T, C*E)
         vectors = vectors.transpose(1, 2)  # (B, C*E, T): Conv1d slides over the last axis
-        pooled = []
+        pooled, starts = [], []
         for convolution, width in zip(self.convolutions, self.config.filter_widths):
             feature_maps = torch.relu(convolution(vectors))  # (B, F, T - width + 1)
             window_starts = torch.arange(feature_maps.shape[2], device=token_ids.device)  # (T - width + 1,)
             # A window is real when it ends inside the row's own length.
             inside = window_starts.unsqueeze(0) <= (lengths - width).unsqueeze(1)  # (B, T - width + 1)
             feature_maps = feature_maps * inside.unsqueeze(1).to(feature_maps.dtype)
-            pooled.append(feature_maps.amax(dim=2))  # (B, F)
-        features = torch.cat(pooled, dim=1)  # (B, F * len(widths))
+            values, positions = feature_maps.max(dim=2)  # (B, F) each: the winning window of each filter
+            pooled.append(values)
+            starts.append(positions)
+        return torch.cat(pooled, dim=1), torch.cat(starts, dim=1)
+
+    def forward(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """token_ids (B, T) int64, right-padded; lengths (B,) int64 -> logits (B, K)."""
+        features, _ = self.pooled_features(token_ids, lengths)
         return self.output(self.dropout(features))
+
+    def forward_with_evidence(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits (B, K), the start of each feature's winning window (B, F') and each feature's
+        contribution to each class's logit, feature x output weight (B, K, F'). A logit is its
+        bias plus the sum of its contributions; the window says which n-gram fired."""
+        features, window_starts = self.pooled_features(token_ids, lengths)
+        logits = self.output(self.dropout(features))
+        contributions = features.unsqueeze(1) * self.output.weight.unsqueeze(0)  # (B, K, F')
+        return logits, window_starts, contributions
 
     @torch.no_grad()
     def apply_constraints(self) -> None:

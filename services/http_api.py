@@ -11,7 +11,16 @@ from pydantic import ValidationError
 
 import bentoml
 from services.errors import ApiError
-from services.schemas import ClassifyRequest, ClassifyResponse, LabelProbability, ModelInfo, ModelsResponse, TextResult
+from services.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ExplainRequest,
+    ExplainResponse,
+    LabelProbability,
+    ModelInfo,
+    ModelsResponse,
+    TextResult,
+)
 
 router = APIRouter()
 
@@ -72,3 +81,28 @@ async def list_models(service=Depends(bentoml.get_current_service)) -> ModelsRes
             for bundle in service.bundles.values()
         ]
     )
+
+
+MAX_EXPLAIN_TOP_K = 50
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    summary="Which n-grams made a Kim CNN decide",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ExplainRequest.model_json_schema()}}}},
+)
+async def explain(request: Request, service=Depends(bentoml.get_current_service)) -> ExplainResponse:
+    try:
+        body = ExplainRequest.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    bundle = service.bundle(body.model)
+    request.state.model = bundle.name
+    if "contributions" not in bundle.config.get("onnx", {}).get("outputs", []):
+        raise ApiError(400, f"model {bundle.name!r} ({bundle.architecture}) has no explanations; /explain works for kim-cnn bundles")
+    top_k = 5 if body.top_k is None else body.top_k
+    if not 1 <= top_k <= MAX_EXPLAIN_TOP_K:
+        raise ApiError(400, f"top_k must be between 1 and {MAX_EXPLAIN_TOP_K}, got {top_k}")
+    results = await service.explanations(bundle.name, body.texts, top_k)
+    return ExplainResponse(model=bundle.name, results=results)

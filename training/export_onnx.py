@@ -30,6 +30,7 @@ PARITY_ATOL = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 17, 64)
 INPUT_NAMES = ["token_ids", "lengths"]
 OUTPUT_NAMES = ["logits"]
+EVIDENCE_NAMES = ["window_starts", "contributions"]  # (B, F') int64, (B, K, F') float32
 
 
 class ExportRefused(RuntimeError):
@@ -43,22 +44,44 @@ def export_example(encoding: dict) -> tuple[tuple[torch.Tensor, ...], list[str],
         # graph does not read `lengths`, so it is not an input either.
         token_ids = torch.arange(2 * encoding["length"], dtype=torch.int64).reshape(2, -1) % 60 + 1  # (2, l0)
         return (token_ids,), ["token_ids"], {"token_ids": {0: "batch"}, "logits": {0: "batch"}}
-    example = batch_tensors([[2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [2, 3, 4, 5, 6, 7, 8, 9]])  # (2, 10) ids, (2,) lengths
+    # (2, 10) ids and (2,) lengths; only <pad> = 0 and <unk> = 1 exist in every vocabulary.
+    example = batch_tensors([[0, 1, 1, 0, 1, 1, 1, 0, 1, 1], [1, 1, 0, 1, 1, 1, 1, 0]])
     return example, INPUT_NAMES, {"token_ids": {0: "batch", 1: "length"}, "lengths": {0: "batch"}, "logits": {0: "batch"}}
+
+
+class WithEvidence(torch.nn.Module):
+    """Exports a model's `forward_with_evidence` (Kim's CNN), so the served graph also answers
+    which window won each pooled feature and what each feature adds to each class: /explain
+    reads those outputs from onnxruntime, no torch needed."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.forward_with_evidence(*inputs)
+
+
+def output_names(model: torch.nn.Module) -> list[str]:
+    return OUTPUT_NAMES + EVIDENCE_NAMES if hasattr(model, "forward_with_evidence") else OUTPUT_NAMES
 
 
 def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None, opset: int = OPSET) -> None:
     encoding = encoding or {"kind": "words"}
     example, input_names, dynamic_axes = export_example(encoding)
+    names = output_names(model)
+    # Eval mode, set here: the exporter keeps whatever mode it is handed, and a fresh wrapper
+    # starts in training mode (dropout would be baked into the graph).
+    exported = (WithEvidence(model) if names != OUTPUT_NAMES else model).eval()
     torch.onnx.export(
-        model,
+        exported,
         example,
         str(path),
         dynamo=False,
         opset_version=opset,
         input_names=input_names,
-        output_names=OUTPUT_NAMES,
-        dynamic_axes=dynamic_axes,
+        output_names=names,
+        dynamic_axes={**dynamic_axes, **{name: {0: "batch"} for name in names}},
     )
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
@@ -75,25 +98,33 @@ def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None
 
 
 def parity_check(model: torch.nn.Module, classifier: TextClassifier, texts: Sequence[str]) -> dict:
-    """Compare PyTorch and onnxruntime logits on `texts` cut into several batch sizes.
-
-    Each batch mixes short and long texts, so rows are padded far past their own length."""
+    """Compare PyTorch and onnxruntime on `texts` cut into several batch sizes: logits, and the
+    evidence outputs where the graph has them. Each batch mixes short and long texts, so rows
+    are padded far past their own length."""
     encoder = classifier.encoder
+    with_evidence = classifier.explainable
     worst = 0.0
     compared = 0
     for batch_size in PARITY_BATCH_SIZES:
         for start in range(0, min(len(texts), 4 * batch_size), batch_size):
             batch = list(texts[start : start + batch_size])
             token_ids, lengths = encoder.encode_batch(batch)
+            inputs = (torch.from_numpy(token_ids), torch.from_numpy(lengths))
             with torch.no_grad():
-                expected = model(torch.from_numpy(token_ids), torch.from_numpy(lengths)).numpy()
-            actual = classifier.logits(batch)
-            delta = float(np.abs(expected - actual).max())
-            if delta > PARITY_ATOL or not np.array_equal(expected.argmax(1), actual.argmax(1)):
+                expected = model.forward_with_evidence(*inputs) if with_evidence else (model(*inputs),)
+            actual = classifier.evidence(batch)[2:] if with_evidence else (classifier.logits(batch),)
+            expected = [tensor.numpy() for tensor in expected]
+            delta = float(np.abs(expected[0] - actual[0]).max())
+            same_argmax = np.array_equal(expected[0].argmax(1), actual[0].argmax(1))
+            if delta > PARITY_ATOL or not same_argmax:
                 raise ExportRefused(
                     f"onnxruntime differs from PyTorch at batch size {batch_size}: max |delta logit| {delta:.2e} "
-                    f"(limit {PARITY_ATOL:.0e}), argmax equal: {np.array_equal(expected.argmax(1), actual.argmax(1))}"
+                    f"(limit {PARITY_ATOL:.0e}), argmax equal: {same_argmax}"
                 )
+            if with_evidence:
+                fired = np.abs(expected[2]).sum(axis=1) > 0  # (B, F'): ties among silent features do not matter
+                if not np.array_equal(expected[1][fired], actual[1][fired]) or not np.allclose(expected[2], actual[2], atol=PARITY_ATOL):
+                    raise ExportRefused(f"onnxruntime's evidence outputs differ from PyTorch at batch size {batch_size}")
             worst = max(worst, delta)
             compared += len(batch)
     return {"parity_max_abs_logit_delta": worst, "parity_texts": compared, "parity_atol": PARITY_ATOL}
@@ -129,7 +160,7 @@ def export_bundle(
                 "preset": checkpoint.get("preset", "rand"),
                 "model": checkpoint["config"],
                 "encoding": checkpoint["encoding"],
-                "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": OUTPUT_NAMES},
+                "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": output_names(model)},
             },
         )
         metrics = {**checkpoint["metrics"], **(extra_metrics or {})}
