@@ -103,3 +103,19 @@ def test_evaluate_command_prints_json_on_its_last_line(name, trec_path):
     scored = json.loads(result.stdout.strip().splitlines()[-1])
     assert scored["model"] == name and scored["n"] == 1500
     assert scored["accuracy"] > 0.9  # the sample comes from the file the bundle was trained on
+
+
+def test_float16_storage_halves_the_file_and_keeps_parity(small_run, tmp_path):
+    checkpoint, dev = small_run
+    texts = [e.text for e in dev]
+    export_bundle(checkpoint, tmp_path / "full", "full", texts)
+    metrics = export_bundle(checkpoint, tmp_path / "half", "half", texts, storage="float16")
+    full, half = (tmp_path / "full" / "model.onnx").stat().st_size, (tmp_path / "half" / "model.onnx").stat().st_size
+    assert half < 0.55 * full
+    stored = {init.name: init.data_type for init in onnx.load(str(tmp_path / "half" / "model.onnx")).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in stored.values()
+    assert metrics["weight_storage"] == "float16" and metrics["parity_max_abs_logit_delta"] <= 1e-4
+    assert 0 < metrics["float16_rounding_max_abs_logit_delta"] < 0.05 and metrics["float16_rounding_texts"] == len(texts)
+    a = TextClassifier(read_bundle(tmp_path / "full")).probabilities(texts[:50])
+    b = TextClassifier(read_bundle(tmp_path / "half")).probabilities(texts[:50])
+    assert np.abs(a - b).max() < 0.01

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--checkpoint", required=True, type=Path)
     add_data_arguments(export)
     export.add_argument("--bundle", required=True, type=Path, help="bundle folder, e.g. models/zoo/kim-cnn-trec6")
+    export.add_argument("--storage", default="float32", choices=("float32", "float16"),
+                        help="float16 stores the weights at half the size (computed in float32; the rounding's effect is recorded)")
     export.add_argument("--metrics-from", type=Path, action="append", default=[], help="JSON file of extra metrics (e.g. cv output)")
 
     evaluate = commands.add_parser("evaluate", help="score a bundle through onnxruntime; last line is JSON")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             extra.update(json.loads(path.read_text()))
         checkpoint = load_checkpoint(args.checkpoint)
         texts = [example.text for example in read_examples(args)]
-        metrics = export_bundle(checkpoint, args.bundle, args.bundle.name, texts, extra_metrics=extra)
+        metrics = export_bundle(checkpoint, args.bundle, args.bundle.name, texts, extra_metrics=extra, storage=args.storage)
         print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith("parity")}}))
     elif args.command == "results":
         from training.results_table import write_results

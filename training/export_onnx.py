@@ -12,6 +12,7 @@ the legacy one keeps `dynamic_axes` symbolic for every model here (models.md, ex
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -60,6 +61,43 @@ class WithEvidence(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.model.forward_with_evidence(*inputs)
+
+
+STORAGE_TYPES = ("float32", "float16")
+HALF_STORAGE_MIN_ELEMENTS = 4096  # smaller tensors stay float32: no size to gain
+
+
+@torch.no_grad()
+def round_weights_to_half(model: torch.nn.Module) -> None:
+    """Round every float parameter to the nearest float16 value (kept as float32), so the
+    PyTorch reference is exactly what a float16-stored graph computes."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.copy_(parameter.half().float())
+
+
+def store_initializers_as_half(path: Path) -> int:
+    """Rewrite model.onnx with each large float32 initializer stored as float16 and a Cast back
+    to float32 (onnxruntime folds the Cast when it loads the graph, so compute stays float32).
+    Returns the number of tensors converted. The weights must already be float16-exact."""
+    graph_model = onnx.load(str(path))
+    graph = graph_model.graph
+    casts = []
+    for initializer in graph.initializer:
+        if initializer.data_type != onnx.TensorProto.FLOAT or np.prod(initializer.dims) < HALF_STORAGE_MIN_ELEMENTS:
+            continue
+        values = onnx.numpy_helper.to_array(initializer)
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            raise ExportRefused(f"initializer {initializer.name} is not float16-exact; round the weights first")
+        stored_name = initializer.name + "_float16"
+        initializer.CopyFrom(onnx.numpy_helper.from_array(half, stored_name))
+        casts.append(onnx.helper.make_node("Cast", [stored_name], [stored_name.removesuffix("_float16")], to=onnx.TensorProto.FLOAT))
+    for position, cast in enumerate(casts):
+        graph.node.insert(position, cast)
+    onnx.checker.check_model(graph_model, full_check=True)
+    onnx.save(graph_model, str(path))
+    return len(casts)
 
 
 def output_names(model: torch.nn.Module) -> list[str]:
@@ -130,6 +168,21 @@ def parity_check(model: torch.nn.Module, classifier: TextClassifier, texts: Sequ
     return {"parity_max_abs_logit_delta": worst, "parity_texts": compared, "parity_atol": PARITY_ATOL}
 
 
+@torch.no_grad()
+def rounding_effect(model: torch.nn.Module, encoder, texts: Sequence[str]) -> dict:
+    """How much rounding the weights to float16 moves the model on real texts."""
+    rounded = copy.deepcopy(model)
+    round_weights_to_half(rounded)
+    worst, flips = 0.0, 0
+    for start in range(0, len(texts), 256):
+        token_ids, lengths = encoder.encode_batch(list(texts[start : start + 256]))
+        inputs = (torch.from_numpy(token_ids), torch.from_numpy(lengths))
+        before, after = model(*inputs), rounded(*inputs)
+        worst = max(worst, float((before - after).abs().max()))
+        flips += int((before.argmax(1) != after.argmax(1)).sum())
+    return {"float16_rounding_max_abs_logit_delta": worst, "float16_rounding_argmax_changes": flips, "float16_rounding_texts": len(texts)}
+
+
 def write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
@@ -140,15 +193,27 @@ def export_bundle(
     name: str,
     parity_texts: Sequence[str],
     extra_metrics: dict | None = None,
+    storage: str = "float32",
 ) -> dict:
-    """Write the bundle for `checkpoint` into `bundle_dir` (replaced only if parity passes)."""
+    """Write the bundle for `checkpoint` into `bundle_dir` (replaced only if parity passes).
+
+    storage "float16" halves model.onnx: the weights are rounded to float16 (the effect on the
+    logits of `parity_texts` is measured and recorded), stored as float16 and computed in float32."""
+    if storage not in STORAGE_TYPES:
+        raise ValueError(f"unknown storage {storage!r}; expected one of {STORAGE_TYPES}")
     model = load_model(checkpoint)
+    storage_metrics = {"weight_storage": storage}
+    if storage == "float16":
+        storage_metrics.update(rounding_effect(model, encoder_for(checkpoint), parity_texts))
+        round_weights_to_half(model)
     # A hidden sibling: the zoo ignores it, so a run killed halfway never leaves a servable half-bundle.
     staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         export_onnx(model, staging / "model.onnx", checkpoint["encoding"])
+        if storage == "float16":
+            store_initializers_as_half(staging / "model.onnx")
         if checkpoint.get("vocab"):
             encoder_for(checkpoint).vocab.save(staging / "vocab.json")
         write_json(staging / "labels.json", list(checkpoint["labels"]))
@@ -163,7 +228,7 @@ def export_bundle(
                 "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": output_names(model)},
             },
         )
-        metrics = {**checkpoint["metrics"], **(extra_metrics or {})}
+        metrics = {**checkpoint["metrics"], **(extra_metrics or {}), **storage_metrics}
         write_json(staging / "metrics.json", metrics)  # provisional, for the parity session
         write_manifest(staging)
         shuffled = list(parity_texts)
