@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 import bentoml
 from services.errors import ApiError
@@ -23,6 +23,19 @@ from services.schemas import (
 )
 
 router = APIRouter()
+
+
+async def parse_body(request: Request, schema: type[BaseModel]):
+    """The body as JSON whatever its Content-Type (`curl -d` sends a form type); the route
+    declares the schema for the OpenAPI page itself."""
+    try:
+        return schema.model_validate_json(await request.body())
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
+def json_body(schema: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
 
 def top_k_results(labels: tuple[str, ...], probabilities: np.ndarray, k: int) -> list[TextResult]:
@@ -44,15 +57,10 @@ def top_k_results(labels: tuple[str, ...], probabilities: np.ndarray, k: int) ->
     "/classify",
     response_model=ClassifyResponse,
     summary="Classify texts with one model",
-    # The body is read as JSON whatever its Content-Type (`curl -d` sends a form type), so the
-    # schema is declared here rather than inferred from a typed parameter.
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}}},
+    openapi_extra=json_body(ClassifyRequest),
 )
 async def classify(request: Request, service=Depends(bentoml.get_current_service)) -> ClassifyResponse:
-    try:
-        body = ClassifyRequest.model_validate_json(await request.body())
-    except ValidationError as error:
-        raise RequestValidationError(error.errors()) from None
+    body = await parse_body(request, ClassifyRequest)
     bundle = service.bundle(body.model)
     request.state.model = bundle.name
     if body.top_k is None:
@@ -90,13 +98,10 @@ MAX_EXPLAIN_TOP_K = 50
     "/explain",
     response_model=ExplainResponse,
     summary="Which n-grams made a Kim CNN decide",
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ExplainRequest.model_json_schema()}}}},
+    openapi_extra=json_body(ExplainRequest),
 )
 async def explain(request: Request, service=Depends(bentoml.get_current_service)) -> ExplainResponse:
-    try:
-        body = ExplainRequest.model_validate_json(await request.body())
-    except ValidationError as error:
-        raise RequestValidationError(error.errors()) from None
+    body = await parse_body(request, ExplainRequest)
     bundle = service.bundle(body.model)
     request.state.model = bundle.name
     if "contributions" not in bundle.config.get("onnx", {}).get("outputs", []):
