@@ -119,3 +119,17 @@ def test_float16_storage_halves_the_file_and_keeps_parity(small_run, tmp_path):
     a = TextClassifier(read_bundle(tmp_path / "full")).probabilities(texts[:50])
     b = TextClassifier(read_bundle(tmp_path / "half")).probabilities(texts[:50])
     assert np.abs(a - b).max() < 0.01
+
+
+def test_results_table_has_a_row_per_bundle(small_run, tmp_path):
+    from training.results_table import write_results
+
+    checkpoint, dev = small_run
+    export_bundle(checkpoint, tmp_path / "zoo" / "tiny-trec6", "tiny-trec6", [e.text for e in dev])
+    [row] = write_results(tmp_path / "zoo", tmp_path / "results.md")
+    assert row["bundle"] == "tiny-trec6" and row["data"] == "trec6"
+    assert row["parameters"] == sum(t.numel() for t in checkpoint["state_dict"].values())
+    assert row["accuracy"] == f"{100 * checkpoint['metrics']['dev_accuracy']:.1f} (dev)"
+    assert row["latency_ms"] > 0 and row["throughput"] > 0
+    text = (tmp_path / "results.md").read_text()
+    assert "| `tiny-trec6` | kim-cnn rand | trec6 |" in text and "| 31 | 4 |" in text  # the dilated table too

@@ -228,7 +228,8 @@ def export_bundle(
                 "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": output_names(model)},
             },
         )
-        metrics = {**checkpoint["metrics"], **(extra_metrics or {}), **storage_metrics}
+        metrics = {**checkpoint["metrics"], **(extra_metrics or {}), **storage_metrics,
+                   "parameters": sum(p.numel() for p in model.parameters())}
         write_json(staging / "metrics.json", metrics)  # provisional, for the parity session
         write_manifest(staging)
         shuffled = list(parity_texts)
