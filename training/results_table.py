@@ -101,7 +101,7 @@ def render(rows: list[dict]) -> str:
         "MR figures are 10-fold cross-validation where it was run, else the dev split.",
         f"Speed measured by this command on: {machine}.",
         "",
-        "| bundle | architecture | data | accuracy (train / cv command) | parameters (model.onnx) | ONNX MB | ms per text, batch 1 (median) | texts/s, batch 64 (median) | paper |",
+        "| bundle | architecture | data | accuracy (train / cv command) | parameters | ONNX MB | ms per text, batch 1 (median) | texts/s, batch 64 (median) | paper |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
