@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from models.dilated_cnn import receptive_field_table
 from services.inference import TextClassifier, read_bundle
@@ -90,8 +91,18 @@ def bundle_row(path: Path) -> dict:
     }
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def render(rows: list[dict]) -> str:
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}; onnxruntime CPU, default threads"
+    machine = f"{cpu_name()} ({platform.machine()}, {os.cpu_count()} cores); onnxruntime {ort.__version__} CPU, default threads"
     lines = [
         "# Results: every released classifier",
         "",
