@@ -34,6 +34,21 @@ async def parse_body(request: Request, schema: type[BaseModel]):
         raise RequestValidationError(error.errors()) from None
 
 
+def requested_bundle(request: Request, service, name: str):
+    """The named bundle (404 if unknown), also noted for the request metrics' model label."""
+    bundle = service.bundle(name)
+    request.state.model = bundle.name
+    return bundle
+
+
+def top_k_or_default(value: int | None, default: int, maximum: int, why: str = "") -> int:
+    if value is None:
+        return default
+    if not 1 <= value <= maximum:
+        raise ApiError(400, f"top_k must be between 1 and {maximum}{why}, got {value}")
+    return value
+
+
 def json_body(schema: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
 
@@ -61,14 +76,9 @@ def top_k_results(labels: tuple[str, ...], probabilities: np.ndarray, k: int) ->
 )
 async def classify(request: Request, service=Depends(bentoml.get_current_service)) -> ClassifyResponse:
     body = await parse_body(request, ClassifyRequest)
-    bundle = service.bundle(body.model)
-    request.state.model = bundle.name
-    if body.top_k is None:
-        k = min(service.settings.default_top_k, len(bundle.labels))
-    elif 1 <= body.top_k <= len(bundle.labels):
-        k = body.top_k
-    else:
-        raise ApiError(400, f"top_k must be between 1 and {len(bundle.labels)} (the model's label count), got {body.top_k}")
+    bundle = requested_bundle(request, service, body.model)
+    k = top_k_or_default(body.top_k, min(service.settings.default_top_k, len(bundle.labels)),
+                         len(bundle.labels), " (the model's label count)")
     probabilities = await service.probabilities(bundle.name, body.texts)
     return ClassifyResponse(model=bundle.name, results=top_k_results(bundle.labels, probabilities, k))
 
@@ -91,6 +101,7 @@ async def list_models(service=Depends(bentoml.get_current_service)) -> ModelsRes
     )
 
 
+DEFAULT_EXPLAIN_TOP_K = 5
 MAX_EXPLAIN_TOP_K = 50
 
 
@@ -102,12 +113,9 @@ MAX_EXPLAIN_TOP_K = 50
 )
 async def explain(request: Request, service=Depends(bentoml.get_current_service)) -> ExplainResponse:
     body = await parse_body(request, ExplainRequest)
-    bundle = service.bundle(body.model)
-    request.state.model = bundle.name
+    bundle = requested_bundle(request, service, body.model)
     if "contributions" not in bundle.config.get("onnx", {}).get("outputs", []):
         raise ApiError(400, f"model {bundle.name!r} ({bundle.architecture}) has no explanations; /explain works for kim-cnn bundles")
-    top_k = 5 if body.top_k is None else body.top_k
-    if not 1 <= top_k <= MAX_EXPLAIN_TOP_K:
-        raise ApiError(400, f"top_k must be between 1 and {MAX_EXPLAIN_TOP_K}, got {top_k}")
+    top_k = top_k_or_default(body.top_k, DEFAULT_EXPLAIN_TOP_K, MAX_EXPLAIN_TOP_K)
     results = await service.explanations(bundle.name, body.texts, top_k)
     return ExplainResponse(model=bundle.name, results=results)

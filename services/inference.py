@@ -132,9 +132,7 @@ class TextClassifier:
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """(len(texts), K) float32 logits; all texts run as one padded batch."""
-        token_ids, lengths = self.encoder.encode_batch(texts)
-        feeds = {"token_ids": token_ids, "lengths": lengths}
-        return self.session.run([self.output_name], {name: feeds[name] for name in self.input_names})[0]
+        return self._run(texts, [self.output_name])[2][0]
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         return softmax(self.logits(texts))
@@ -143,9 +141,11 @@ class TextClassifier:
         """(token_ids (B, T), lengths (B,), logits (B, K), window_starts (B, F'), contributions (B, K, F'))."""
         if not self.explainable:
             raise BundleError(f"{self.bundle.name}: its graph has no evidence outputs to explain with")
+        token_ids, lengths, (logits, starts, contributions) = self._run(texts, ["logits", *self.EVIDENCE_OUTPUTS])
+        return token_ids, lengths, logits, starts, contributions
+
+    def _run(self, texts: Sequence[str], outputs: list[str]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Encode `texts` as one padded batch and run the graph, feeding the inputs it declares."""
         token_ids, lengths = self.encoder.encode_batch(texts)
         feeds = {"token_ids": token_ids, "lengths": lengths}
-        logits, starts, contributions = self.session.run(
-            ["logits", *self.EVIDENCE_OUTPUTS], {name: feeds[name] for name in self.input_names}
-        )
-        return token_ids, lengths, logits, starts, contributions
+        return token_ids, lengths, self.session.run(outputs, {name: feeds[name] for name in self.input_names})
