@@ -66,6 +66,31 @@ def read_examples(args: argparse.Namespace):
     return read_labelled(args.data, args.format)
 
 
+CV_BOOKKEEPING = ("cv_settings", "cv_fold_progress")  # cv's resume state, not figures
+# Settings in which a cv run must agree with a bundle's training run to describe the same recipe.
+# Patience may differ: it only stops a fold early once its dev accuracy has stopped improving.
+RECIPE_SETTINGS = ("architecture", "preset", "overrides", "vectors", "vectors_format", "epochs", "min_count", "format",
+                   "text_column", "label_column")
+
+
+def check_same_recipe(parser: argparse.ArgumentParser, cv_result: dict, train_command: str, cv_path: Path,
+                      bundle: Path) -> None:
+    """Refuse to attach a cv run to a bundle trained with another recipe or on other data."""
+    from models.registry import architecture
+
+    if "cv_settings" not in cv_result or "cv_accuracy_mean" not in cv_result:
+        raise SystemExit(f"{cv_path}: not a finished `python -m training cv --out` result")
+    trained = vars(parser.parse_args(shlex.split(train_command)[3:]))
+    trained = {key: (str(value) if isinstance(value, Path) else value) for key, value in trained.items()}
+    cv_settings = dict(cv_result["cv_settings"])
+    for settings in (trained, cv_settings):  # an omitted --preset means the architecture's first
+        settings["preset"] = settings.get("preset") or next(iter(architecture(settings["architecture"]).presets))
+    for setting in RECIPE_SETTINGS + ("data",):
+        if cv_settings.get(setting) != trained.get(setting):
+            raise SystemExit(f"{cv_path} was run with {setting}={cv_settings.get(setting)!r}, but {bundle} was trained "
+                             f"with {setting}={trained.get(setting)!r} ({train_command}); not the same recipe")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     cv.add_argument("--seed", type=int, default=3435)
     cv.add_argument("--min-count", type=int, default=1)
     cv.add_argument("--patience", type=int, default=None)
-    cv.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    cv.add_argument("--out", type=Path, default=None, help="write the result as JSON here; each fold is saved as it ends and a rerun resumes")
 
     export = commands.add_parser("export", help="checkpoint -> ONNX with a parity check -> model bundle")
     export.add_argument("--checkpoint", required=True, type=Path)
@@ -97,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--storage", default="float32", choices=("float32", "float16"),
                         help="float16 stores the weights at half the size (computed in float32; the rounding's effect is recorded)")
     export.add_argument("--metrics-from", type=Path, action="append", default=[], help="JSON file of extra metrics (e.g. cv output)")
+
+    attach = commands.add_parser("attach-cv", help="add a finished cv run's figures to a released bundle of the same recipe")
+    attach.add_argument("--bundle", required=True, type=Path)
+    attach.add_argument("--cv", required=True, type=Path, help="the JSON written by `cv --out`")
 
     evaluate = commands.add_parser("evaluate", help="score a bundle through onnxruntime; last line is JSON")
     evaluate.add_argument("--bundle", required=True, type=Path)
@@ -124,16 +153,23 @@ def main(argv: list[str] | None = None) -> None:
         summary = {k: checkpoint["metrics"][k] for k in ("dev_accuracy", "best_epoch", "train_examples", "dev_examples")}
         print(json.dumps({"checkpoint": str(args.out), **summary}))
     elif args.command == "cv":
-        from training.train_classifier import cross_validate
+        from training.train_classifier import CrossValidationMismatch, cross_validate, write_json_atomically
 
-        result = cross_validate(
-            read_examples(args), folds=args.folds, seed=args.seed, **model_options(args),
-            lowercase=args.format not in CASED_FORMATS, epochs=args.epochs, min_count=args.min_count, patience=args.patience,
-        )
+        # Everything that defines the run; a rerun with the same settings resumes from --out.
+        settings = {key: (str(value) if isinstance(value, Path) else value)
+                    for key, value in sorted(vars(args).items()) if key not in ("command", "out")}
+        try:
+            result = cross_validate(
+                read_examples(args), folds=args.folds, seed=args.seed, **model_options(args),
+                lowercase=args.format not in CASED_FORMATS, epochs=args.epochs, min_count=args.min_count,
+                patience=args.patience, progress_path=args.out, progress_key=settings,
+            )
+        except CrossValidationMismatch as error:
+            raise SystemExit(str(error)) from None
         result["cv_command"] = command_line()
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+            write_json_atomically(args.out, {**result, "cv_settings": settings,
+                                             "cv_fold_progress": dict(enumerate(result["cv_fold_accuracies"], start=1))})
         print(json.dumps(result))
     elif args.command == "export":
         from training.export_onnx import export_bundle
@@ -146,6 +182,15 @@ def main(argv: list[str] | None = None) -> None:
         texts = [example.text for example in read_examples(args)]
         metrics = export_bundle(checkpoint, args.bundle, args.bundle.name, texts, extra_metrics=extra, storage=args.storage)
         print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith("parity")}}))
+    elif args.command == "attach-cv":
+        from training.export_onnx import attach_metrics
+
+        cv_result = json.loads(args.cv.read_text())
+        bundle_metrics = json.loads((args.bundle / "metrics.json").read_text())
+        check_same_recipe(parser, cv_result, bundle_metrics["train_command"], args.cv, args.bundle)
+        figures = {key: value for key, value in cv_result.items() if key.startswith("cv_") and key not in CV_BOOKKEEPING}
+        attach_metrics(args.bundle, figures)
+        print(json.dumps({"bundle": str(args.bundle), **{k: figures[k] for k in ("cv_accuracy_mean", "cv_accuracy_std")}}))
     elif args.command == "results":
         from training.results_table import write_results
 

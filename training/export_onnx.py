@@ -248,3 +248,25 @@ def export_bundle(
 def write_manifest(bundle_dir: Path) -> None:
     files = sorted(p.name for p in bundle_dir.iterdir() if p.is_file() and p.name != MANIFEST)
     write_json(bundle_dir / MANIFEST, {"files": {file: sha256_file(bundle_dir / file) for file in files}})
+
+
+def attach_metrics(bundle_dir: Path, extra_metrics: dict) -> dict:
+    """Add figures measured after release (e.g. a cross-validation of the same recipe) to a
+    bundle's metrics.json, leaving model.onnx and every other file byte for byte as they were.
+    The bundle is rewritten through a hidden staging copy, as export does."""
+    read_bundle(bundle_dir)  # refuse a bundle that is already inconsistent
+    staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(bundle_dir, staging)
+    try:
+        metrics = {**json.loads((staging / "metrics.json").read_text()), **extra_metrics}
+        write_json(staging / "metrics.json", metrics)
+        write_manifest(staging)
+        read_bundle(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(bundle_dir)
+    staging.rename(bundle_dir)
+    return metrics
+

@@ -11,6 +11,7 @@ metrics, step}, loadable with torch.load(weights_only=True); never a pickled mod
 from __future__ import annotations
 
 import copy
+import json
 import random
 import statistics
 import time
@@ -190,31 +191,62 @@ def train_classifier(
     }
 
 
+class CrossValidationMismatch(ValueError):
+    """A cv progress file was written under other settings than the run asked for."""
+
+
 def cross_validate(
     examples: Sequence[LabelledText],
     folds: int = 10,
     dev_fraction: float = 0.1,
     seed: int = 3435,
     show_progress: bool = True,
+    progress_path: Path | None = None,
+    progress_key: dict | None = None,
     **train_options,
 ) -> dict:
     """Kim's k-fold CV: per fold, 10 % of the training part is dev for early stopping and the
-    held-out fold is scored at the best dev epoch. Returns mean, std and every fold's accuracy."""
-    fold_accuracies = []
+    held-out fold is scored at the best dev epoch. Returns mean, std and every fold's accuracy.
+
+    With `progress_path`, each finished fold is written there at once, and a rerun with the same
+    `progress_key` (the settings that define the run) skips the folds already scored: a ten-fold
+    run of hours survives being stopped. A file written under other settings is refused, not mixed in.
+    """
+    done: dict[str, float] = {}
+    if progress_path is not None and progress_path.exists():
+        previous = json.loads(progress_path.read_text())
+        if previous.get("cv_settings") != progress_key:
+            raise CrossValidationMismatch(f"{progress_path} holds a cross-validation run with other settings "
+                             f"({previous.get('cv_settings')}); remove it or write to another --out")
+        done = {str(fold): accuracy for fold, accuracy in previous.get("cv_fold_progress", {}).items()}
     for fold, (train_part, test_part) in enumerate(kfold(examples, folds=folds, seed=seed), start=1):
+        if str(fold) in done:
+            print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (from {progress_path})", flush=True)
+            continue
         train, dev = split_dev(train_part, dev_fraction=dev_fraction, seed=seed + fold)
         checkpoint = train_classifier(train, dev, seed=seed + fold, show_progress=show_progress, **train_options)
         model = load_model(checkpoint)
         encoder = encoder_for(checkpoint)
         rows, targets = encode_examples(encoder, test_part, checkpoint["labels"])
-        fold_accuracies.append(accuracy(model, rows, targets))
-        print(f"fold {fold}/{folds}: accuracy {fold_accuracies[-1]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
+        done[str(fold)] = accuracy(model, rows, targets)
+        print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
+        if progress_path is not None:
+            write_json_atomically(progress_path, {"cv_settings": progress_key, "cv_fold_progress": done})
+    fold_accuracies = [done[str(fold)] for fold in range(1, folds + 1)]
     return {
         "cv_folds": folds,
         "cv_accuracy_mean": statistics.mean(fold_accuracies),
         "cv_accuracy_std": statistics.stdev(fold_accuracies) if folds > 1 else 0.0,
         "cv_fold_accuracies": fold_accuracies,
     }
+
+
+def write_json_atomically(path: Path, value: dict) -> None:
+    """Write through a sibling temporary file and rename, so a stop mid-write leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    staging.write_text(json.dumps(value, indent=2) + "\n")
+    staging.replace(path)
 
 
 def load_checkpoint(path: str | Path) -> dict:
