@@ -37,14 +37,14 @@ class TrainingRecipe:
 
 def config_from_dict(config_class, values: dict):
     """Rebuild a frozen config from its `dataclasses.asdict` form (a checkpoint or config.json):
-    lists back to tuples and the recipe back to a TrainingRecipe."""
+    lists back to tuples and the recipe back to its recipe class."""
     kwargs = {}
     for field in dataclasses.fields(config_class):
         if field.name not in values:
             continue
         value = values[field.name]
         if field.name == "recipe" and isinstance(value, dict):
-            value = TrainingRecipe(**value)
+            value = type(field.default)(**value)  # the config's own recipe class
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[field.name] = value

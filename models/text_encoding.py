@@ -179,3 +179,105 @@ def encoder_from_config(encoding: dict, vocab: WordVocab | None = None) -> WordE
     if encoding["kind"] == "chars":
         return CharEncoder(encoding["alphabet"], encoding["length"], encoding["lowercase"], encoding["reverse"])
     raise ValueError(f"unknown input encoding {encoding['kind']!r}; expected 'words' or 'chars'")
+
+
+# --------------------------------------------------------------------------- language model
+# Kim et al. 2016 read every word as its characters between a start and an end marker. The
+# markers, padding and unseen characters get ids of their own (Kim used the characters "{",
+# "}" and " " and removed them from the text); corpus characters follow from id 4.
+CHAR_PAD_ID, WORD_START_ID, WORD_END_ID, UNKNOWN_CHAR_ID = 0, 1, 2, 3
+FIRST_CHAR_ID = 4
+EOS_TOKEN = "<eos>"
+# Kim spells the two special words as one reserved character each, so `<unk>` does not look
+# like a word that starts with "<u" (yoonkim/lstm-char-cnn: "|" for <unk>, "+" for <eos>).
+SPECIAL_SPELLINGS = {UNK_TOKEN: "|", EOS_TOKEN: "+"}
+MAX_WORD_WIDTH = 65  # Kim's max_word_l: longer words keep their first 63 characters
+
+
+@dataclass(frozen=True)
+class LanguageModelVocab:
+    """The words a language model predicts, most frequent first; `<unk>` stands for the rest."""
+
+    words: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if UNK_TOKEN not in self.words:
+            raise ValueError(f"a language-model vocabulary needs {UNK_TOKEN!r}")
+        if len(set(self.words)) != len(self.words):
+            raise ValueError("a vocabulary must not repeat a word")
+        object.__setattr__(self, "_ids", {word: i for i, word in enumerate(self.words)})
+
+    @classmethod
+    def build(cls, tokens: Iterable[str]) -> LanguageModelVocab:
+        counts = Counter(tokens)
+        counts.setdefault(UNK_TOKEN, 0)
+        return cls(tuple(sorted(counts, key=lambda word: (-counts[word], word))))
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @property
+    def unk_id(self) -> int:
+        return self._ids[UNK_TOKEN]  # type: ignore[attr-defined]
+
+    def ids(self, words: Sequence[str]) -> np.ndarray:
+        lookup, unk = self._ids, self.unk_id  # type: ignore[attr-defined]
+        return np.array([lookup.get(word, unk) for word in words], dtype=np.int64)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self._ids  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class WordCharEncoder:
+    """A word -> its character ids: start marker, characters, end marker, zero padding to
+    `word_width` (the longest training word + 2, at most 65; the model is served at the width it
+    was trained with). A character the corpus never had gets UNKNOWN_CHAR_ID, so any string,
+    in any script, has a spelling."""
+
+    chars: tuple[str, ...]  # corpus characters; chars[i] has id FIRST_CHAR_ID + i
+    word_width: int
+
+    def __post_init__(self) -> None:
+        if self.word_width < 3:
+            raise ValueError("word_width must hold the two markers and a character")
+        object.__setattr__(self, "_ids", {char: FIRST_CHAR_ID + i for i, char in enumerate(self.chars)})
+
+    @classmethod
+    def build(cls, words: Iterable[str], max_width: int = MAX_WORD_WIDTH) -> WordCharEncoder:
+        spellings = {SPECIAL_SPELLINGS.get(word, word) for word in words}
+        chars = sorted({char for spelling in spellings for char in spelling})
+        longest = max((len(spelling) for spelling in spellings), default=1)
+        return cls(tuple(chars), min(longest + 2, max_width))
+
+    @property
+    def num_chars(self) -> int:
+        return FIRST_CHAR_ID + len(self.chars)
+
+    def encode_word(self, word: str) -> list[int]:
+        lookup = self._ids  # type: ignore[attr-defined]
+        spelling = SPECIAL_SPELLINGS.get(word, word)[: self.word_width - 2]
+        row = [WORD_START_ID, *(lookup.get(char, UNKNOWN_CHAR_ID) for char in spelling), WORD_END_ID]
+        return row + [CHAR_PAD_ID] * (self.word_width - len(row))
+
+    def encode_words(self, words: Sequence[str]) -> np.ndarray:
+        """(N,) words -> (N, word_width) int64 character ids; each distinct word is spelled once."""
+        rows: dict[str, list[int]] = {}
+        for word in words:
+            if word not in rows:
+                rows[word] = self.encode_word(word)
+        if not words:
+            return np.zeros((0, self.word_width), dtype=np.int64)
+        table = np.array(list(rows.values()), dtype=np.int64)
+        index = {word: i for i, word in enumerate(rows)}
+        return table[[index[word] for word in words]]
+
+    def to_config(self) -> dict:
+        return {"kind": "word-chars", "chars": "".join(self.chars), "word_width": self.word_width,
+                "special_spellings": SPECIAL_SPELLINGS}
+
+    @classmethod
+    def from_config(cls, encoding: dict) -> WordCharEncoder:
+        if encoding.get("special_spellings", SPECIAL_SPELLINGS) != SPECIAL_SPELLINGS:
+            raise ValueError("this bundle spells <unk>/<eos> differently from this code")
+        return cls(tuple(encoding["chars"]), encoding["word_width"])

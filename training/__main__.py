@@ -115,6 +115,19 @@ def main(argv: list[str] | None = None) -> None:
     cv.add_argument("--patience", type=int, default=None)
     cv.add_argument("--out", type=Path, default=None, help="write the result as JSON here; each fold is saved as it ends and a rerun resumes")
 
+    train_lm = commands.add_parser("train-lm", help="train (or resume) the character-aware language model on PTB")
+    train_lm.add_argument("--data", required=True, type=Path, help="folder with train.txt and valid.txt (Mikolov's PTB layout)")
+    train_lm.add_argument("--preset", default="small", choices=("small", "large"))
+    train_lm.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                          help="override a config value, e.g. --set hidden_size=64 --set recipe.epochs=2")
+    train_lm.add_argument("--out", required=True, type=Path, help="checkpoint: written every few minutes; an existing one is resumed")
+    train_lm.add_argument("--curve", type=Path, default=None, help="JSON-lines file of per-epoch figures (default: OUT with .curve.jsonl)")
+    train_lm.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: a CUDA GPU when one is usable")
+    train_lm.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    train_lm.add_argument("--seed", type=int, default=3435)
+    train_lm.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between mid-epoch checkpoints")
+    train_lm.add_argument("--minutes", type=float, default=None, help="stop (with a checkpoint) after this long; rerun to resume")
+
     export = commands.add_parser("export", help="checkpoint -> ONNX with a parity check -> model bundle")
     export.add_argument("--checkpoint", required=True, type=Path)
     add_data_arguments(export)
@@ -152,6 +165,19 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(checkpoint, args.out)
         summary = {k: checkpoint["metrics"][k] for k in ("dev_accuracy", "best_epoch", "train_examples", "dev_examples")}
         print(json.dumps({"checkpoint": str(args.out), **summary}))
+    elif args.command == "train-lm":
+        from training.datasets import read_ptb
+        from training.train_lm import set_threads, train_language_model
+
+        set_threads(args.threads)
+        overrides = dict(item.partition("=")[::2] for item in args.overrides)
+        checkpoint = train_language_model(
+            read_ptb(args.data / "train.txt"), read_ptb(args.data / "valid.txt"), args.out, preset=args.preset,
+            overrides=overrides, seed=args.seed, device=args.device, curve_path=args.curve,
+            checkpoint_every_seconds=args.checkpoint_every, time_limit_seconds=args.minutes * 60 if args.minutes else None, command=command_line(),
+        )
+        metrics = checkpoint["metrics"]
+        print(json.dumps({"checkpoint": str(args.out), **{k: metrics[k] for k in ("valid_perplexity", "best_epoch", "epochs_run", "epochs")}}))
     elif args.command == "cv":
         from training.train_classifier import CrossValidationMismatch, cross_validate, write_json_atomically
 

@@ -1,0 +1,232 @@
+"""The character-aware language model: its parts with hand-checked numbers, the details that
+decide whether the paper's perplexity is reached, and a resumable training job."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from models.char_lm import CharAwareLM, CharLMConfig, LanguageModelRecipe, char_lm_config
+from models.char_word_cnn import CharCNNWordEncoder
+from models.highway import Highway
+from models.text_encoding import (
+    CHAR_PAD_ID, UNKNOWN_CHAR_ID, WORD_END_ID, WORD_START_ID, LanguageModelVocab, WordCharEncoder,
+)
+from tests.conftest import REPOSITORY
+from training.datasets import read_ptb
+from training.train_lm import next_learning_rate, scoring_stream, stream_perplexity, summed_step_loss, train_language_model
+
+PTB = REPOSITORY.parent / "shared" / "data" / "ptb"
+
+
+def tiny_config(**changes) -> CharLMConfig:
+    values = dict(vocab_size=50, num_chars=12, word_width=8, char_dim=5, widths=(1, 2, 3), filters=(4, 6, 8),
+                  hidden_size=16, dropout=0.5)
+    return CharLMConfig(**{**values, **changes})
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def test_highway_numbers_checked_by_hand():
+    layer = Highway(2)
+    with torch.no_grad():
+        layer.transform.weight.copy_(torch.eye(2))
+        layer.transform.bias.zero_()
+        layer.gate.weight.zero_()
+        layer.gate.bias.zero_()
+    z = layer(torch.tensor([[1.0, -2.0]]))
+    t = 1 / (1 + math.exp(2.0))  # sigmoid(0 + 0 - 2) = 0.1192
+    # z = t * relu(y) + (1 - t) * y = [t + (1 - t), (1 - t) * -2]
+    assert z[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert z[0, 1].item() == pytest.approx(-2 * (1 - t), abs=1e-6) == pytest.approx(-1.76159, abs=1e-5)
+
+
+def test_highway_starts_close_to_the_identity():
+    torch.manual_seed(0)
+    layer = Highway(300)
+    for parameter in layer.parameters():
+        torch.nn.init.uniform_(parameter, -0.05, 0.05)
+    y = torch.randn(64, 300)
+    gate = torch.sigmoid(layer.gate(y) - 2)
+    assert 0.05 < gate.mean().item() < 0.2  # the carry bias -2 keeps about 88 % of y
+    assert F.cosine_similarity(layer(y), y).mean().item() > 0.95
+
+
+def test_char_cnn_is_tanh_then_max_over_positions():
+    encoder = CharCNNWordEncoder(num_chars=4, char_dim=1, widths=[1], filters=[1])
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(torch.tensor([[0.0], [1.0], [-1.0], [3.0]]))
+        encoder.convolutions[0].weight.fill_(0.5)
+        encoder.convolutions[0].bias.fill_(0.1)
+    # Characters 1, 2, 0 (padding): tanh(0.5 * e + 0.1) = tanh(0.6), tanh(-0.4), tanh(0.1)
+    out = encoder(torch.tensor([[1, 2, 0]]))
+    assert out.item() == pytest.approx(math.tanh(0.6), abs=1e-6)
+    # A character with a larger embedding wins the max wherever it sits.
+    assert encoder(torch.tensor([[0, 3, 1]])).item() == pytest.approx(math.tanh(1.6), abs=1e-6)
+
+
+def test_presets_have_the_papers_sizes():
+    # PTB: 10,000 words; 51 character ids (48 corpus characters less "<" and ">" plus "|" "+",
+    # and 4 reserved); words up to 19 characters, so a width of 21.
+    small = CharAwareLM(char_lm_config("small", 10_000, 51, 21))
+    large = CharAwareLM(char_lm_config("large", 10_000, 51, 21))
+    assert small.char_cnn.output_size == 525 and large.char_cnn.output_size == 1100
+    assert len(small.highways) == 1 and len(large.highways) == 2
+    assert 5.0e6 < sum(p.numel() for p in small.parameters()) < 5.5e6  # the paper: 5 M
+    assert 19.0e6 < sum(p.numel() for p in large.parameters()) < 19.6e6  # the paper: 19 M
+    assert large.config.recipe.epochs == 35 and small.config.recipe.epochs == 25
+
+
+def test_every_parameter_starts_uniform_and_the_padding_character_at_zero():
+    model = CharAwareLM(tiny_config())
+    for name, parameter in model.named_parameters():
+        assert parameter.abs().max().item() <= 0.05, name
+    assert torch.all(model.char_cnn.embedding.weight[CHAR_PAD_ID] == 0)
+
+
+# --------------------------------------------------------------------------- details that decide perplexity
+
+
+def test_dropout_is_on_lstm_outputs_not_on_the_highway_output():
+    torch.manual_seed(1)
+    model = CharAwareLM(tiny_config()).train()
+    seen = {}
+
+    def record(name, pick):
+        def hook(module, args, out):
+            seen[name] = pick(args, out)  # returns None: the forward pass goes on unchanged
+        return hook
+
+    model.lstms[0].register_forward_hook(record("lstm0_in", lambda args, out: args[0]))
+    model.lstms[1].register_forward_hook(record("lstm1_out", lambda args, out: out[0]))
+    model.output.register_forward_hook(record("softmax_in", lambda args, out: args[0]))
+    chars = torch.randint(1, 12, (3, 5, 8))
+    model(chars, model.initial_state(3))
+    _, highway_out = model.word_vectors(chars.reshape(15, 8))
+    assert torch.equal(seen["lstm0_in"], highway_out.reshape(3, 5, -1))  # no dropout on the LSTM input
+    kept = seen["softmax_in"] != 0
+    assert 0.3 < kept.float().mean().item() < 0.7  # half of the last layer's output dropped...
+    assert torch.allclose(seen["softmax_in"][kept], 2 * seen["lstm1_out"][kept])  # ...and the rest scaled by 2
+
+
+def test_the_state_carried_across_chunks_gives_the_same_logits_as_one_pass():
+    torch.manual_seed(2)
+    model = CharAwareLM(tiny_config()).eval()
+    chars = torch.randint(1, 12, (2, 9, 8))
+    whole, _ = model(chars, model.initial_state(2))
+    first, state = model(chars[:, :4], model.initial_state(2))
+    second, _ = model(chars[:, 4:], state)
+    assert torch.allclose(torch.cat([first, second], dim=1), whole, atol=1e-5)
+
+
+def test_loss_is_the_sum_of_per_step_batch_means():
+    torch.manual_seed(3)
+    logits, targets = torch.randn(4, 35, 50), torch.randint(0, 50, (4, 35))
+    by_step = sum(F.cross_entropy(logits[:, t], targets[:, t]) for t in range(35))
+    assert summed_step_loss(logits, targets).item() == pytest.approx(by_step.item(), rel=1e-5)
+    assert summed_step_loss(logits, targets).item() == pytest.approx(35 * F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1)).item(), rel=1e-5)
+
+
+def test_learning_rate_halves_only_from_the_third_validation_when_progress_is_under_one():
+    recipe = LanguageModelRecipe()
+    curve = lambda *ppl: [{"valid_perplexity": p} for p in ppl]  # noqa: E731
+    assert next_learning_rate(curve(300.0), 1.0, recipe) == 1.0
+    assert next_learning_rate(curve(300.0, 299.5), 1.0, recipe) == 1.0  # second validation: never
+    assert next_learning_rate(curve(300.0, 200.0, 199.2), 1.0, recipe) == 0.5  # improved by 0.8 < 1
+    assert next_learning_rate(curve(300.0, 200.0, 198.5), 1.0, recipe) == 1.0  # improved by 1.5
+    assert next_learning_rate(curve(300.0, 200.0, 201.0), 0.5, recipe) == 0.25  # got worse
+
+
+def test_stream_perplexity_does_not_depend_on_the_chunk_length():
+    torch.manual_seed(4)
+    model = CharAwareLM(tiny_config())
+    chars, targets = np.random.default_rng(0).integers(1, 12, (100, 8)), np.random.default_rng(1).integers(0, 50, 100)
+    whole, tokens = stream_perplexity(model, chars, targets, chunk=100)
+    assert tokens == 100
+    assert stream_perplexity(model, chars, targets, chunk=7)[0] == pytest.approx(whole, rel=1e-5)
+    # By hand: exp of the mean NLL over all 100 targets of one pass.
+    logits, _ = model.eval()(torch.from_numpy(chars).unsqueeze(0), model.initial_state(1))
+    assert whole == pytest.approx(math.exp(F.cross_entropy(logits[0], torch.from_numpy(targets)).item()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def test_words_are_spelled_between_markers_and_padded():
+    chars = WordCharEncoder.build(["the", "cat", "<unk>", "<eos>"])
+    assert chars.word_width == 5  # longest word "the"/"cat" + 2
+    ids = {char: FIRST for char, FIRST in zip(chars.chars, range(4, 4 + len(chars.chars)))}
+    assert chars.encode_word("cat") == [WORD_START_ID, ids["c"], ids["a"], ids["t"], WORD_END_ID]
+    assert chars.encode_word("<unk>") == [WORD_START_ID, ids["|"], WORD_END_ID, CHAR_PAD_ID, CHAR_PAD_ID]
+    assert chars.encode_word("<eos>")[1] == ids["+"]
+    assert chars.encode_word("zé") == [WORD_START_ID, UNKNOWN_CHAR_ID, UNKNOWN_CHAR_ID, WORD_END_ID, CHAR_PAD_ID]
+    assert chars.encode_word("catcat") == [WORD_START_ID, ids["c"], ids["a"], ids["t"], WORD_END_ID]  # cut to fit
+    assert chars.encode_words(["cat", "dog", "cat"]).tolist() == [chars.encode_word(w) for w in ("cat", "dog", "cat")]
+    assert WordCharEncoder.from_config(chars.to_config()) == chars
+
+
+def test_vocab_keeps_unk_as_a_word_and_maps_unknown_words_to_it():
+    vocab = LanguageModelVocab.build(["a", "b", "a", "<eos>"])
+    assert vocab.words[0] == "a" and "<unk>" in vocab
+    assert vocab.ids(["a", "never-seen"]).tolist() == [0, vocab.unk_id]
+
+
+def test_a_file_is_scored_with_every_token_a_target():
+    tokens = ["the", "cat", "<eos>", "sat", "<eos>"]
+    vocab, chars = LanguageModelVocab.build(tokens), WordCharEncoder.build(tokens)
+    inputs, targets = scoring_stream(tokens, vocab, chars)
+    assert len(targets) == 5 and targets.tolist() == vocab.ids(tokens).tolist()
+    assert inputs.tolist() == chars.encode_words(["<eos>", "the", "cat", "<eos>", "sat"]).tolist()
+
+
+# --------------------------------------------------------------------------- the training job
+
+
+@pytest.fixture(scope="module")
+def ptb_slice():
+    if not (PTB / "train.txt").exists():
+        pytest.skip(f"{PTB} is not here (the shared PTB files sit beside the checkout)")
+    train, valid = read_ptb(PTB / "train.txt"), read_ptb(PTB / "valid.txt")
+    return train[:12_000], valid[:1_500]
+
+
+TINY = {"hidden_size": "48", "filters": "8,8,8,8,8,8", "recipe.epochs": "3"}
+
+
+def test_training_lowers_validation_perplexity(ptb_slice, tmp_path):
+    train, valid = ptb_slice
+    checkpoint = train_language_model(train, valid, tmp_path / "lm.pt", overrides=TINY, device="cpu", show_progress=False)
+    curve = [entry["valid_perplexity"] for entry in checkpoint["metrics"]["history"]]
+    assert len(curve) == 3 and curve[-1] < curve[0] < len(checkpoint["vocab"])  # better than a uniform guess, and improving
+    assert checkpoint["metrics"]["valid_perplexity"] == min(curve)
+    assert (tmp_path / "lm.curve.jsonl").read_text().count("\n") == 3
+
+
+def test_a_stopped_run_resumes_to_the_same_curve(ptb_slice, tmp_path):
+    train, valid = ptb_slice
+    straight = train_language_model(train, valid, tmp_path / "straight.pt", overrides=TINY, device="cpu", show_progress=False)
+    stops = 0
+    while True:  # a limit of 0 s stops every run after one chunk: stopped and resumed at every point
+        stopped = train_language_model(train, valid, tmp_path / "stopped.pt", overrides=TINY, device="cpu",
+                                       show_progress=False, time_limit_seconds=0.0)
+        if stopped["metrics"]["epochs_run"] == 3:
+            break
+        stops += 1
+        assert stops < 100
+    chunks_per_epoch = straight["metrics"]["history"][0]["step"]
+    assert stops == 3 * chunks_per_epoch  # each chunk ends one run; the last run validates epoch 3
+    for a, b in zip(straight["metrics"]["history"], stopped["metrics"]["history"], strict=True):
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-6)
+        assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-6)
+        assert a["learning_rate"] == b["learning_rate"]
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(ptb_slice, tmp_path):
+    train, valid = ptb_slice
+    train_language_model(train, valid, tmp_path / "lm.pt", overrides={**TINY, "recipe.epochs": "1"}, device="cpu",
+                         show_progress=False)
+    with pytest.raises(SystemExit, match="other settings"):
+        train_language_model(train, valid, tmp_path / "lm.pt", overrides=TINY, device="cpu", show_progress=False)

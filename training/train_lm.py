@@ -1,0 +1,297 @@
+"""The language-model training job (Kim et al. 2016's recipe), read top to bottom.
+
+    PTB tokens -> word vocabulary (the words predicted) and character table (how words are read)
+      -> the training stream cut into `batch_size` rows, read `bptt_steps` words at a time with
+         the LSTM state carried from chunk to chunk (never reset, detached between chunks)
+      -> SGD lr 1.0 on the per-step mean losses summed over the chunk, global norm clipped at 5
+      -> after each epoch: validation perplexity of the whole file as one stream; the rate is
+         halved when it improved by less than 1.0 (from the third validation on)
+      -> checkpoint: the best validation epoch's weights, plus everything needed to resume
+
+The job resumes from its checkpoint: the file is rewritten every few minutes and at every
+epoch's end with the current weights, the carried state, the position in the epoch, the rate
+and the random generators, so a stopped run continues where it stopped rather than restarting.
+Each epoch's figures go to a JSON-lines curve file as well as the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from models.char_lm import CharAwareLM, CharLMConfig, LanguageModelRecipe, char_lm_config
+from models.recipe import config_from_dict, with_overrides
+from models.text_encoding import EOS_TOKEN, LanguageModelVocab, WordCharEncoder
+from models.registry import config_values
+from training.train_classifier import seed_everything
+
+ARCHITECTURE = "char-lm"
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TokenStream:
+    """A corpus as the model reads it: next-word targets and each token's characters."""
+
+    word_ids: np.ndarray  # (N,) int64, ids in the vocabulary (<unk> for unknown words)
+    char_ids: np.ndarray  # (N, word_width) int64
+
+    def __len__(self) -> int:
+        return len(self.word_ids)
+
+
+def make_stream(tokens: list[str], vocab: LanguageModelVocab, chars: WordCharEncoder) -> TokenStream:
+    return TokenStream(vocab.ids(tokens), chars.encode_words(tokens))
+
+
+def scoring_stream(tokens: list[str], vocab: LanguageModelVocab, chars: WordCharEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """A file scored as one stream: the model reads <eos> then every token but the last and
+    predicts every token, so each of the file's N tokens gets a probability (N targets).
+    Returns (input chars (N, W), target ids (N,))."""
+    return chars.encode_words([EOS_TOKEN, *tokens[:-1]]), vocab.ids(tokens)
+
+
+def training_batches(stream: TokenStream, rows: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream as `rows` parallel rows (Kim's view(batch_size, -1)), cut to whole chunks:
+    inputs (rows, chunks * steps, W) and next-word targets (rows, chunks * steps)."""
+    usable = (len(stream) - 1) // (rows * steps) * rows * steps
+    if usable == 0:
+        raise ValueError(f"the training text has {len(stream)} tokens; one batch needs {rows * steps + 1}")
+    inputs = torch.from_numpy(stream.char_ids[:usable]).reshape(rows, usable // rows, -1)
+    targets = torch.from_numpy(stream.word_ids[1 : usable + 1]).reshape(rows, usable // rows)
+    return inputs, targets
+
+
+# --------------------------------------------------------------------------- the recipe's two rules
+
+
+def summed_step_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), targets (B, T) -> the sum over the T steps of each step's batch-mean
+    NLL, as Torch's ClassNLLCriterion per step gives it: T times the token-mean loss, so the
+    gradient clipped at norm 5 is T times a token mean's (the recipe's lr 1.0 assumes this)."""
+    steps = logits.shape[1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) * steps
+
+
+def next_learning_rate(history: list[dict], learning_rate: float, recipe: LanguageModelRecipe) -> float:
+    """After an epoch: multiply by `decay` when validation perplexity improved by less than
+    `decay_when` over the previous epoch, from the third validation on (Kim's main.lua)."""
+    if len(history) > 2 and history[-2]["valid_perplexity"] - history[-1]["valid_perplexity"] < recipe.decay_when:
+        return learning_rate * recipe.decay
+    return learning_rate
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def stream_perplexity(model: CharAwareLM, input_chars: np.ndarray, targets: np.ndarray, chunk: int = 700,
+                      device: str = "cpu") -> tuple[float, int]:
+    """exp(mean NLL over every target) of one stream read in order with the state carried
+    (batch 1). The chunk length only bounds memory: with the state carried, any chunking gives
+    the same figure. Returns (perplexity, tokens)."""
+    was_training = model.training
+    model.eval()
+    state = model.initial_state(1)
+    total_nll = 0.0
+    for start in range(0, len(targets), chunk):
+        chars = torch.from_numpy(input_chars[start : start + chunk]).unsqueeze(0).to(device)  # (1, T, W)
+        logits, state = model(chars, state)  # (1, T, V)
+        target = torch.from_numpy(targets[start : start + chunk]).to(device)
+        total_nll += F.cross_entropy(logits[0].float(), target, reduction="sum").item()
+    model.train(was_training)
+    return math.exp(total_nll / len(targets)), len(targets)
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def save_atomically(value: dict, path: Path) -> None:
+    """Write through a sibling temporary file, so a stop mid-write keeps the previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    torch.save(value, staging)
+    staging.replace(path)
+
+
+def resolve_training_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no usable CUDA GPU here (torch.cuda.is_available() is False)")
+    return requested
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def train_language_model(
+    train_tokens: list[str],
+    valid_tokens: list[str],
+    out: Path,
+    preset: str = "small",
+    overrides: dict[str, str] | None = None,
+    seed: int = 3435,  # Kim's seed
+    device: str = "auto",
+    curve_path: Path | None = None,
+    checkpoint_every_seconds: float = 300.0,
+    time_limit_seconds: float | None = None,
+    show_progress: bool = True,
+    command: str = "",
+) -> dict:
+    """Train (or resume training) into the checkpoint `out`; returns the checkpoint dict.
+
+    `overrides` are config `name=value` strings (`hidden_size=32`, `recipe.epochs=2`);
+    `time_limit_seconds` stops this invocation after the chunk that passes it, with a checkpoint
+    from which a rerun resumes exactly. A checkpoint written under other settings is refused, not mixed in."""
+    curve_path = curve_path or out.with_suffix(".curve.jsonl")
+    device = resolve_training_device(device)
+    settings = {"preset": preset, "overrides": dict(sorted((overrides or {}).items())), "seed": seed,
+                "train_tokens": len(train_tokens), "valid_tokens": len(valid_tokens)}
+
+    # ---- data: vocabulary and character table from the training text only ----
+    vocab = LanguageModelVocab.build(train_tokens)
+    chars = WordCharEncoder.build(vocab.words)
+    config: CharLMConfig = with_overrides(char_lm_config(preset, len(vocab), chars.num_chars, chars.word_width),
+                                          overrides or {})
+    recipe: LanguageModelRecipe = config.recipe
+    inputs, targets = training_batches(make_stream(train_tokens, vocab, chars), recipe.batch_size, recipe.bptt_steps)
+    chunks = inputs.shape[1] // recipe.bptt_steps
+    valid_chars, valid_targets = scoring_stream(valid_tokens, vocab, chars)
+
+    # ---- model, or the run to resume ----
+    seed_everything(seed)
+    model = CharAwareLM(config).to(device)
+    progress = {"epoch": 1, "chunk": 0, "learning_rate": recipe.learning_rate, "step": 0, "seconds": 0.0,
+                "history": [], "best_valid_perplexity": None, "best_epoch": None}
+    carried = model.initial_state(recipe.batch_size)
+    best_state = None
+    if out.exists():
+        previous = torch.load(out, map_location="cpu", weights_only=True)
+        if previous.get("settings") != settings or previous["config"] != config_values(config):
+            raise SystemExit(f"{out} holds a run with other settings ({previous.get('settings')}); "
+                             f"remove it or choose another --out to start afresh")
+        model.load_state_dict(previous["resume"]["state_dict"])
+        progress = previous["resume"]["progress"]
+        carried = tuple(t.to(device) for t in previous["resume"]["carried_state"])
+        torch.set_rng_state(previous["resume"]["torch_rng"])
+        best_state = previous["state_dict"] if progress["best_epoch"] else None
+        print(f"resuming {out}: epoch {progress['epoch']}, chunk {progress['chunk']}/{chunks}, "
+              f"lr {progress['learning_rate']:g}", flush=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=progress["learning_rate"])  # plain SGD: no state to resume
+
+    def checkpoint() -> dict:
+        weights = best_state if best_state is not None else model.state_dict()
+        return {
+            "architecture": ARCHITECTURE,
+            "preset": preset,
+            "settings": settings,
+            "config": config_values(config),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in weights.items()},  # best validation epoch
+            "vocab": list(vocab.words),
+            "encoding": chars.to_config(),
+            "metrics": {
+                "valid_perplexity": progress["best_valid_perplexity"],
+                "best_epoch": progress["best_epoch"],
+                "epochs": recipe.epochs,
+                "epochs_run": len(progress["history"]),
+                "train_tokens": len(train_tokens),
+                "valid_tokens": len(valid_tokens),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "train_seconds": round(progress["seconds"], 1),
+                "device": device,
+                "train_command": command,
+                "history": progress["history"],
+            },
+            "step": progress["step"],
+            "resume": {
+                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "carried_state": [t.detach().cpu().clone() for t in carried],
+                "progress": progress,
+                "torch_rng": torch.get_rng_state(),
+            },
+        }
+
+    # ---- loop ----
+    run_started = time.perf_counter()
+    while progress["epoch"] <= recipe.epochs:
+        epoch = progress["epoch"]
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = progress["learning_rate"]
+        epoch_nll = progress.get("epoch_nll", 0.0)
+        last_save = started = time.perf_counter()
+        bar = tqdm(range(progress["chunk"], chunks), desc=f"epoch {epoch}/{recipe.epochs}", initial=progress["chunk"],
+                   total=chunks, disable=not show_progress, mininterval=2.0)
+        for chunk in bar:
+            window = slice(chunk * recipe.bptt_steps, (chunk + 1) * recipe.bptt_steps)
+            carried = tuple(t.detach() for t in carried)  # truncated BPTT: no gradient into the last chunk
+            logits, carried = model(inputs[:, window].to(device), carried)  # (B, 35, V)
+            loss = summed_step_loss(logits, targets[:, window].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip_norm)
+            optimizer.step()
+            with torch.no_grad():
+                model.char_cnn.embedding.weight[0].zero_()  # the padding character stays zero
+            epoch_nll += loss.item() / recipe.bptt_steps  # the chunk's mean NLL per token
+            progress["step"] += 1
+            progress["chunk"] = chunk + 1
+            if show_progress and chunk % 20 == 0:
+                bar.set_postfix(ppl=f"{math.exp(epoch_nll / (chunk + 1)):.1f}", lr=f"{progress['learning_rate']:g}")
+            out_of_time = time_limit_seconds is not None and time.perf_counter() - run_started > time_limit_seconds
+            if out_of_time or time.perf_counter() - last_save > checkpoint_every_seconds:
+                progress["seconds"] += time.perf_counter() - started
+                progress["epoch_nll"] = epoch_nll
+                save_atomically(checkpoint(), out)
+                last_save = started = time.perf_counter()
+            if out_of_time:
+                bar.close()
+                print(f"time limit reached at epoch {epoch}, chunk {chunk + 1}/{chunks}; {out} resumes from here", flush=True)
+                return checkpoint()
+        bar.close()
+
+        # ---- end of epoch: validate, keep the best, apply the rate rule ----
+        valid_perplexity, _ = stream_perplexity(model, valid_chars, valid_targets, device=device)
+        progress["seconds"] += time.perf_counter() - started
+        entry = {"epoch": epoch, "learning_rate": progress["learning_rate"],
+                 "train_perplexity": math.exp(epoch_nll / chunks), "valid_perplexity": valid_perplexity,
+                 "step": progress["step"], "seconds": round(progress["seconds"], 1)}
+        progress["history"].append(entry)
+        if progress["best_valid_perplexity"] is None or valid_perplexity < progress["best_valid_perplexity"]:
+            progress["best_valid_perplexity"], progress["best_epoch"] = valid_perplexity, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        progress["learning_rate"] = next_learning_rate(progress["history"], progress["learning_rate"], recipe)
+        progress.update(epoch=epoch + 1, chunk=0, epoch_nll=0.0)
+        save_atomically(checkpoint(), out)
+        with open(curve_path, "a") as curve:
+            curve.write(json.dumps(entry) + "\n")
+        print(f"epoch {epoch}: train ppl {entry['train_perplexity']:.2f}, valid ppl {valid_perplexity:.2f}, "
+              f"lr {entry['learning_rate']:g}, {entry['seconds'] / 60:.1f} min so far", flush=True)
+    return checkpoint()
+
+
+def load_language_model(checkpoint: dict, weights: str = "best") -> CharAwareLM:
+    """The model of a train-lm checkpoint: `best` (released) or `current` (where training is)."""
+    model = CharAwareLM(config_from_dict(CharLMConfig, checkpoint["config"]))
+    model.load_state_dict(checkpoint["state_dict"] if weights == "best" else checkpoint["resume"]["state_dict"])
+    return model.eval()
+
+
+def set_threads(threads: int | None) -> None:
+    """Intra-op threads for this process (default: torch's, one per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
