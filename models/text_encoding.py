@@ -281,3 +281,10 @@ class WordCharEncoder:
         if encoding.get("special_spellings", SPECIAL_SPELLINGS) != SPECIAL_SPELLINGS:
             raise ValueError("this bundle spells <unk>/<eos> differently from this code")
         return cls(tuple(encoding["chars"]), encoding["word_width"])
+
+
+def scoring_stream(tokens: list[str], vocab: LanguageModelVocab, chars: WordCharEncoder) -> tuple[np.ndarray, np.ndarray]:
+    """A file scored as one stream: the model reads <eos> then every token but the last and
+    predicts every token, so each of the file's N tokens gets a probability (N targets).
+    Returns (input chars (N, W), target ids (N,))."""
+    return chars.encode_words([EOS_TOKEN, *tokens[:-1]]), vocab.ids(tokens)

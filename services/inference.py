@@ -1,8 +1,9 @@
 """Model bundles and their onnxruntime sessions: the one inference path that the service and
 `python -m training evaluate` share. Torch-free.
 
-A bundle folder holds model.onnx, vocab.json, labels.json, config.json, metrics.json and
-manifest.json (every other file's sha256, checked here before a session is made).
+A classifier bundle folder holds model.onnx, vocab.json, labels.json, config.json, metrics.json
+and manifest.json (every other file's sha256, checked here before a session is made); a
+language-model bundle has step.onnx and word_encoder.onnx instead of model.onnx, and no labels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnxruntime as ort
 from models.text_encoding import WordVocab, encoder_from_config
 
 MANIFEST = "manifest.json"
+LANGUAGE_MODEL_ARCHITECTURE = "char-lm"
 DEVICES = ("cpu", "cuda")
 
 
@@ -63,11 +65,14 @@ def read_bundle(path: str | Path) -> Bundle:
         if actual != expected:
             raise BundleError(f"{path}: {file_name} has sha256 {actual}, the manifest says {expected}")
     config = json.loads((path / "config.json").read_text())
+    labelled = config.get("architecture") != LANGUAGE_MODEL_ARCHITECTURE  # a language model predicts words, not labels
+    if labelled and not (path / "labels.json").is_file():
+        raise BundleError(f"{path}: a classifier bundle needs labels.json")
     return Bundle(
         name=config["name"],
         path=path,
         config=config,
-        labels=tuple(json.loads((path / "labels.json").read_text())),
+        labels=tuple(json.loads((path / "labels.json").read_text())) if labelled else (),
         metrics=json.loads((path / "metrics.json").read_text()),
         sha256=sha256_file(manifest_path),
     )

@@ -1,9 +1,14 @@
 """The character-aware language model: its parts with hand-checked numbers, the details that
 decide whether the paper's perplexity is reached, and a resumable training job."""
 
+import copy
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch.nn import functional as F
@@ -14,9 +19,14 @@ from models.highway import Highway
 from models.text_encoding import (
     CHAR_PAD_ID, UNKNOWN_CHAR_ID, WORD_END_ID, WORD_START_ID, LanguageModelVocab, WordCharEncoder,
 )
+from services.inference import read_bundle
 from tests.conftest import REPOSITORY
+from training import export_lm as export_lm_module
+from training.export_lm import export_language_model
+from training.export_onnx import ExportRefused
 from training.datasets import read_ptb
-from training.train_lm import next_learning_rate, scoring_stream, stream_perplexity, summed_step_loss, train_language_model
+from models.text_encoding import scoring_stream
+from training.train_lm import load_language_model, next_learning_rate, stream_perplexity, summed_step_loss, train_language_model
 
 PTB = REPOSITORY.parent / "shared" / "data" / "ptb"
 
@@ -190,19 +200,26 @@ def ptb_slice():
     if not (PTB / "train.txt").exists():
         pytest.skip(f"{PTB} is not here (the shared PTB files sit beside the checkout)")
     train, valid = read_ptb(PTB / "train.txt"), read_ptb(PTB / "valid.txt")
-    return train[:12_000], valid[:1_500]
+    valid = valid[:1_500]
+    return train[:12_000], valid[: len(valid) - valid[::-1].index("<eos>")]  # whole sentences
 
 
 TINY = {"hidden_size": "48", "filters": "8,8,8,8,8,8", "recipe.epochs": "3"}
 
 
-def test_training_lowers_validation_perplexity(ptb_slice, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(ptb_slice, tmp_path_factory):
     train, valid = ptb_slice
-    checkpoint = train_language_model(train, valid, tmp_path / "lm.pt", overrides=TINY, device="cpu", show_progress=False)
+    out = tmp_path_factory.mktemp("lm") / "lm.pt"
+    return train_language_model(train, valid, out, overrides=TINY, device="cpu", show_progress=False), out
+
+
+def test_training_lowers_validation_perplexity(tiny_run):
+    checkpoint, out = tiny_run
     curve = [entry["valid_perplexity"] for entry in checkpoint["metrics"]["history"]]
     assert len(curve) == 3 and curve[-1] < curve[0] < len(checkpoint["vocab"])  # better than a uniform guess, and improving
     assert checkpoint["metrics"]["valid_perplexity"] == min(curve)
-    assert (tmp_path / "lm.curve.jsonl").read_text().count("\n") == 3
+    assert out.with_suffix(".curve.jsonl").read_text().count("\n") == 3
 
 
 def test_a_stopped_run_resumes_to_the_same_curve(ptb_slice, tmp_path):
@@ -230,3 +247,81 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(ptb_slice, tmp_path):
                          show_progress=False)
     with pytest.raises(SystemExit, match="other settings"):
         train_language_model(train, valid, tmp_path / "lm.pt", overrides=TINY, device="cpu", show_progress=False)
+
+
+# --------------------------------------------------------------------------- export and evaluate
+
+
+def test_export_writes_two_graphs_that_match_pytorch(tiny_run, ptb_slice, tmp_path):
+    checkpoint, _ = tiny_run
+    _, valid = ptb_slice
+    metrics = export_language_model(checkpoint, tmp_path / "char-lm-tiny", "char-lm-tiny", valid)
+    bundle = read_bundle(tmp_path / "char-lm-tiny")
+    assert sorted(p.name for p in bundle.path.iterdir()) == [
+        "config.json", "manifest.json", "metrics.json", "step.onnx", "vocab.json", "word_encoder.onnx"]
+    assert bundle.labels == () and bundle.architecture == "char-lm"
+    # The same figure as training's validation, now through onnxruntime, every token scored.
+    assert metrics["valid_perplexity_onnx"] == pytest.approx(checkpoint["metrics"]["valid_perplexity"], rel=1e-3)
+    assert metrics["valid_tokens_scored"] == len(valid)
+    assert metrics["parity_max_abs_logit_delta"] <= 1e-4 and metrics["parity_max_abs_vector_delta"] <= 1e-4
+    step = onnx.load(str(bundle.path / "step.onnx")).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in step.input}
+    assert dims["char_ids"][:2] == ["batch", "steps"] and dims["char_ids"][2] == checkpoint["config"]["word_width"]
+    assert dims["h"][1] == "batch"
+
+
+def test_evaluate_command_scores_a_file_as_one_stream(tiny_run, ptb_slice, tmp_path):
+    checkpoint, _ = tiny_run
+    _, valid = ptb_slice
+    export_language_model(checkpoint, tmp_path / "char-lm-tiny", "char-lm-tiny", valid)
+    text = tmp_path / "valid.txt"
+    lines, line = [], []
+    for token in valid:  # back to Mikolov's layout: one sentence per line
+        if token == "<eos>":
+            lines.append(" " + " ".join(line) + " ")
+            line = []
+        else:
+            line.append(token)
+    text.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "training", "evaluate", "--bundle", str(tmp_path / "char-lm-tiny"),
+                             "--data", str(text), "--format", "ptb"], capture_output=True, text=True, cwd=REPOSITORY, check=True)
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scored["model"] == "char-lm-tiny" and scored["tokens"] == len(read_ptb(text)) == len(valid)
+    model = load_language_model(checkpoint)
+    vocab, chars = LanguageModelVocab(tuple(checkpoint["vocab"])), WordCharEncoder.from_config(checkpoint["encoding"])
+    expected, _ = stream_perplexity(model, *scoring_stream(valid, vocab, chars))
+    assert scored["perplexity"] == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("bug, message", [("shift", "logits differ"), ("tilt", "perplexity")])
+def test_export_is_refused_when_a_graph_differs_from_pytorch(tiny_run, ptb_slice, tmp_path, monkeypatch, bug, message):
+    checkpoint, _ = tiny_run
+    _, valid = ptb_slice
+    real_export = export_lm_module.export_graphs
+
+    def export_a_different_model(model, folder):  # stands in for an exporter bug
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            if bug == "shift":
+                broken.output.bias.add_(0.01)  # every logit moves, the probabilities do not
+            else:
+                broken.output.bias[0] += 5.0  # one word's probability jumps
+        real_export(broken, folder)
+
+    monkeypatch.setattr(export_lm_module, "export_graphs", export_a_different_model)
+    with pytest.raises(ExportRefused, match=message):
+        export_language_model(checkpoint, tmp_path / "char-lm-tiny", "char-lm-tiny", valid)
+    assert sorted(tmp_path.iterdir()) == []  # neither the bundle nor its staging folder
+
+
+def test_float16_storage_halves_the_graphs_and_records_its_effect(tiny_run, ptb_slice, tmp_path):
+    checkpoint, _ = tiny_run
+    _, valid = ptb_slice
+    export_language_model(checkpoint, tmp_path / "full", "full", valid)
+    metrics = export_language_model(checkpoint, tmp_path / "half", "half", valid, storage="float16")
+    full, half = (tmp_path / "full" / "step.onnx").stat().st_size, (tmp_path / "half" / "step.onnx").stat().st_size
+    assert half < 0.6 * full
+    before, after = metrics["float16_rounding_perplexity_before"], metrics["float16_rounding_perplexity_after"]
+    assert before == pytest.approx(checkpoint["metrics"]["valid_perplexity"], rel=1e-6)
+    assert after != before and after == pytest.approx(before, rel=0.01)
+    assert metrics["valid_perplexity_onnx"] == pytest.approx(after, rel=1e-3)

@@ -27,9 +27,9 @@ def command_line() -> str:
     return shlex.join(["python", "-m", "training", *sys.argv[1:]])
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...] = CLASSIFICATION_FORMATS) -> None:
     parser.add_argument("--data", required=True, help="data file (for mr: the folder with rt-polarity.pos/.neg)")
-    parser.add_argument("--format", required=True, choices=CLASSIFICATION_FORMATS)
+    parser.add_argument("--format", required=True, choices=formats)
     parser.add_argument("--text-column", default="text", help="csv/tsv/jsonl: column holding the text")
     parser.add_argument("--label-column", default="label", help="csv/tsv/jsonl: column holding the label")
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     export = commands.add_parser("export", help="checkpoint -> ONNX with a parity check -> model bundle")
     export.add_argument("--checkpoint", required=True, type=Path)
-    add_data_arguments(export)
+    add_data_arguments(export, (*CLASSIFICATION_FORMATS, "ptb"))  # the parity texts (ptb: the LM's validation file)
     export.add_argument("--bundle", required=True, type=Path, help="bundle folder, e.g. models/zoo/kim-cnn-trec6")
     export.add_argument("--storage", default="float32", choices=("float32", "float16"),
                         help="float16 stores the weights at half the size (computed in float32; the rounding's effect is recorded)")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
 
     evaluate = commands.add_parser("evaluate", help="score a bundle through onnxruntime; last line is JSON")
     evaluate.add_argument("--bundle", required=True, type=Path)
-    add_data_arguments(evaluate)
+    add_data_arguments(evaluate, (*CLASSIFICATION_FORMATS, "ptb"))  # ptb: a language-model bundle's perplexity
     evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 
     results = commands.add_parser("results", help="regenerate docs/results.md from the zoo (measures speed on this machine)")
@@ -205,6 +205,16 @@ def main(argv: list[str] | None = None) -> None:
         for path in args.metrics_from:
             extra.update(json.loads(path.read_text()))
         checkpoint = load_checkpoint(args.checkpoint)
+        if checkpoint.get("architecture") == "char-lm":
+            from training.datasets import read_ptb
+            from training.export_lm import export_language_model
+
+            if args.format != "ptb":
+                raise SystemExit("a language-model checkpoint is checked on its validation text: --format ptb")
+            metrics = export_language_model(checkpoint, args.bundle, args.bundle.name, read_ptb(args.data),
+                                            extra_metrics=extra, storage=args.storage)
+            print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith(("parity", "valid_perplexity"))}}))
+            return
         texts = [example.text for example in read_examples(args)]
         metrics = export_bundle(checkpoint, args.bundle, args.bundle.name, texts, extra_metrics=extra, storage=args.storage)
         print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith("parity")}}))
@@ -224,9 +234,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{row['bundle']}: {row['accuracy']}, {row['latency_ms']:.2f} ms/text, {row['throughput']:,.0f} texts/s")
         print(f"wrote {args.out}")
     elif args.command == "evaluate":
-        from training.evaluate import evaluate_classifier
+        from training.evaluate import evaluate_classifier, evaluate_language_model
 
-        print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device)))
+        if args.format == "ptb":
+            from training.datasets import read_ptb
+
+            print(json.dumps(evaluate_language_model(args.bundle, read_ptb(args.data), device=args.device)))
+        else:
+            print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device)))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import math
+
 import numpy as np
 
+from models.text_encoding import scoring_stream
 from services.inference import TextClassifier, read_bundle
+from services.language_model import CharLanguageModel
 from training.datasets import LabelledText
 
 
@@ -29,3 +33,12 @@ def evaluate_classifier(
         ]
     )
     return {"model": classifier.bundle.name, "accuracy": float((predictions == targets).mean()), "n": len(examples)}
+
+
+def evaluate_language_model(bundle_path: str | Path, tokens: list[str], device: str = "cpu") -> dict:
+    """{"model", "perplexity", "tokens"} of a bundle on a token stream through onnxruntime, the
+    whole file read as one stream with the state carried, exactly as training validates."""
+    served = CharLanguageModel(read_bundle(bundle_path), device=device)
+    input_chars, targets = scoring_stream(tokens, served.vocab, served.chars)
+    return {"model": served.name, "perplexity": math.exp(-served.stream_log_probs(input_chars, targets).mean()),
+            "tokens": len(targets)}

@@ -121,6 +121,12 @@ def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None
         output_names=names,
         dynamic_axes={**dynamic_axes, **{name: {0: "batch"} for name in names}},
     )
+    check_exported_graph(path, dynamic_axes)
+
+
+def check_exported_graph(path: Path, dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """Refuse a graph that fails onnx's checker, froze a dynamic input axis to the example's
+    size, or keeps its weights outside the file."""
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
     for tensor in graph.graph.input:

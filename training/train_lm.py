@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from models.char_lm import CharAwareLM, CharLMConfig, LanguageModelRecipe, char_lm_config
 from models.recipe import config_from_dict, with_overrides
-from models.text_encoding import EOS_TOKEN, LanguageModelVocab, WordCharEncoder
+from models.text_encoding import LanguageModelVocab, WordCharEncoder, scoring_stream
 from models.registry import config_values
 from training.train_classifier import seed_everything
 
@@ -54,13 +54,6 @@ class TokenStream:
 
 def make_stream(tokens: list[str], vocab: LanguageModelVocab, chars: WordCharEncoder) -> TokenStream:
     return TokenStream(vocab.ids(tokens), chars.encode_words(tokens))
-
-
-def scoring_stream(tokens: list[str], vocab: LanguageModelVocab, chars: WordCharEncoder) -> tuple[np.ndarray, np.ndarray]:
-    """A file scored as one stream: the model reads <eos> then every token but the last and
-    predicts every token, so each of the file's N tokens gets a probability (N targets).
-    Returns (input chars (N, W), target ids (N,))."""
-    return chars.encode_words([EOS_TOKEN, *tokens[:-1]]), vocab.ids(tokens)
 
 
 def training_batches(stream: TokenStream, rows: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
