@@ -15,6 +15,9 @@
 | TEXTSERVE_MAX_PENDING_TEXTS      | 2048         | texts in flight per HTTP worker before new requests get 429 |
 | TEXTSERVE_DEFAULT_TOP_K          | 3            | top-k when a request does not say                          |
 | TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
+| TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
+| TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
+| TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ class ServiceSettings:
     max_pending_texts: int = 2048
     default_top_k: int = 3
     request_timeout_s: int = 30
+    max_generate_words: int = 200
+    max_neighbors: int = 100
+    max_word_chars: int = 100
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -69,7 +75,8 @@ class ServiceSettings:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TEXTSERVE_DEVICE={self.device!r}; expected auto, cpu or cuda")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
-                     "max_text_chars", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s"):
+                     "max_text_chars", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "max_generate_words", "max_neighbors",
+                     "max_word_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")
         if self.ort_threads < 0:

@@ -34,9 +34,10 @@ async def parse_body(request: Request, schema: type[BaseModel]):
         raise RequestValidationError(error.errors()) from None
 
 
-def requested_bundle(request: Request, service, name: str):
-    """The named bundle (404 if unknown), also noted for the request metrics' model label."""
-    bundle = service.bundle(name)
+def requested_bundle(request: Request, service, name: str, kind: str = "classifier"):
+    """The named bundle (404 if unknown, 400 if not of `kind`), also noted for the request
+    metrics' model label."""
+    bundle = service.bundle(name, kind)
     request.state.model = bundle.name
     return bundle
 
@@ -91,6 +92,7 @@ async def list_models(service=Depends(bentoml.get_current_service)) -> ModelsRes
                 name=bundle.name,
                 architecture=bundle.architecture,
                 preset=bundle.config.get("preset", ""),
+                kind="language model" if bundle.architecture == "char-lm" else "classifier",
                 labels=list(bundle.labels),
                 metrics={k: v for k, v in bundle.metrics.items() if k != "history"},
                 sha256=bundle.sha256,

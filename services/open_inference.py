@@ -3,6 +3,10 @@
 A classifier takes one BYTES input `text` of shape [N] (or [N, 1]) and answers two outputs:
 `probabilities` FP32 [N, K] in the order of the model's labels, and `label` BYTES [N]. The
 texts go through TextService.probabilities, the same batched path as POST /classify.
+
+A language model takes the same input and answers what POST /lm/score does: `log_prob` FP32 [N]
+(each text's total, its closing <eos> included), `token_count` INT64 [N], `perplexity` FP32 [N]
+and `token_log_probs` FP32 [N, T], row i's first token_count[i] entries real and the rest 0.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 import bentoml
 from services.errors import ApiError
-from services.inference import Bundle
+from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.oip import OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -21,6 +25,7 @@ SERVER_NAME = "textserve"
 SERVER_VERSION = "0.1.0"
 INPUT_NAME = "text"
 OUTPUTS = ("probabilities", "label")
+LANGUAGE_MODEL_OUTPUTS = ("log_prob", "token_count", "perplexity", "token_log_probs")
 
 
 def model_version(bundle: Bundle) -> str:
@@ -56,6 +61,20 @@ async def ready(service=Depends(bentoml.get_current_service)) -> dict:
 @router.get("/models/{name}/versions/{version}", summary="Model metadata")
 async def model_metadata(name: str, version: str | None = None, service=Depends(bentoml.get_current_service)) -> dict:
     bundle = checked_bundle(service, name, version)
+    if is_language_model(bundle):
+        return {
+            "name": bundle.name,
+            "versions": [model_version(bundle)],
+            "platform": "onnxruntime_onnx",
+            "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [
+                {"name": "log_prob", "datatype": "FP32", "shape": [-1]},
+                {"name": "token_count", "datatype": "INT64", "shape": [-1]},
+                {"name": "perplexity", "datatype": "FP32", "shape": [-1]},
+                {"name": "token_log_probs", "datatype": "FP32", "shape": [-1, -1]},
+            ],
+            "parameters": {"architecture": bundle.architecture, "vocabulary_size": bundle.config["model"]["vocab_size"]},
+        }
     return {
         "name": bundle.name,
         "versions": [model_version(bundle)],
@@ -90,9 +109,15 @@ async def infer(name: str, request: Request, version: str | None = None, service
             request.headers.get("content-encoding"),
         )
         texts = texts_from_request(inference.inputs)
-        selected = select_outputs(inference, list(OUTPUTS))
+        selected = select_outputs(inference, list(LANGUAGE_MODEL_OUTPUTS if is_language_model(bundle) else OUTPUTS))
     except OIPError as error:
         raise ApiError(400, str(error)) from None
+    if is_language_model(bundle):
+        tensors = language_model_tensors(await service.scores(bundle.name, texts))
+        body, headers = encode_infer_response(
+            bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
+        )
+        return Response(content=body, headers=headers)
     probabilities = await service.probabilities(bundle.name, texts)  # (N, K)
     tensors = {
         "probabilities": OutputTensor("probabilities", "FP32", probabilities.astype(np.float32)),
@@ -102,6 +127,24 @@ async def infer(name: str, request: Request, version: str | None = None, service
         bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
     )
     return Response(content=body, headers=headers)
+
+
+def is_language_model(bundle: Bundle) -> bool:
+    return bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE
+
+
+def language_model_tensors(scored: list[dict]) -> dict[str, OutputTensor]:
+    counts = np.array([len(s["log_probs"]) for s in scored], dtype=np.int64)
+    token_log_probs = np.zeros((len(scored), int(counts.max())), dtype=np.float32)  # (N, T), 0 past each count
+    for row, s in enumerate(scored):
+        token_log_probs[row, : counts[row]] = s["log_probs"]
+    totals = np.array([sum(s["log_probs"]) for s in scored], dtype=np.float64)
+    return {
+        "log_prob": OutputTensor("log_prob", "FP32", totals.astype(np.float32)),
+        "token_count": OutputTensor("token_count", "INT64", counts),
+        "perplexity": OutputTensor("perplexity", "FP32", np.exp(-totals / counts).astype(np.float32)),
+        "token_log_probs": OutputTensor("token_log_probs", "FP32", token_log_probs),
+    }
 
 
 def texts_from_request(inputs: dict[str, np.ndarray]) -> list[str]:

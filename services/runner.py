@@ -1,15 +1,18 @@
-"""The inference runner: one onnxruntime session per model, fed by BentoML's adaptive batcher.
+"""The inference runner: the onnxruntime sessions of every model, fed by BentoML's adaptive batcher.
 
-Every HTTP worker sends its texts here through `bentoml.depends`, so /classify and OIP v2
-requests share one batcher: BentoML merges concurrent calls into one list, we run each model's
-share of it as one padded batch, and BentoML splits the answers back per call.
+Every HTTP worker sends its texts here through `bentoml.depends`, so /classify, /lm/score and
+OIP v2 requests share one batcher per API: BentoML merges concurrent calls into one list, we run
+each model's share of it as one padded batch, and BentoML splits the answers back per call.
+Next words, generation and word vectors are per-request calls (generation streams its words).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Generator
 
 import bentoml
 import numpy as np
@@ -18,7 +21,8 @@ from pydantic import BaseModel
 from services import metrics
 from services.config import SETTINGS, resolve_device
 from services.explain import explain_texts
-from services.inference import TextClassifier
+from services.inference import LANGUAGE_MODEL_ARCHITECTURE, TextClassifier
+from services.language_model import CharLanguageModel
 from services.model_store import stored_bundles
 
 WARM_UP_TEXTS = ["Warm-up text one .", "a second , somewhat longer warm-up text for the batch ?"]
@@ -32,19 +36,26 @@ class TextItem(BaseModel):
 
 
 @bentoml.service(
-    name="classifier_runner",
+    name="model_runner",
     workers=SETTINGS.runner_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
 )
-class ClassifierRunner:
+class ModelRunner:
     def __init__(self) -> None:
         device = resolve_device(SETTINGS.device)
         threads = SETTINGS.session_threads()
         self.classifiers: dict[str, TextClassifier] = {}
+        self.language_models: dict[str, CharLanguageModel] = {}
         for bundle in stored_bundles(SETTINGS):
-            classifier = TextClassifier(bundle, device=device, threads=threads)
-            classifier.probabilities(WARM_UP_TEXTS)  # first run allocates; readiness waits for it
-            self.classifiers[bundle.name] = classifier
+            # The first run allocates; readiness waits for it.
+            if bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
+                language_model = CharLanguageModel(bundle, device=device, threads=threads)
+                language_model.score(WARM_UP_TEXTS)
+                self.language_models[bundle.name] = language_model
+            else:
+                classifier = TextClassifier(bundle, device=device, threads=threads)
+                classifier.probabilities(WARM_UP_TEXTS)
+                self.classifiers[bundle.name] = classifier
             logger.info("loaded %s (sha256 %s) on %s, %d threads", bundle.name, bundle.sha256[:12], device, threads)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
@@ -81,7 +92,70 @@ class ClassifierRunner:
         metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
         return explanations
 
+    # ------------------------------------------------------------------ language models
+
+    def language_model(self, name: str) -> CharLanguageModel:
+        if name not in self.language_models:  # the HTTP worker checks names first; this guards direct calls
+            raise bentoml.exceptions.NotFound(f"language model {name!r} is not loaded")
+        return self.language_models[name]
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
+    def score_batch(self, items: list[TextItem]) -> list[dict]:
+        """Per item: its tokens, their log-probabilities and whether each is in the vocabulary."""
+        started = time.time()
+        metrics.batch_texts.observe(len(items))
+        for item in items:
+            metrics.queue_wait_seconds.observe(max(0.0, started - item.sent_at))
+        rows_by_model: dict[str, list[int]] = defaultdict(list)
+        for row, item in enumerate(items):
+            rows_by_model[item.model].append(row)
+        answers: list[dict] = [{} for _ in items]
+        for model, rows in rows_by_model.items():
+            language_model = self.language_model(model)
+            model_started = time.perf_counter()
+            scored = language_model.score([items[row].text for row in rows])
+            metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - model_started)
+            metrics.texts_total.labels(model=model).inc(len(rows))
+            for row, text in zip(rows, scored):
+                answers[row] = {"tokens": text.tokens, "log_probs": text.log_probs.tolist(), "in_vocabulary": text.in_vocabulary}
+        return answers
+
+    @bentoml.api
+    def next_words(self, model: str, prefix: str, k: int) -> dict:
+        with self.timed(model):
+            tokens, words = self.language_model(model).next_words(prefix, k)
+        return {"tokens": tokens, "next": [{"word": w, "probability": p} for w, p in words]}
+
+    @bentoml.api
+    def generate(self, model: str, prefix: str, max_words: int, temperature: float, top_k: int, seed: int,
+                 stop_at_eos: bool) -> Generator[str, None, None]:
+        """Streams JSON lines: first {"prefix_tokens"}, then one {"word", "probability"} per word."""
+        language_model = self.language_model(model)
+        started = time.perf_counter()
+        yield json.dumps({"prefix_tokens": language_model.tokenize(prefix)}) + "\n"
+        for word, probability in language_model.generate(prefix, max_words, temperature, top_k, seed, stop_at_eos):
+            yield json.dumps({"word": word, "probability": probability}) + "\n"
+        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
+
+    @bentoml.api
+    def word_vectors(self, model: str, words: list[str], layer: str) -> list[dict]:
+        language_model = self.language_model(model)
+        with self.timed(model):
+            vectors = language_model.vectors(words, layer).astype(float).tolist()
+        return [{"word": w, "in_vocabulary": w in language_model.vocab, "vector": v} for w, v in zip(words, vectors)]
+
+    @bentoml.api
+    def neighbors(self, model: str, words: list[str], k: int, layer: str) -> list[dict]:
+        language_model = self.language_model(model)
+        with self.timed(model):
+            found = language_model.neighbors(words, k, layer)
+        return [{"word": w, "in_vocabulary": w in language_model.vocab,
+                 "neighbors": [{"word": n, "cosine": c} for n, c in row]} for w, row in zip(words, found)]
+
+    def timed(self, model: str):
+        return metrics.inference_duration_seconds.labels(model=model).time()
+
     @bentoml.api
     def loaded_models(self) -> list[str]:
         """Names of the models whose sessions are built and warmed up."""
-        return sorted(self.classifiers)
+        return sorted([*self.classifiers, *self.language_models])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 
 class ClassifyRequest(BaseModel):
@@ -31,6 +33,7 @@ class ClassifyResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    kind: str = Field(description="classifier (/classify, /explain) or language model (/lm/*)")
     architecture: str
     preset: str
     labels: list[str]
@@ -70,3 +73,110 @@ class TextExplanation(BaseModel):
 class ExplainResponse(BaseModel):
     model: str
     results: list[TextExplanation]
+
+
+# --------------------------------------------------------------------------- language model
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr = Field(description="a language-model bundle, e.g. char-lm-small-ptb")
+    texts: list[StrictStr] = Field(description="texts to score, each read as one sentence after a sentence boundary")
+
+
+class TokenScore(BaseModel):
+    token: str
+    log_prob: float = Field(description="natural log of P(token | the tokens before it)")
+    in_vocabulary: bool = Field(description="false: scored as <unk>, the class of every word outside the vocabulary")
+
+
+class TextScore(BaseModel):
+    tokens: list[TokenScore] = Field(description="the text as the model read it (Penn Treebank conventions), ending with <eos>")
+    log_prob: float = Field(description="sum of the tokens' log-probabilities")
+    perplexity: float = Field(description="exp(-log_prob / number of tokens)")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    results: list[TextScore]
+
+
+class NextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    prefix: StrictStr = Field(description="text so far (may be empty: the start of a sentence)")
+    top_k: StrictInt | None = Field(default=None, description="how many next words (default 10, at most 100)")
+
+
+class WordProbability(BaseModel):
+    word: str
+    probability: float
+
+
+class NextResponse(BaseModel):
+    model: str
+    prefix_tokens: list[str]
+    next: list[WordProbability]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    prefix: StrictStr = Field(default="", description="text to continue")
+    max_words: StrictInt = Field(default=20, description="words to generate (1 to TEXTSERVE_MAX_GENERATE_WORDS)")
+    temperature: StrictFloat | StrictInt = Field(default=1.0, description="0 = greedy; higher = more random (at most 10)")
+    top_k: StrictInt = Field(default=0, description="sample among the k most probable words; 0 = all")
+    seed: StrictInt = Field(default=0, description="the same seed and inputs give the same words")
+    stop_at_eos: StrictBool = Field(default=False, description="stop after generating <eos> (a sentence end)")
+    stream: StrictBool = Field(default=False, description="answer as server-sent events, one per word")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    prefix_tokens: list[str]
+    words: list[WordProbability] = Field(description="each word with its probability under the sampling distribution")
+    text: str = Field(description="the generated words joined by spaces")
+
+
+class WordsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    words: list[StrictStr] = Field(description="any strings, in the vocabulary or not")
+    layer: Literal["highway", "cnn"] = Field(default="highway", description="after (highway) or before (cnn) the highway layers")
+
+
+class NeighborsRequest(WordsRequest):
+    top_k: StrictInt | None = Field(default=None, description="neighbours per word (default 10)")
+
+
+class WordVector(BaseModel):
+    word: str
+    in_vocabulary: bool
+    vector: list[float]
+
+
+class VectorsResponse(BaseModel):
+    model: str
+    layer: str
+    results: list[WordVector]
+
+
+class Neighbor(BaseModel):
+    word: str
+    cosine: float
+
+
+class WordNeighbors(BaseModel):
+    word: str
+    in_vocabulary: bool
+    neighbors: list[Neighbor]
+
+
+class NeighborsResponse(BaseModel):
+    model: str
+    layer: str
+    results: list[WordNeighbors]

@@ -1,8 +1,9 @@
 """The HTTP front of the model server: `bentoml serve services.service:TextService`.
 
-    client -> TextService (this file; JSON API in http_api.py, OIP v2 in open_inference.py)
-           -> validation, admission -> ClassifierRunner.classify_batch (runner.py, adaptive
-              batching, onnxruntime) -> probabilities -> JSON / OIP response
+    client -> TextService (this file; JSON API in http_api.py and lm_api.py, OIP v2 in
+              open_inference.py) -> validation, admission -> ModelRunner (runner.py):
+              classify_batch / score_batch (adaptive batching), or one call per request
+              (explain, next words, generation, word vectors) -> onnxruntime -> JSON / OIP
 
 The runner sits behind `bentoml.depends`: BentoML batches only calls to its own APIs, and a
 call through `depends` is one, so every endpoint here shares one batcher.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import bentoml
@@ -25,10 +27,11 @@ from services import metrics
 from services.config import SETTINGS, ServiceSettings
 from services.errors import ApiError, JsonNotFound, install_error_handlers
 from services.http_api import router as json_api
-from services.inference import Bundle
+from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
+from services.lm_api import json_lines, router as language_model_api
 from services.model_store import stored_bundles, store_tag
 from services.open_inference import router as open_inference_api
-from services.runner import ClassifierRunner, TextItem
+from services.runner import ModelRunner, TextItem
 
 logger = logging.getLogger("bentoml.textserve")
 READY_CHECK_SECONDS = 2.0
@@ -42,6 +45,7 @@ app = FastAPI(
 )
 install_error_handlers(app)
 app.include_router(json_api)
+app.include_router(language_model_api)
 app.include_router(open_inference_api)
 
 
@@ -67,7 +71,7 @@ async def count_requests(request: Request, call_next):
 class TextService:
     """Entry service: validation, limits and admission, then the batched runner."""
 
-    runner = bentoml.depends(ClassifierRunner)
+    runner = bentoml.depends(ModelRunner)
 
     def __init__(self) -> None:
         self.settings: ServiceSettings = SETTINGS
@@ -76,10 +80,16 @@ class TextService:
         self.pending_texts = 0  # texts admitted and not yet answered, in this worker
         self.ready_models: set[str] = set()
 
-    def bundle(self, name: str) -> Bundle:
+    def bundle(self, name: str, kind: str | None = None) -> Bundle:
+        """The named bundle; 404 if unknown, 400 if it is not of `kind` ("classifier" or "language model")."""
         if name not in self.bundles:
             raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}")
-        return self.bundles[name]
+        bundle = self.bundles[name]
+        actual = "language model" if bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE else "classifier"
+        if kind is not None and kind != actual:
+            others = sorted(n for n, b in self.bundles.items() if (b.architecture == LANGUAGE_MODEL_ARCHITECTURE) == (kind == "language model"))
+            raise ApiError(400, f"model {name!r} is a {actual}; this endpoint needs a {kind} (loaded {kind}s: {others})")
+        return bundle
 
     def check_texts(self, texts: list[str]) -> None:
         limits = self.settings
@@ -95,6 +105,15 @@ class TextService:
 
     async def probabilities(self, model: str, texts: list[str]) -> np.ndarray:
         """Validate, admit and run `texts` through the batched runner: (len(texts), K) float32."""
+        answers = await self.batched(self.runner.to_async.classify_batch, model, texts)
+        return np.asarray(answers, dtype=np.float32)
+
+    async def scores(self, model: str, texts: list[str]) -> list[dict]:
+        """Validate, admit and score `texts` with a language model through the batched runner."""
+        return await self.batched(self.runner.to_async.score_batch, model, texts)
+
+    async def batched(self, runner_api, model: str, texts: list[str]) -> list:
+        """Validate, admit and send `texts` to one of the runner's batchable APIs."""
         self.check_texts(texts)
         if self.pending_texts + len(texts) > self.settings.max_pending_texts:
             raise ApiError(
@@ -105,26 +124,41 @@ class TextService:
             )
         self.pending_texts += len(texts)
         try:
-            answers = await self.call_runner(model, texts)
+            return await self.call_runner(runner_api, model, texts)
         except BentoMLException as error:
             raise runner_error(error) from None
         except (httpx.HTTPError, aiohttp.ClientError) as error:
             raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
         finally:
             self.pending_texts -= len(texts)
-        return np.asarray(answers, dtype=np.float32)
 
     async def explanations(self, model: str, texts: list[str], top_k: int) -> list[dict]:
         """Validate and run `texts` through the runner's (unbatched) explain API."""
         self.check_texts(texts)
+        return await self.unbatched("explain", model=model, texts=texts, top_k=top_k)
+
+    async def generation(self, **arguments) -> tuple[dict, AsyncIterator[dict]]:
+        """Start the runner's streamed generation. Returns once its first line (the prefix's
+        tokens) has arrived, so a refusal is still an HTTP error, with the rest of the lines
+        (one word each) as an async iterator."""
+        lines = json_lines(self.runner.to_async.generate(**arguments))
         try:
-            return await self.runner.to_async.explain(model=model, texts=texts, top_k=top_k)
+            return await anext(lines), lines
         except BentoMLException as error:
             raise runner_error(error) from None
         except (httpx.HTTPError, aiohttp.ClientError) as error:
             raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
 
-    async def call_runner(self, model: str, texts: list[str]) -> list[list[float]]:
+    async def unbatched(self, api: str, **arguments):
+        """One call of a runner API that is not batched, its failures reworded for the client."""
+        try:
+            return await getattr(self.runner.to_async, api)(**arguments)
+        except BentoMLException as error:
+            raise runner_error(error) from None
+        except (httpx.HTTPError, aiohttp.ClientError) as error:
+            raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
+
+    async def call_runner(self, runner_api, model: str, texts: list[str]) -> list:
         """One batched runner call, retried when the connection (not the inference) failed.
 
         BentoML's internal client keeps idle connections for 15 s while the runner's server may
@@ -134,7 +168,7 @@ class TextService:
             sent_at = time.time()
             items = [TextItem(model=model, text=text, sent_at=sent_at) for text in texts]
             try:
-                return await self.runner.to_async.classify_batch(items)
+                return await runner_api(items)
             except aiohttp.ClientConnectionError as error:
                 if attempt == RUNNER_CONNECTION_ATTEMPTS:
                     raise
