@@ -11,3 +11,22 @@ ZOO = REPOSITORY / "models" / "zoo"
 def trec_path() -> Path:
     """1,500 TREC questions committed with the repository (see training/sample_data/README.md)."""
     return SAMPLE_DATA / "trec.txt"
+
+
+def export_tiny_language_model(bundle_dir: Path, work_dir: Path) -> dict:
+    """Train a tiny character-aware LM for two epochs on the committed MR sample (any text
+    serves a language model; the suite must not need ../shared/data) and export it to a bundle.
+    Returns the bundle's metrics."""
+    from models.text_encoding import tokenize
+    from training.datasets import read_mr_dir
+    from training.export_lm import export_language_model
+    from training.train_lm import train_language_model
+
+    tokens = [token for example in read_mr_dir(SAMPLE_DATA / "mr") for token in (*tokenize(example.text), "<eos>")]
+    cut = int(0.9 * len(tokens))
+    train, valid = tokens[:cut], tokens[cut:]
+    checkpoint = train_language_model(
+        train, valid, work_dir / f"{bundle_dir.name}.pt", device="cpu", show_progress=False,
+        overrides={"hidden_size": "48", "filters": "8,8,8,8,8,8", "recipe.epochs": "2"},
+    )
+    return export_language_model(checkpoint, bundle_dir, bundle_dir.name, valid)

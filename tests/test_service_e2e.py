@@ -5,6 +5,8 @@ pending-text limit so that overload can be provoked.
 """
 
 import concurrent.futures
+import json
+import math
 import os
 import signal
 import socket
@@ -20,9 +22,10 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import REPOSITORY
+from tests.conftest import REPOSITORY, export_tiny_language_model
 
 MAX_PENDING_TEXTS = 300
+TINY_LM = "char-lm-tiny"
 STARTUP_SECONDS = 180
 
 
@@ -33,7 +36,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def test_zoo(tmp_path_factory) -> Path:
+    """The released zoo, plus a tiny language model trained here (until an LM is released, the
+    LM endpoints would have nothing to serve; after, it stays a small deterministic extra)."""
+    zoo = tmp_path_factory.mktemp("zoo")
+    for bundle in sorted((REPOSITORY / "models" / "zoo").iterdir()):
+        if bundle.is_dir() and not bundle.name.startswith("."):
+            (zoo / bundle.name).symlink_to(bundle)
+    export_tiny_language_model(zoo / TINY_LM, tmp_path_factory.mktemp("lm"))
+    return zoo
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, test_zoo):
     port = free_port()
     home = tmp_path_factory.mktemp("bentoml_home")
     env = {
@@ -44,6 +59,7 @@ def server(tmp_path_factory):
         "TEXTSERVE_DEVICE": "cpu",
         "BENTOML_DO_NOT_TRACK": "True",
     }
+    env["TEXTSERVE_ZOO"] = str(test_zoo)
     bentoml = str(Path(sys.executable).parent / "bentoml")
     subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
     log = open(home / "serve.log", "w")
@@ -262,7 +278,7 @@ def test_a_short_locust_run_has_no_failures(server, tmp_path):
 
 
 def test_every_zoo_model_answers_classify_and_v2(server):
-    names = [m["name"] for m in requests.get(f"{server}/models", timeout=10).json()["models"]]
+    names = [m["name"] for m in requests.get(f"{server}/models", timeout=10).json()["models"] if m["kind"] == "classifier"]
     assert len(names) >= 2
     for name in names:
         response = classify(server, {"model": name, "texts": ["Who wrote Hamlet ?", "a gorgeous , witty film ."]})
@@ -293,7 +309,7 @@ def test_explain_names_the_ngrams_behind_a_kim_cnn_decision(server):
 
 
 def test_explain_refuses_what_it_cannot_explain(server):
-    names = {m["name"]: m["architecture"] for m in requests.get(f"{server}/models", timeout=10).json()["models"]}
+    names = {m["name"]: m["architecture"] for m in requests.get(f"{server}/models", timeout=10).json()["models"] if m["kind"] == "classifier"}
     other = next((name for name, arch in names.items() if arch != "kim-cnn"), None)
     if other is not None:
         response = requests.post(f"{server}/explain", json={"model": other, "texts": ["hi"]}, timeout=10)
@@ -302,3 +318,156 @@ def test_explain_refuses_what_it_cannot_explain(server):
     assert response.status_code == 400 and "top_k" in response.json()["error"]
     response = requests.post(f"{server}/explain", json={"model": "kim-cnn-trec6", "texts": []}, timeout=10)
     assert response.status_code == 400 and "texts is empty" in response.json()["error"]
+
+
+# --------------------------------------------------------------------------- the language model
+
+
+def lm(url, route, body, **kwargs):
+    return requests.post(f"{url}/lm/{route}", json=body, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(test_zoo):
+    """The same bundle in this process, to check the server's numbers against."""
+    from services.inference import read_bundle
+    from services.language_model import CharLanguageModel
+
+    return CharLanguageModel(read_bundle(test_zoo / TINY_LM))
+
+
+def test_lm_score_gives_each_token_its_log_probability(server, tiny_lm):
+    texts = ["a gorgeous , witty film .", "the film is a mess and zyzzyva is not a word"]
+    response = lm(server, "score", {"model": TINY_LM, "texts": texts})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    for text, result, expected in zip(texts, results, tiny_lm.score(texts)):
+        assert [t["token"] for t in result["tokens"]] == expected.tokens and expected.tokens[-1] == "<eos>"
+        assert [t["log_prob"] for t in result["tokens"]] == pytest.approx(expected.log_probs.tolist(), abs=1e-6)
+        assert result["log_prob"] == pytest.approx(expected.total, abs=1e-5)
+        assert result["perplexity"] == pytest.approx(math.exp(-result["log_prob"] / len(result["tokens"])), rel=1e-6)
+        assert all(t["log_prob"] < 0 for t in result["tokens"])
+    unknown = {t["token"]: t["in_vocabulary"] for t in results[1]["tokens"]}
+    assert unknown["zyzzyva"] is False and unknown["film"] is True
+    # Batching pads the shorter text; its scores must not move.
+    alone = lm(server, "score", {"model": TINY_LM, "texts": [texts[0]]}).json()["results"][0]
+    assert [t["log_prob"] for t in alone["tokens"]] == pytest.approx([t["log_prob"] for t in results[0]["tokens"]], abs=1e-5)
+
+
+def test_lm_next_words_are_the_most_probable_in_order(server, tiny_lm):
+    response = lm(server, "next", {"model": TINY_LM, "prefix": "the film is", "top_k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["prefix_tokens"] == ["the", "film", "is"]
+    probabilities = [entry["probability"] for entry in body["next"]]
+    assert len(probabilities) == 5 and probabilities == sorted(probabilities, reverse=True) and sum(probabilities) < 1
+    _, expected = tiny_lm.next_words("the film is", 5)
+    assert [entry["word"] for entry in body["next"]] == [word for word, _ in expected]
+
+
+def test_lm_generation_is_deterministic_for_a_seed_and_greedy_at_temperature_zero(server):
+    body = {"model": TINY_LM, "prefix": "the film", "max_words": 12, "seed": 7, "top_k": 50}
+    first, second = lm(server, "generate", body).json(), lm(server, "generate", body).json()
+    assert first == second and len(first["words"]) == 12 and first["text"] == " ".join(w["word"] for w in first["words"])
+    other = lm(server, "generate", {**body, "seed": 8}).json()
+    assert other["words"] != first["words"]
+    greedy = lm(server, "generate", {**body, "temperature": 0, "max_words": 3}).json()["words"]
+    prefix = "the film"
+    for word in greedy:  # each greedy word is /lm/next's first answer for the text so far
+        assert lm(server, "next", {"model": TINY_LM, "prefix": prefix, "top_k": 1}).json()["next"][0]["word"] == word["word"]
+        prefix += " " + word["word"]
+
+
+def test_lm_generation_streams_server_sent_events_word_by_word(server):
+    body = {"model": TINY_LM, "prefix": "a witty", "max_words": 6, "seed": 3}
+    whole = lm(server, "generate", body).json()
+    with requests.post(f"{server}/lm/generate", json={**body, "stream": True}, stream=True, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in response.text.split("\n\n") if block.strip()]
+    parsed = [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: "))) for block in events]
+    assert [name for name, _ in parsed] == ["start"] + ["word"] * 6 + ["done"]
+    assert parsed[0][1]["prefix_tokens"] == ["a", "witty"]
+    assert [data for name, data in parsed if name == "word"] == whole["words"]
+    assert parsed[-1][1]["text"] == whole["text"]
+    # The Accept header asks for a stream too.
+    accept = requests.post(f"{server}/lm/generate", json=body, headers={"Accept": "text/event-stream"}, timeout=60)
+    assert accept.headers["content-type"].startswith("text/event-stream") and "event: done" in accept.text
+
+
+def test_lm_vectors_and_neighbors_for_words_never_seen(server, tiny_lm):
+    response = lm(server, "vectors", {"model": TINY_LM, "words": ["film", "Looooook"]})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["word"] for r in results] == ["film", "looooook"] and [r["in_vocabulary"] for r in results] == [True, False]
+    assert np.allclose([r["vector"] for r in results], tiny_lm.vectors(["film", "looooook"]), atol=1e-6)
+    cnn = lm(server, "vectors", {"model": TINY_LM, "words": ["film"], "layer": "cnn"}).json()["results"][0]["vector"]
+    assert len(cnn) == len(results[0]["vector"]) and not np.allclose(cnn, results[0]["vector"])
+    response = lm(server, "neighbors", {"model": TINY_LM, "words": ["film", "misinformed"], "top_k": 5})
+    assert response.status_code == 200, response.text
+    for result, expected in zip(response.json()["results"], tiny_lm.neighbors(["film", "misinformed"], 5)):
+        cosines = [n["cosine"] for n in result["neighbors"]]
+        assert len(cosines) == 5 and cosines == sorted(cosines, reverse=True) and all(-1 <= c <= 1.0001 for c in cosines)
+        assert result["word"] not in [n["word"] for n in result["neighbors"]]
+        assert [n["word"] for n in result["neighbors"]] == [word for word, _ in expected]
+
+
+@pytest.mark.parametrize(
+    "route, body, status, message",
+    [
+        ("generate", {"max_words": 0}, 400, "max_words must be between 1 and 200"),
+        ("generate", {"max_words": 10**6}, 400, "max_words"),
+        ("generate", {"temperature": -1}, 400, "temperature"),
+        ("generate", {"top_k": -3}, 400, "top_k"),
+        ("generate", {"seed": -1}, 400, "seed"),
+        ("generate", {"max_words": "ten"}, 400, "max_words"),
+        ("generate", {"prefix": "x" * 2001}, 413, "2001 characters"),
+        ("next", {"prefix": "the", "top_k": 0}, 400, "top_k"),
+        ("score", {"texts": []}, 400, "texts is empty"),
+        ("vectors", {"words": []}, 400, "words is empty"),
+        ("vectors", {"words": [" "]}, 400, "words[0] is empty"),
+        ("vectors", {"words": ["x" * 101]}, 413, "101 characters"),
+        ("vectors", {"words": ["film"], "layer": "lstm"}, 400, "layer"),
+        ("neighbors", {"words": ["film"], "top_k": 101}, 400, "top_k"),
+    ],
+)
+def test_lm_bad_input_gets_a_4xx_that_says_what_was_wrong(server, route, body, status, message):
+    response = lm(server, route, {"model": TINY_LM, **body})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_lm_and_classifier_endpoints_refuse_the_other_kind(server):
+    response = lm(server, "score", {"model": "kim-cnn-trec6", "texts": ["hi"]})
+    assert response.status_code == 400 and "is a classifier; this endpoint needs a language model" in response.json()["error"]
+    response = classify(server, {"model": TINY_LM, "texts": ["hi"]})
+    assert response.status_code == 400 and "is a language model; this endpoint needs a classifier" in response.json()["error"]
+    assert lm(server, "next", {"model": "no-such-lm", "prefix": ""}).status_code == 404
+    nan = requests.post(f"{server}/lm/generate", data='{"model": "%s", "temperature": NaN}' % TINY_LM, timeout=10)
+    assert nan.status_code == 400 and "temperature" in nan.json()["error"]
+
+
+def test_lm_scores_over_oip_v2_equal_the_json_api(server):
+    texts = ["a gorgeous , witty film .", "dull"]
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    metadata = client.get_model_metadata(TINY_LM)
+    assert [o["name"] for o in metadata["outputs"]] == ["log_prob", "token_count", "perplexity", "token_log_probs"]
+    text_input = triton.InferInput("text", [2], "BYTES")
+    text_input.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object), binary_data=True)
+    result = client.infer(TINY_LM, [text_input])
+    scored = lm(server, "score", {"model": TINY_LM, "texts": texts}).json()["results"]
+    assert result.as_numpy("log_prob") == pytest.approx([r["log_prob"] for r in scored], abs=1e-4)
+    counts = result.as_numpy("token_count").tolist()
+    assert counts == [len(r["tokens"]) for r in scored]
+    token_log_probs = result.as_numpy("token_log_probs")
+    assert token_log_probs.shape == (2, max(counts)) and np.all(token_log_probs[1, counts[1]:] == 0)
+    assert token_log_probs[0].tolist() == pytest.approx([t["log_prob"] for t in scored[0]["tokens"]], abs=1e-5)
+
+
+def test_the_released_lm_reads_unseen_words_like_table_6(server):
+    models = {m["name"] for m in requests.get(f"{server}/models", timeout=10).json()["models"]}
+    if "char-lm-small-ptb" not in models:
+        pytest.skip("char-lm-small-ptb is not released yet (training on this CPU takes hours)")
+    response = lm(server, "neighbors", {"model": "char-lm-small-ptb", "words": ["looooook", "misinformed"], "top_k": 10})
+    neighbors = {r["word"]: [n["word"] for n in r["neighbors"]] for r in response.json()["results"]}
+    assert "look" in neighbors["looooook"], neighbors
+    assert {"informed", "performed", "outperformed"} & set(neighbors["misinformed"]), neighbors
