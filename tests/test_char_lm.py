@@ -325,3 +325,31 @@ def test_float16_storage_halves_the_graphs_and_records_its_effect(tiny_run, ptb_
     assert before == pytest.approx(checkpoint["metrics"]["valid_perplexity"], rel=1e-6)
     assert after != before and after == pytest.approx(before, rel=0.01)
     assert metrics["valid_perplexity_onnx"] == pytest.approx(after, rel=1e-3)
+
+
+# --------------------------------------------------------------------------- the lecture's pre-training strategy
+
+
+def test_an_lm_bundle_gives_kims_cnn_a_vector_for_every_word(tmp_path, trec_path):
+    from models.text_encoding import WordVocab, tokenize
+    from services.language_model import CharLanguageModel
+    from tests.conftest import export_tiny_language_model
+    from training.datasets import read_trec
+    from training.train_classifier import train_classifier
+    from training.word_vectors import read_word_vectors
+
+    export_tiny_language_model(tmp_path / "char-lm-tiny", tmp_path)
+    examples = read_trec(trec_path)[:300]
+    vocab = WordVocab.build(tokenize(e.text, lowercase=False) for e in examples)
+    vectors, dimension = read_word_vectors(tmp_path / "char-lm-tiny", vocab)  # a folder: detected as char-lm
+    assert dimension == 48 and set(vectors) == set(vocab.tokens[2:])  # no word left out, rare names and typos included
+    served = CharLanguageModel(read_bundle(tmp_path / "char-lm-tiny"))
+    capitalised = next(word for word in vocab.tokens[2:] if word[0].isupper())
+    assert np.allclose(vectors[capitalised], served.vectors([capitalised.lower()])[0], atol=1e-6)  # lower-cased, as the LM read PTB
+
+    checkpoint = train_classifier(examples[:250], examples[250:], preset="static", lowercase=False, epochs=1,
+                                  vectors_path=tmp_path / "char-lm-tiny", show_progress=False)
+    assert checkpoint["metrics"]["vectors_coverage"] == 1.0 and checkpoint["config"]["embedding_dim"] == 48
+    embedding = checkpoint["state_dict"]["embeddings.0.weight"]
+    word = checkpoint["vocab"].index(capitalised)
+    assert np.allclose(embedding[word].numpy(), vectors[checkpoint["vocab"][word]], atol=1e-6)  # static: frozen as read

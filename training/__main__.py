@@ -40,8 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     presets = "; ".join(f"{name}: {', '.join(arch.presets)}" for name, arch in ARCHITECTURES.items())
     parser.add_argument("--architecture", default="kim-cnn", choices=tuple(ARCHITECTURES))
     parser.add_argument("--preset", default=None, help=f"the paper's settings to start from (default: the first). {presets}")
-    parser.add_argument("--vectors", type=Path, default=None, help="pretrained word vectors (word2vec text/binary or GloVe) for Kim's static, non-static, multichannel")
-    parser.add_argument("--vectors-format", default="auto", choices=("auto", "word2vec-text", "word2vec-binary", "glove"))
+    parser.add_argument("--vectors", type=Path, default=None, help="pretrained word vectors for Kim's static, non-static, multichannel: a word2vec text/binary or GloVe file, or a char-lm bundle folder")
+    parser.add_argument("--vectors-format", default="auto", choices=("auto", "word2vec-text", "word2vec-binary", "glove", "char-lm"),
+                        help="auto: a folder is a char-lm bundle (vectors from its word encoder), a file is sniffed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override a config value, e.g. --set length=256 --set recipe.epochs=10")
 

@@ -4,7 +4,11 @@ the user supplies (nothing is downloaded):
 - word2vec text: a header line "COUNT DIM", then "word v1 ... vDIM" per line;
 - word2vec binary (GoogleNews-vectors-negative300.bin): the same header, then per word its
   bytes up to a space and DIM little-endian float32 values (an optional newline between);
-- GloVe: "word v1 ... vDIM" per line, no header.
+- GloVe: "word v1 ... vDIM" per line, no header;
+- a character-aware language model bundle (a folder, models/zoo/char-lm-*): every word gets the
+  vector the LM's word encoder builds from its characters (after the highway layers, lower-cased
+  as the LM was trained), so no word is missing: the lecture's "pre-training" and "character-level
+  embedding for unknown words" in one.
 
 Only words of the vocabulary are kept, so a 3-million-word file streams through in constant
 memory. Words the file lacks get U[-0.25, 0.25] vectors, as in Kim's CNN_sentence.
@@ -18,7 +22,8 @@ import numpy as np
 
 from models.text_encoding import PAD_ID, WordVocab
 
-FORMATS = ("auto", "word2vec-text", "word2vec-binary", "glove")
+FORMATS = ("auto", "word2vec-text", "word2vec-binary", "glove", "char-lm")
+LM_BATCH_WORDS = 4096
 
 
 class VectorFileError(ValueError):
@@ -26,6 +31,8 @@ class VectorFileError(ValueError):
 
 
 def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "char-lm"
     with open(path, "rb") as file:
         first_line = file.readline(4096)
     parts = first_line.split()
@@ -50,9 +57,26 @@ def read_word_vectors(path: str | Path, vocab: WordVocab, vector_format: str = "
     if vector_format == "auto":
         vector_format = detect_format(path)
     wanted = set(vocab.tokens[2:])
+    if vector_format == "char-lm":
+        return read_language_model_vectors(path, sorted(wanted))
     if vector_format == "word2vec-binary":
         return read_binary(path, wanted)
     return read_text(path, wanted, has_header=vector_format == "word2vec-text")
+
+
+def read_language_model_vectors(bundle_path: Path, words: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """Every word's vector from a character-aware LM bundle's word encoder (onnxruntime)."""
+    from services.inference import read_bundle
+    from services.language_model import CharLanguageModel
+
+    language_model = CharLanguageModel(read_bundle(bundle_path))
+    found: dict[str, np.ndarray] = {}
+    for start in range(0, len(words), LM_BATCH_WORDS):
+        batch = words[start : start + LM_BATCH_WORDS]
+        for word, vector in zip(batch, language_model.vectors([w.lower() for w in batch])):
+            found[word] = vector.astype(np.float32)
+    dimension = language_model.bundle.config["model"]["filters"]
+    return found, sum(dimension)
 
 
 def read_text(path: Path, wanted: set[str], has_header: bool) -> tuple[dict[str, np.ndarray], int]:
