@@ -30,3 +30,11 @@ def export_tiny_language_model(bundle_dir: Path, work_dir: Path) -> dict:
         overrides={"hidden_size": "48", "filters": "8,8,8,8,8,8", "recipe.epochs": "2"},
     )
     return export_language_model(checkpoint, bundle_dir, bundle_dir.name, valid)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_bundle(tmp_path_factory) -> Path:
+    """One tiny LM bundle for the whole session (about ten seconds to train and export)."""
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    export_tiny_language_model(folder / "char-lm-tiny", folder)
+    return folder / "char-lm-tiny"

@@ -16,19 +16,19 @@ from torch.nn import functional as F
 from models.char_lm import CharAwareLM, CharLMConfig, LanguageModelRecipe, char_lm_config
 from models.char_word_cnn import CharCNNWordEncoder
 from models.highway import Highway
+from models.text_encoding import tokenize
 from models.text_encoding import (
     CHAR_PAD_ID, UNKNOWN_CHAR_ID, WORD_END_ID, WORD_START_ID, LanguageModelVocab, WordCharEncoder,
 )
 from services.inference import read_bundle
-from tests.conftest import REPOSITORY
+from tests.conftest import REPOSITORY, SAMPLE_DATA
 from training import export_lm as export_lm_module
 from training.export_lm import export_language_model
 from training.export_onnx import ExportRefused
-from training.datasets import read_ptb
+from training.datasets import read_mr_dir, read_ptb
 from models.text_encoding import scoring_stream
 from training.train_lm import load_language_model, next_learning_rate, stream_perplexity, summed_step_loss, train_language_model
 
-PTB = REPOSITORY.parent / "shared" / "data" / "ptb"
 
 
 def tiny_config(**changes) -> CharLMConfig:
@@ -197,11 +197,12 @@ def test_a_file_is_scored_with_every_token_a_target():
 
 @pytest.fixture(scope="module")
 def ptb_slice():
-    if not (PTB / "train.txt").exists():
-        pytest.skip(f"{PTB} is not here (the shared PTB files sit beside the checkout)")
-    train, valid = read_ptb(PTB / "train.txt"), read_ptb(PTB / "valid.txt")
-    valid = valid[:1_500]
-    return train[:12_000], valid[: len(valid) - valid[::-1].index("<eos>")]  # whole sentences
+    """A small corpus in PTB's form (lower-case tokens, <eos> at each sentence end) from the
+    committed MR sample, so these tests run wherever the repository does: 90 % to train on,
+    the rest, whole sentences, to validate on."""
+    tokens = [t for example in read_mr_dir(SAMPLE_DATA / "mr") for t in (*tokenize(example.text), "<eos>")]
+    train, valid = tokens[:16_000], tokens[27_000:]
+    return train, valid[: len(valid) - valid[::-1].index("<eos>")]
 
 
 TINY = {"hidden_size": "48", "filters": "8,8,8,8,8,8", "recipe.epochs": "3"}
@@ -330,26 +331,38 @@ def test_float16_storage_halves_the_graphs_and_records_its_effect(tiny_run, ptb_
 # --------------------------------------------------------------------------- the lecture's pre-training strategy
 
 
-def test_an_lm_bundle_gives_kims_cnn_a_vector_for_every_word(tmp_path, trec_path):
+def test_an_lm_bundle_gives_kims_cnn_a_vector_for_every_word(tiny_lm_bundle, trec_path):
     from models.text_encoding import WordVocab, tokenize
     from services.language_model import CharLanguageModel
-    from tests.conftest import export_tiny_language_model
     from training.datasets import read_trec
     from training.train_classifier import train_classifier
     from training.word_vectors import read_word_vectors
 
-    export_tiny_language_model(tmp_path / "char-lm-tiny", tmp_path)
     examples = read_trec(trec_path)[:300]
     vocab = WordVocab.build(tokenize(e.text, lowercase=False) for e in examples)
-    vectors, dimension = read_word_vectors(tmp_path / "char-lm-tiny", vocab)  # a folder: detected as char-lm
+    vectors, dimension = read_word_vectors(tiny_lm_bundle, vocab)  # a folder: detected as char-lm
     assert dimension == 48 and set(vectors) == set(vocab.tokens[2:])  # no word left out, rare names and typos included
-    served = CharLanguageModel(read_bundle(tmp_path / "char-lm-tiny"))
+    served = CharLanguageModel(read_bundle(tiny_lm_bundle))
     capitalised = next(word for word in vocab.tokens[2:] if word[0].isupper())
     assert np.allclose(vectors[capitalised], served.vectors([capitalised.lower()])[0], atol=1e-6)  # lower-cased, as the LM read PTB
 
     checkpoint = train_classifier(examples[:250], examples[250:], preset="static", lowercase=False, epochs=1,
-                                  vectors_path=tmp_path / "char-lm-tiny", show_progress=False)
+                                  vectors_path=tiny_lm_bundle, show_progress=False)
     assert checkpoint["metrics"]["vectors_coverage"] == 1.0 and checkpoint["config"]["embedding_dim"] == 48
     embedding = checkpoint["state_dict"]["embeddings.0.weight"]
     word = checkpoint["vocab"].index(capitalised)
     assert np.allclose(embedding[word].numpy(), vectors[checkpoint["vocab"][word]], atol=1e-6)  # static: frozen as read
+
+
+def test_results_table_has_a_language_model_section(tiny_lm_bundle, tmp_path):
+    from training.results_table import write_results
+
+    (tmp_path / "zoo").mkdir()
+    (tmp_path / "zoo" / "char-lm-tiny").symlink_to(tiny_lm_bundle)
+    metrics = read_bundle(tiny_lm_bundle).metrics
+    [row] = write_results(tmp_path / "zoo", tmp_path / "results.md")
+    assert row["bundle"] == "char-lm-tiny" and row["valid_perplexity"] == metrics["valid_perplexity_onnx"]
+    assert row["tokens_per_second"] > 0 and row["step_ms"] > 0 and len(row["history"]) == 2
+    text = (tmp_path / "results.md").read_text()
+    assert "## Character-aware language models" in text and f"| `char-lm-tiny` | small | {metrics['valid_perplexity_onnx']:.1f} |" in text
+    assert "| 2 | 1 |" in text  # the curve: epoch 2 at learning rate 1

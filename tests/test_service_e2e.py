@@ -22,7 +22,7 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import REPOSITORY, export_tiny_language_model
+from tests.conftest import REPOSITORY
 
 MAX_PENDING_TEXTS = 300
 TINY_LM = "char-lm-tiny"
@@ -36,14 +36,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def test_zoo(tmp_path_factory) -> Path:
+def test_zoo(tmp_path_factory, tiny_lm_bundle) -> Path:
     """The released zoo, plus a tiny language model trained here (until an LM is released, the
     LM endpoints would have nothing to serve; after, it stays a small deterministic extra)."""
     zoo = tmp_path_factory.mktemp("zoo")
     for bundle in sorted((REPOSITORY / "models" / "zoo").iterdir()):
         if bundle.is_dir() and not bundle.name.startswith("."):
             (zoo / bundle.name).symlink_to(bundle)
-    export_tiny_language_model(zoo / TINY_LM, tmp_path_factory.mktemp("lm"))
+    (zoo / TINY_LM).symlink_to(tiny_lm_bundle)
     return zoo
 
 

@@ -232,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         from training.results_table import write_results
 
         for row in write_results(args.zoo, args.out):
-            print(f"{row['bundle']}: {row['accuracy']}, {row['latency_ms']:.2f} ms/text, {row['throughput']:,.0f} texts/s")
+            if "valid_perplexity" in row:
+                print(f"{row['bundle']}: valid perplexity {row['valid_perplexity']:.1f}, {row['tokens_per_second']:,.0f} tokens/s")
+            else:
+                print(f"{row['bundle']}: {row['accuracy']}, {row['latency_ms']:.2f} ms/text, {row['throughput']:,.0f} texts/s")
         print(f"wrote {args.out}")
     elif args.command == "evaluate":
         from training.evaluate import evaluate_classifier, evaluate_language_model

@@ -19,7 +19,9 @@ import onnx
 import onnxruntime as ort
 
 from models.dilated_cnn import receptive_field_table
-from services.inference import TextClassifier, read_bundle
+from models.text_encoding import scoring_stream, tokenize
+from services.inference import LANGUAGE_MODEL_ARCHITECTURE, TextClassifier, read_bundle
+from services.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
 from training.datasets import read_mr_dir, read_trec
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
@@ -33,6 +35,16 @@ PAPER = {
     ("kim-cnn", "trec6"): "91.2 (CNN-rand; static 92.8, non-static 93.6, multichannel 92.2)",
     ("kim-cnn", "mr"): "76.1 (CNN-rand; static 81.0, non-static 81.5, multichannel 81.1)",
 }
+
+
+# Kim, Jernite, Sontag & Rush 2016, Table 3 (PTB test), and what the authors' code reaches on
+# validation (shared/docs/models.md).
+LM_PAPER = {
+    "small": "92.3 test (LSTM-Char-Small, 5 M); the authors' code about 96 valid",
+    "large": "78.9 test (LSTM-Char-Large, 19 M); the authors' code about 82 valid",
+}
+LM_STREAM_TOKENS = 2000
+LM_STEP_RUNS = 200
 
 
 def parameter_count(onnx_path: Path) -> int:
@@ -91,6 +103,78 @@ def bundle_row(path: Path) -> dict:
     }
 
 
+def lm_row(path: Path) -> dict:
+    bundle = read_bundle(path)
+    language_model = CharLanguageModel(bundle)
+    metrics = bundle.metrics
+    # Speed on the committed MR sample read as one stream: scoring at batch 1 in chunks of 35
+    # words, and one next-word step (one word in, the state carried) as generation runs it.
+    tokens = [t for e in read_mr_dir(SAMPLE_DATA / "mr") for t in (*tokenize(e.text), "<eos>")][:LM_STREAM_TOKENS]
+    input_chars, targets = scoring_stream(tokens, language_model.vocab, language_model.chars)
+    language_model.stream_log_probs(input_chars[:200], targets[:200], chunk=35)  # warm-up
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        language_model.stream_log_probs(input_chars, targets, chunk=35)
+        runs.append(time.perf_counter() - started)
+    h, c = language_model.initial_state(1)
+    steps = []
+    for run in range(LM_STEP_RUNS):
+        word = input_chars[None, run : run + 1]  # (1, 1, W)
+        started = time.perf_counter()
+        _, h, c = language_model.step(word, h, c)
+        steps.append(time.perf_counter() - started)
+    return {
+        "bundle": bundle.name,
+        "preset": bundle.config["preset"],
+        "valid_perplexity": metrics["valid_perplexity_onnx"],
+        "valid_tokens": metrics["valid_tokens_scored"],
+        "best_epoch": metrics["best_epoch"],
+        "epochs_run": metrics["epochs_run"],
+        "epochs": metrics["epochs"],
+        "parameters": metrics["parameters"],
+        "onnx_mb": sum((path / graph).stat().st_size for graph in (STEP_GRAPH, WORD_ENCODER_GRAPH)) / 2**20,
+        "tokens_per_second": len(targets) / statistics.median(runs),
+        "step_ms": 1000 * statistics.median(steps),
+        "train_hours": metrics["train_seconds"] / 3600,
+        "device": metrics.get("device", "cpu"),
+        "paper": LM_PAPER.get(bundle.config["preset"], "none published"),
+        "history": metrics.get("history", []),
+        "commands": {k: v for k, v in metrics.items() if k.endswith("_command")},
+    }
+
+
+def render_language_models(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Character-aware language models (Kim et al. 2016) on PTB",
+        "",
+        "Validation perplexity of the released bundle through onnxruntime, the whole validation file",
+        "read as one stream with the state carried (exp of the mean NLL over every token, as",
+        "`python -m training evaluate --format ptb` prints it; the test file is held out).",
+        "",
+        "| bundle | preset | valid perplexity | tokens | best epoch / run / planned | parameters | ONNX MB (2 graphs) | tokens/s scoring (batch 1) | ms per next-word step | training | paper |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| `{row['bundle']}` | {row['preset']} | {row['valid_perplexity']:.1f} | {row['valid_tokens']:,} | "
+            f"{row['best_epoch']} / {row['epochs_run']} / {row['epochs']} | {row['parameters']:,} | {row['onnx_mb']:.1f} | "
+            f"{row['tokens_per_second']:,.0f} | {row['step_ms']:.2f} | {row['train_hours']:.1f} h on {row['device']} | {row['paper']} |"
+        )
+    for row in rows:
+        lines += ["", f"Validation curve of `{row['bundle']}` (from its metrics.json; PyTorch, the same stream):", "",
+                  "| epoch | learning rate | train perplexity | valid perplexity |", "|---|---|---|---|"]
+        for entry in row["history"]:
+            lines.append(f"| {entry['epoch']} | {entry['learning_rate']:g} | {entry['train_perplexity']:.1f} | {entry['valid_perplexity']:.1f} |")
+        lines += ["", f"Commands of `{row['bundle']}`:"]
+        for key, command in sorted(row["commands"].items()):
+            lines.append(f"- {key.removesuffix('_command')}: `{command}`")
+    return lines
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -101,7 +185,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], language_models: list[dict] | None = None) -> str:
     machine = f"{cpu_name()} ({platform.machine()}, {os.cpu_count()} cores); onnxruntime {ort.__version__} CPU, default threads"
     lines = [
         "# Results: every released classifier",
@@ -141,11 +225,16 @@ def render(rows: list[dict]) -> str:
             f"| {entry['receptive_field']} | {entry['dilated_layers']} | {entry['dilated_parameters']:,} | "
             f"{entry['plain_layers']} | {entry['plain_parameters']:,} |"
         )
+    lines += render_language_models(language_models or [])
     return "\n".join(lines) + "\n"
 
 
 def write_results(zoo: Path, out: Path) -> list[dict]:
-    rows = [bundle_row(path) for path in sorted(zoo.iterdir()) if (path / "manifest.json").is_file() and not path.name.startswith(".")]
+    """Write the tables; returns the classifier rows followed by the language-model rows."""
+    paths = [path for path in sorted(zoo.iterdir()) if (path / "manifest.json").is_file() and not path.name.startswith(".")]
+    is_lm = {path: read_bundle(path).architecture == LANGUAGE_MODEL_ARCHITECTURE for path in paths}
+    rows = [bundle_row(path) for path in paths if not is_lm[path]]
+    language_models = [lm_row(path) for path in paths if is_lm[path]]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows))
-    return rows
+    out.write_text(render(rows, language_models))
+    return rows + language_models
