@@ -30,12 +30,32 @@ VECTOR_LAYERS = ("highway", "cnn")  # after / before the highway layers (Table 6
 
 _CLITIC = re.compile(r"(?i)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _NUMBER = re.compile(r"^[+-]?(\d+([.,:/-]\d+)*|\d*\.\d+)(s|th|st|nd|rd)?$")
-_OUTER_PUNCTUATION = "\"'`,;:!?()[]{}"
+_OUTER_PUNCTUATION = "\"'`,;:!?()[]{}%"
+_SPLIT_PREFIXES = ("$", "#")  # PTB writes "$ N million", "# N"
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def ptb_tokenize(text: str, vocab: LanguageModelVocab) -> list[str]:
+    """Penn Treebank's conventions (module docstring); an empty list for a text without words.
+    `vocab` decides whether a word keeps its final period ("mr." yes, "end." no)."""
+    tokens: list[str] = []
+    for raw in text.lower().split():
+        word = raw.strip(_OUTER_PUNCTUATION)
+        if word[:1] in _SPLIT_PREFIXES and len(word) > 1:
+            tokens.append(word[0])
+            word = word[1:]
+        if word.endswith(".") and word not in vocab:
+            word = word.rstrip(".").strip(_OUTER_PUNCTUATION)
+        if not word:
+            continue
+        clitic = _CLITIC.search(word)
+        parts = [word[: clitic.start()], clitic.group()] if clitic and clitic.start() > 0 else [word]
+        tokens.extend("N" if _NUMBER.match(part) else part for part in parts if part)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -86,18 +106,7 @@ class CharLanguageModel:
     # ------------------------------------------------------------------ text -> tokens
 
     def tokenize(self, text: str) -> list[str]:
-        """Penn Treebank's conventions (module docstring); an empty list for a text without words."""
-        tokens: list[str] = []
-        for raw in text.lower().split():
-            word = raw.strip(_OUTER_PUNCTUATION)
-            if word.endswith(".") and word not in self.vocab:
-                word = word.rstrip(".")
-            if not word:
-                continue
-            clitic = _CLITIC.search(word)
-            parts = [word[: clitic.start()], clitic.group()] if clitic and clitic.start() > 0 else [word]
-            tokens.extend("N" if _NUMBER.match(part) else part for part in parts if part)
-        return tokens
+        return ptb_tokenize(text, self.vocab)
 
     # ------------------------------------------------------------------ the step graph
 

@@ -366,3 +366,13 @@ def test_results_table_has_a_language_model_section(tiny_lm_bundle, tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "## Character-aware language models" in text and f"| `char-lm-tiny` | small | {metrics['valid_perplexity_onnx']:.1f} |" in text
     assert "| 2 | 1 |" in text  # the curve: epoch 2 at learning rate 1
+
+
+def test_served_text_is_read_with_penn_treebank_conventions():
+    from services.language_model import ptb_tokenize
+
+    vocab = LanguageModelVocab(("<unk>", "<eos>", "mr.", "the"))
+    assert ptb_tokenize("Mr. Smith's company didn't pay $5,000 (about 3.5%) in 1990s, the end.", vocab) == [
+        "mr.", "smith", "'s", "company", "did", "n't", "pay", "$", "N", "about", "N", "in", "N", "the", "end"]
+    assert ptb_tokenize("  !!! ... ", vocab) == []
+    assert ptb_tokenize("#1 choice", vocab) == ["#", "N", "choice"]
