@@ -89,7 +89,8 @@ def bundle_row(path: Path) -> dict:
         accuracy = f"{100 * metrics['dev_accuracy']:.1f} (dev)"
     return {
         "bundle": bundle.name,
-        "architecture": f"{bundle.architecture} {bundle.config.get('preset', '')}".strip(),
+        "architecture": f"{bundle.architecture} {bundle.config.get('preset', '')}".strip()
+        + (f" (vectors: {metrics['vectors_file']})" if metrics.get("vectors_file") else ""),
         "data": data_set,
         "accuracy": accuracy,
         # The model's own count; the graph's initializers can hold a weight twice (Kim's
