@@ -136,16 +136,7 @@ async def server_sent_events(model: str, prefix_tokens: list[str], words):
 
 def checked_words(service, words: list[str]) -> list[str]:
     """Words as the model reads them (lower case, like Penn Treebank), each non-empty and bounded."""
-    settings = service.settings
-    if not words:
-        raise ApiError(400, "words is empty: send at least one word")
-    if len(words) > settings.max_texts_per_request:
-        raise ApiError(413, f"{len(words)} words in one request; the limit is {settings.max_texts_per_request} (TEXTSERVE_MAX_TEXTS_PER_REQUEST)")
-    for index, word in enumerate(words):
-        if not word.strip():
-            raise ApiError(400, f"words[{index}] is empty or only whitespace")
-        if len(word) > settings.max_word_chars:
-            raise ApiError(413, f"words[{index}] has {len(word)} characters; the limit is {settings.max_word_chars} (TEXTSERVE_MAX_WORD_CHARS)")
+    service.check_texts(words, field="words", max_chars_setting="max_word_chars")
     return [word.strip().lower() for word in words]
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import bentoml
 import numpy as np
@@ -61,25 +61,14 @@ class ModelRunner:
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
     def classify_batch(self, items: list[TextItem]) -> list[list[float]]:
         """Probabilities for each item, in the order of `items` (several models may be mixed)."""
-        started = time.time()
-        metrics.batch_texts.observe(len(items))
-        for item in items:
-            metrics.queue_wait_seconds.observe(max(0.0, started - item.sent_at))
-        rows_by_model: dict[str, list[int]] = defaultdict(list)
-        for row, item in enumerate(items):
-            rows_by_model[item.model].append(row)
-        answers: list[list[float]] = [[] for _ in items]
-        for model, rows in rows_by_model.items():
+
+        def classify(model: str, texts: list[str]) -> list[list[float]]:
             classifier = self.classifiers.get(model)
             if classifier is None:  # the HTTP worker checks names first; this guards direct calls
                 raise bentoml.exceptions.NotFound(f"model {model!r} is not loaded")
-            model_started = time.perf_counter()
-            probabilities = classifier.probabilities([items[row].text for row in rows])  # (len(rows), K)
-            metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - model_started)
-            metrics.texts_total.labels(model=model).inc(len(rows))
-            for row, row_probabilities in zip(rows, np.asarray(probabilities, dtype=np.float64).tolist()):
-                answers[row] = row_probabilities
-        return answers
+            return np.asarray(classifier.probabilities(texts), dtype=np.float64).tolist()  # (len(texts), K)
+
+        return run_by_model(items, classify)
 
     @bentoml.api
     def explain(self, model: str, texts: list[str], top_k: int) -> list[dict]:
@@ -102,23 +91,12 @@ class ModelRunner:
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
     def score_batch(self, items: list[TextItem]) -> list[dict]:
         """Per item: its tokens, their log-probabilities and whether each is in the vocabulary."""
-        started = time.time()
-        metrics.batch_texts.observe(len(items))
-        for item in items:
-            metrics.queue_wait_seconds.observe(max(0.0, started - item.sent_at))
-        rows_by_model: dict[str, list[int]] = defaultdict(list)
-        for row, item in enumerate(items):
-            rows_by_model[item.model].append(row)
-        answers: list[dict] = [{} for _ in items]
-        for model, rows in rows_by_model.items():
-            language_model = self.language_model(model)
-            model_started = time.perf_counter()
-            scored = language_model.score([items[row].text for row in rows])
-            metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - model_started)
-            metrics.texts_total.labels(model=model).inc(len(rows))
-            for row, text in zip(rows, scored):
-                answers[row] = {"tokens": text.tokens, "log_probs": text.log_probs.tolist(), "in_vocabulary": text.in_vocabulary}
-        return answers
+
+        def score(model: str, texts: list[str]) -> list[dict]:
+            return [{"tokens": text.tokens, "log_probs": text.log_probs.tolist(), "in_vocabulary": text.in_vocabulary}
+                    for text in self.language_model(model).score(texts)]
+
+        return run_by_model(items, score)
 
     @bentoml.api
     def next_words(self, model: str, prefix: str, k: int) -> dict:
@@ -159,3 +137,24 @@ class ModelRunner:
     def loaded_models(self) -> list[str]:
         """Names of the models whose sessions are built and warmed up."""
         return sorted([*self.classifiers, *self.language_models])
+
+
+def run_by_model(items: list[TextItem], run: Callable[[str, list[str]], list]) -> list:
+    """One adaptive batch: record its size and each item's queue wait, run each model's share
+    of the items as one call of `run(model, texts)`, and return the answers in item order."""
+    started = time.time()
+    metrics.batch_texts.observe(len(items))
+    for item in items:
+        metrics.queue_wait_seconds.observe(max(0.0, started - item.sent_at))
+    rows_by_model: dict[str, list[int]] = defaultdict(list)
+    for row, item in enumerate(items):
+        rows_by_model[item.model].append(row)
+    answers: list = [None] * len(items)
+    for model, rows in rows_by_model.items():
+        model_started = time.perf_counter()
+        model_answers = run(model, [items[row].text for row in rows])
+        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - model_started)
+        metrics.texts_total.labels(model=model).inc(len(rows))
+        for row, answer in zip(rows, model_answers):
+            answers[row] = answer
+    return answers

@@ -91,17 +91,20 @@ class TextService:
             raise ApiError(400, f"model {name!r} is a {actual}; this endpoint needs a {kind} (loaded {kind}s: {others})")
         return bundle
 
-    def check_texts(self, texts: list[str]) -> None:
+    def check_texts(self, texts: list[str], field: str = "texts", max_chars_setting: str = "max_text_chars") -> None:
+        """A non-empty list of non-blank strings within the request limits, else a 4xx that says which."""
         limits = self.settings
+        item = field.removesuffix("s")
         if not texts:
-            raise ApiError(400, "texts is empty: send at least one text")
+            raise ApiError(400, f"{field} is empty: send at least one {item}")
         if len(texts) > limits.max_texts_per_request:
-            raise ApiError(413, f"{len(texts)} texts in one request; the limit is {limits.max_texts_per_request} (TEXTSERVE_MAX_TEXTS_PER_REQUEST)")
+            raise ApiError(413, f"{len(texts)} {field} in one request; the limit is {limits.max_texts_per_request} (TEXTSERVE_MAX_TEXTS_PER_REQUEST)")
+        max_chars = getattr(limits, max_chars_setting)
         for index, text in enumerate(texts):
             if not text.strip():
-                raise ApiError(400, f"texts[{index}] is empty or only whitespace")
-            if len(text) > limits.max_text_chars:
-                raise ApiError(413, f"texts[{index}] has {len(text)} characters; the limit is {limits.max_text_chars} (TEXTSERVE_MAX_TEXT_CHARS)")
+                raise ApiError(400, f"{field}[{index}] is empty or only whitespace")
+            if len(text) > max_chars:
+                raise ApiError(413, f"{field}[{index}] has {len(text)} characters; the limit is {max_chars} (TEXTSERVE_{max_chars_setting.upper()})")
 
     async def probabilities(self, model: str, texts: list[str]) -> np.ndarray:
         """Validate, admit and run `texts` through the batched runner: (len(texts), K) float32."""

@@ -17,7 +17,6 @@ at batch sizes and lengths other than the export example's (2 x 5):
 from __future__ import annotations
 
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -28,8 +27,8 @@ from models.text_encoding import LanguageModelVocab, WordCharEncoder, scoring_st
 from services.inference import read_bundle
 from services.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
 from training.export_onnx import (
-    OPSET, STORAGE_TYPES, ExportRefused, check_exported_graph, round_weights_to_half, store_initializers_as_half,
-    write_json, write_manifest,
+    OPSET, STORAGE_TYPES, ExportRefused, check_exported_graph, round_weights_to_half, staged_bundle,
+    store_initializers_as_half, write_json, write_manifest,
 )
 from training.train_lm import ARCHITECTURE, load_language_model, stream_perplexity
 
@@ -136,10 +135,7 @@ def export_language_model(checkpoint: dict, bundle_dir: Path, name: str, valid_t
         round_weights_to_half(model)
         after, _ = stream_perplexity(model, input_chars, targets)
         storage_metrics.update(float16_rounding_perplexity_before=before, float16_rounding_perplexity_after=after)
-    staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_bundle(bundle_dir) as staging:
         export_graphs(model, staging)
         if storage == "float16":
             for graph in (STEP_GRAPH, WORD_ENCODER_GRAPH):
@@ -160,9 +156,4 @@ def export_language_model(checkpoint: dict, bundle_dir: Path, name: str, valid_t
         metrics.update(parity_check(model, CharLanguageModel(read_bundle(staging)), input_chars, targets))
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(bundle_dir, ignore_errors=True)
-    staging.rename(bundle_dir)
     return metrics

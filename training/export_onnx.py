@@ -12,11 +12,12 @@ the legacy one keeps `dynamic_axes` symbolic for every model here (models.md, ex
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -212,11 +213,7 @@ def export_bundle(
     if storage == "float16":
         storage_metrics.update(rounding_effect(model, encoder_for(checkpoint), parity_texts))
         round_weights_to_half(model)
-    # A hidden sibling: the zoo ignores it, so a run killed halfway never leaves a servable half-bundle.
-    staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_bundle(bundle_dir) as staging:
         export_onnx(model, staging / "model.onnx", checkpoint["encoding"])
         if storage == "float16":
             store_initializers_as_half(staging / "model.onnx")
@@ -243,12 +240,27 @@ def export_bundle(
         metrics.update(parity_check(model, TextClassifier(read_bundle(staging)), shuffled))
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)
+    return metrics
+
+
+@contextlib.contextmanager
+def staged_bundle(bundle_dir: Path, copy_from: Path | None = None) -> Iterator[Path]:
+    """A hidden sibling folder to write a bundle into (the zoo ignores dot-folders, so a run
+    killed halfway never leaves a servable half-bundle); it replaces `bundle_dir` only when the
+    block ends without an exception, and is removed otherwise."""
+    staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    if copy_from is not None:
+        shutil.copytree(copy_from, staging)
+    else:
+        staging.mkdir(parents=True)
+    try:
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(bundle_dir, ignore_errors=True)
     staging.rename(bundle_dir)
-    return metrics
 
 
 def write_manifest(bundle_dir: Path) -> None:
@@ -261,18 +273,9 @@ def attach_metrics(bundle_dir: Path, extra_metrics: dict) -> dict:
     bundle's metrics.json, leaving model.onnx and every other file byte for byte as they were.
     The bundle is rewritten through a hidden staging copy, as export does."""
     read_bundle(bundle_dir)  # refuse a bundle that is already inconsistent
-    staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(bundle_dir, staging)
-    try:
+    with staged_bundle(bundle_dir, copy_from=bundle_dir) as staging:
         metrics = {**json.loads((staging / "metrics.json").read_text()), **extra_metrics}
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)
         read_bundle(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(bundle_dir)
-    staging.rename(bundle_dir)
     return metrics
-
