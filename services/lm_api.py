@@ -70,7 +70,7 @@ async def next_words(request: Request, service=Depends(bentoml.get_current_servi
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     check_prefix(service, body.prefix)
     k = top_k_or_default(body.top_k, DEFAULT_NEXT_WORDS, min(MAX_NEXT_WORDS, vocabulary_size(bundle)))
-    answer = await service.unbatched("next_words", model=bundle.name, prefix=body.prefix, k=k)
+    answer = await service.unbatched("next_words", cost=1, model=bundle.name, prefix=body.prefix, k=k)
     return NextResponse(model=bundle.name, prefix_tokens=answer["tokens"], next=answer["next"])
 
 
@@ -94,7 +94,7 @@ async def generate(request: Request, service=Depends(bentoml.get_current_service
     body = await parse_body(request, GenerateRequest)
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     check_generation(service, bundle, body)
-    start, words = await service.generation(model=bundle.name, prefix=body.prefix, max_words=body.max_words,
+    start, words = await service.generation(cost=body.max_words, model=bundle.name, prefix=body.prefix, max_words=body.max_words,
                                             temperature=float(body.temperature), top_k=body.top_k, seed=body.seed,
                                             stop_at_eos=body.stop_at_eos)
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
@@ -146,7 +146,7 @@ async def vectors(request: Request, service=Depends(bentoml.get_current_service)
     body = await parse_body(request, WordsRequest)
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     words = checked_words(service, body.words)
-    results = await service.unbatched("word_vectors", model=bundle.name, words=words, layer=body.layer)
+    results = await service.unbatched("word_vectors", cost=len(words), model=bundle.name, words=words, layer=body.layer)
     return VectorsResponse(model=bundle.name, layer=body.layer, results=results)
 
 
@@ -158,7 +158,7 @@ async def neighbors(request: Request, service=Depends(bentoml.get_current_servic
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     words = checked_words(service, body.words)
     k = top_k_or_default(body.top_k, DEFAULT_NEIGHBORS, min(service.settings.max_neighbors, vocabulary_size(bundle) - 2))
-    results = await service.unbatched("neighbors", model=bundle.name, words=words, k=k, layer=body.layer)
+    results = await service.unbatched("neighbors", cost=len(words), model=bundle.name, words=words, k=k, layer=body.layer)
     return NeighborsResponse(model=bundle.name, layer=body.layer, results=results)
 
 

@@ -12,9 +12,10 @@ call through `depends` is one, so every endpoint here shares one batcher.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import bentoml
@@ -118,48 +119,64 @@ class TextService:
     async def batched(self, runner_api, model: str, texts: list[str]) -> list:
         """Validate, admit and send `texts` to one of the runner's batchable APIs."""
         self.check_texts(texts)
-        if self.pending_texts + len(texts) > self.settings.max_pending_texts:
-            raise ApiError(
-                429,
-                f"overloaded: {self.pending_texts} texts are already waiting in this worker "
-                f"(limit {self.settings.max_pending_texts}, TEXTSERVE_MAX_PENDING_TEXTS); retry shortly",
-                {"Retry-After": "1"},
-            )
-        self.pending_texts += len(texts)
-        try:
+        with self.admitted(len(texts)), runner_errors():
             return await self.call_runner(runner_api, model, texts)
-        except BentoMLException as error:
-            raise runner_error(error) from None
-        except (httpx.HTTPError, aiohttp.ClientError) as error:
-            raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
-        finally:
-            self.pending_texts -= len(texts)
 
     async def explanations(self, model: str, texts: list[str], top_k: int) -> list[dict]:
         """Validate and run `texts` through the runner's (unbatched) explain API."""
         self.check_texts(texts)
-        return await self.unbatched("explain", model=model, texts=texts, top_k=top_k)
+        return await self.unbatched("explain", cost=len(texts), model=model, texts=texts, top_k=top_k)
 
-    async def generation(self, **arguments) -> tuple[dict, AsyncIterator[dict]]:
-        """Start the runner's streamed generation. Returns once its first line (the prefix's
-        tokens) has arrived, so a refusal is still an HTTP error, with the rest of the lines
-        (one word each) as an async iterator."""
+    async def unbatched(self, api: str, cost: int, **arguments):
+        """One call of a runner API that is not batched, admitted at `cost` (texts or words it
+        handles) and its failures reworded for the client."""
+        with self.admitted(cost), runner_errors():
+            return await getattr(self.runner.to_async, api)(**arguments)
+
+    async def generation(self, cost: int, **arguments) -> tuple[dict, AsyncIterator[dict]]:
+        """Start the runner's streamed generation, admitted at `cost` (the words asked for) until
+        the stream ends. Returns once its first line (the prefix's tokens) has arrived, so a
+        refusal is still an HTTP error, with the rest of the lines (one word each) as an async
+        iterator."""
+        self.reserve(cost)
         lines = json_lines(self.runner.to_async.generate(**arguments))
         try:
-            return await anext(lines), lines
-        except BentoMLException as error:
-            raise runner_error(error) from None
-        except (httpx.HTTPError, aiohttp.ClientError) as error:
-            raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
+            with runner_errors():
+                first = await anext(lines)
+        except BaseException:
+            self.release(cost)
+            raise
 
-    async def unbatched(self, api: str, **arguments):
-        """One call of a runner API that is not batched, its failures reworded for the client."""
+        async def rest() -> AsyncIterator[dict]:
+            try:
+                async for line in lines:
+                    yield line
+            finally:
+                self.release(cost)
+
+        return first, rest()
+
+    @contextlib.contextmanager
+    def admitted(self, cost: int) -> Iterator[None]:
+        self.reserve(cost)
         try:
-            return await getattr(self.runner.to_async, api)(**arguments)
-        except BentoMLException as error:
-            raise runner_error(error) from None
-        except (httpx.HTTPError, aiohttp.ClientError) as error:
-            raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly", {"Retry-After": "1"}) from None
+            yield
+        finally:
+            self.release(cost)
+
+    def reserve(self, cost: int) -> None:
+        """Count `cost` units of work (texts, words) against this worker's limit, or refuse: 429."""
+        if self.pending_texts + cost > self.settings.max_pending_texts:
+            raise ApiError(
+                429,
+                f"overloaded: {self.pending_texts} texts (or words to generate) are already waiting in this worker "
+                f"(limit {self.settings.max_pending_texts}, TEXTSERVE_MAX_PENDING_TEXTS); retry shortly",
+                {"Retry-After": "1"},
+            )
+        self.pending_texts += cost
+
+    def release(self, cost: int) -> None:
+        self.pending_texts -= cost
 
     async def call_runner(self, runner_api, model: str, texts: list[str]) -> list:
         """One batched runner call, retried when the connection (not the inference) failed.
@@ -190,6 +207,18 @@ class TextService:
 
 
 TextService.add_asgi_middleware(JsonNotFound)
+
+
+@contextlib.contextmanager
+def runner_errors() -> Iterator[None]:
+    """A runner's refusal or an unreachable runner, as the ApiError a client should see."""
+    try:
+        yield
+    except BentoMLException as error:
+        raise runner_error(error) from None
+    except (httpx.HTTPError, aiohttp.ClientError) as error:
+        raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly",
+                       {"Retry-After": "1"}) from None
 
 
 def runner_error(error: BentoMLException) -> ApiError:
