@@ -131,7 +131,7 @@ class TextService:
         """One call of a runner API that is not batched, admitted at `cost` (texts or words it
         handles) and its failures reworded for the client."""
         with self.admitted(cost), runner_errors():
-            return await getattr(self.runner.to_async, api)(**arguments)
+            return await with_connection_retry(lambda: getattr(self.runner.to_async, api)(**arguments))
 
     async def generation(self, cost: int, **arguments) -> tuple[dict, AsyncIterator[dict]]:
         """Start the runner's streamed generation, admitted at `cost` (the words asked for) until
@@ -139,18 +139,25 @@ class TextService:
         refusal is still an HTTP error, with the rest of the lines (one word each) as an async
         iterator."""
         self.reserve(cost)
-        lines = json_lines(self.runner.to_async.generate(**arguments))
+        lines: AsyncIterator[dict] | None = None
+
+        async def start() -> dict:
+            nonlocal lines
+            lines = json_lines(self.runner.to_async.generate(**arguments))
+            return await anext(lines)  # nothing has reached the client yet: safe to send again
+
         try:
             with runner_errors():
-                first = await anext(lines)
+                first = await with_connection_retry(start)
         except BaseException:
             self.release(cost)
             raise
 
         async def rest() -> AsyncIterator[dict]:
             try:
-                async for line in lines:
-                    yield line
+                with runner_errors():  # a failure mid-stream, too, reaches the client as an ApiError
+                    async for line in lines:
+                        yield line
             finally:
                 self.release(cost)
 
@@ -179,21 +186,13 @@ class TextService:
         self.pending_texts -= cost
 
     async def call_runner(self, runner_api, model: str, texts: list[str]) -> list:
-        """One batched runner call, retried when the connection (not the inference) failed.
+        """One batched runner call; the queue wait is measured from each attempt's sending."""
 
-        BentoML's internal client keeps idle connections for 15 s while the runner's server may
-        close them sooner (BentoML issue #4971), so a write can hit a closed socket. Inference
-        has no side effects, so sending it again is safe."""
-        for attempt in range(1, RUNNER_CONNECTION_ATTEMPTS + 1):
+        async def send() -> list:
             sent_at = time.time()
-            items = [TextItem(model=model, text=text, sent_at=sent_at) for text in texts]
-            try:
-                return await runner_api(items)
-            except aiohttp.ClientConnectionError as error:
-                if attempt == RUNNER_CONNECTION_ATTEMPTS:
-                    raise
-                logger.warning("runner connection failed (%s: %s); sending again", type(error).__name__, error)
-        raise AssertionError("unreachable")
+            return await runner_api([TextItem(model=model, text=text, sent_at=sent_at) for text in texts])
+
+        return await with_connection_retry(send)
 
     async def models_not_ready(self) -> list[str]:
         """Models whose runner session is not built and warmed up yet (asks the runner once)."""
@@ -207,6 +206,21 @@ class TextService:
 
 
 TextService.add_asgi_middleware(JsonNotFound)
+
+
+async def with_connection_retry(call):
+    """Await `call()`, calling it again when the connection to the runner (not the inference)
+    failed. BentoML's internal client keeps idle connections for 15 s while the runner's server
+    may close them sooner (BentoML issue #4971), so a write can hit a closed socket; inference
+    has no side effects, so sending it again is safe."""
+    for attempt in range(1, RUNNER_CONNECTION_ATTEMPTS + 1):
+        try:
+            return await call()
+        except aiohttp.ClientConnectionError as error:
+            if attempt == RUNNER_CONNECTION_ATTEMPTS:
+                raise
+            logger.warning("runner connection failed (%s: %s); sending again", type(error).__name__, error)
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager

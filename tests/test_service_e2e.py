@@ -269,12 +269,24 @@ def test_a_short_locust_run_has_no_failures(server, tmp_path):
     result = subprocess.run(
         [locust, "-f", "loadtests/locustfile.py", "--host", server, "--headless", "-u", "8", "-r", "8",
          "-t", "5s", "--csv", str(tmp_path / "run"), "--only-summary"],
-        cwd=REPOSITORY, capture_output=True, text=True, timeout=120,
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=120, env={**os.environ, "TEXTSERVE_LOAD_LM": TINY_LM},
     )
     rows = {row.split(",")[1]: row.split(",") for row in (tmp_path / "run_stats.csv").read_text().splitlines()[1:]}
     requests_made, failures = int(rows["Aggregated"][2]), int(rows["Aggregated"][3])
     assert requests_made > 20 and failures == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert {"/classify", "/v2/models/[name]/infer"} <= set(rows)
+    assert {"/classify", "/v2/models/[name]/infer", "/lm/score", "/lm/next", "/lm/generate"} <= set(rows)
+
+
+def test_locust_language_model_users_stop_where_their_model_is_not_served(server, tmp_path):
+    locust = str(Path(sys.executable).parent / "locust")
+    result = subprocess.run(
+        [locust, "-f", "loadtests/locustfile.py", "--host", server, "--headless", "-u", "4", "-r", "4",
+         "-t", "3s", "--csv", str(tmp_path / "run"), "--only-summary"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=120, env={**os.environ, "TEXTSERVE_LOAD_LM": "no-such-lm"},
+    )
+    rows = {row.split(",")[1]: row.split(",") for row in (tmp_path / "run_stats.csv").read_text().splitlines()[1:]}
+    assert int(rows["Aggregated"][3]) == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "/classify" in rows and "/lm/score" not in rows
 
 
 def test_every_zoo_model_answers_classify_and_v2(server):
