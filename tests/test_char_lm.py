@@ -376,3 +376,17 @@ def test_served_text_is_read_with_penn_treebank_conventions():
         "mr.", "smith", "'s", "company", "did", "n't", "pay", "$", "N", "about", "N", "in", "N", "the", "end"]
     assert ptb_tokenize("  !!! ... ", vocab) == []
     assert ptb_tokenize("#1 choice", vocab) == ["#", "N", "choice"]
+
+
+def test_asking_for_cuda_without_a_gpu_is_an_error_not_a_fallback(tiny_lm_bundle, ptb_slice, tmp_path):
+    from services.inference import BundleError
+    from training.evaluate import evaluate_language_model
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is usable here")
+    train, valid = ptb_slice
+    with pytest.raises(SystemExit, match="no usable CUDA GPU"):
+        train_language_model(train, valid, tmp_path / "lm.pt", overrides=TINY, device="cuda", show_progress=False)
+    assert not (tmp_path / "lm.pt").exists()
+    with pytest.raises(BundleError, match="cuda"):
+        evaluate_language_model(tiny_lm_bundle, valid, device="cuda")
