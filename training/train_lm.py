@@ -180,6 +180,8 @@ def train_language_model(
         progress = previous["resume"]["progress"]
         carried = tuple(t.to(device) for t in previous["resume"]["carried_state"])
         torch.set_rng_state(previous["resume"]["torch_rng"])
+        if device == "cuda" and previous["resume"].get("cuda_rng"):
+            torch.cuda.set_rng_state_all(previous["resume"]["cuda_rng"])  # dropout masks on the GPU
         best_state = previous["state_dict"] if progress["best_epoch"] else None
         print(f"resuming {out}: epoch {progress['epoch']}, chunk {progress['chunk']}/{chunks}, "
               f"lr {progress['learning_rate']:g}", flush=True)
@@ -214,6 +216,7 @@ def train_language_model(
                 "carried_state": [t.detach().cpu().clone() for t in carried],
                 "progress": progress,
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else [],
             },
         }
 
