@@ -62,29 +62,26 @@ async def ready(service=Depends(bentoml.get_current_service)) -> dict:
 async def model_metadata(name: str, version: str | None = None, service=Depends(bentoml.get_current_service)) -> dict:
     bundle = checked_bundle(service, name, version)
     if is_language_model(bundle):
-        return {
-            "name": bundle.name,
-            "versions": [model_version(bundle)],
-            "platform": "onnxruntime_onnx",
-            "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [
-                {"name": "log_prob", "datatype": "FP32", "shape": [-1]},
-                {"name": "token_count", "datatype": "INT64", "shape": [-1]},
-                {"name": "perplexity", "datatype": "FP32", "shape": [-1]},
-                {"name": "token_log_probs", "datatype": "FP32", "shape": [-1, -1]},
-            ],
-            "parameters": {"architecture": bundle.architecture, "vocabulary_size": bundle.config["model"]["vocab_size"]},
-        }
+        outputs = [
+            {"name": "log_prob", "datatype": "FP32", "shape": [-1]},
+            {"name": "token_count", "datatype": "INT64", "shape": [-1]},
+            {"name": "perplexity", "datatype": "FP32", "shape": [-1]},
+            {"name": "token_log_probs", "datatype": "FP32", "shape": [-1, -1]},
+        ]
+        parameters = {"architecture": bundle.architecture, "vocabulary_size": bundle.config["model"]["vocab_size"]}
+    else:
+        outputs = [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(bundle.labels)]},
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        ]
+        parameters = {"labels": list(bundle.labels), "architecture": bundle.architecture}
     return {
         "name": bundle.name,
         "versions": [model_version(bundle)],
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(bundle.labels)]},
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-        ],
-        "parameters": {"labels": list(bundle.labels), "architecture": bundle.architecture},
+        "outputs": outputs,
+        "parameters": parameters,
     }
 
 
