@@ -366,6 +366,14 @@ def test_results_table_has_a_language_model_section(tiny_lm_bundle, tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "## Character-aware language models" in text and f"| `char-lm-tiny` | small | {metrics['valid_perplexity_onnx']:.1f} |" in text
     assert "| 2 | 1 |" in text  # the curve: epoch 2 at learning rate 1
+    vocab = set(json.loads((tiny_lm_bundle / "vocab.json").read_text())["words"])
+    for layer in ("cnn", "highway"):  # Table 6: 4 vocabulary words each, best first, never the word itself
+        for word, neighbors in row["neighbors"][layer].items():
+            similarities = [similarity for _, similarity in neighbors]
+            assert len(neighbors) == 4 and similarities == sorted(similarities, reverse=True)
+            assert all(n in vocab and n != word for n, _ in neighbors)
+    first, similarity = row["neighbors"]["highway"]["looooook"][0]
+    assert f"| looooook | " in text and f"{first} ({similarity:.2f})" in text
 
 
 def test_served_text_is_read_with_penn_treebank_conventions():

@@ -45,6 +45,10 @@ LM_PAPER = {
 }
 LM_STREAM_TOKENS = 2000
 LM_STEP_RUNS = 200
+# Kim et al. 2016 Table 6: words in PTB's vocabulary, then words it never saw; their nearest
+# vocabulary words by cosine, before the highway layers (the CNN's output) and after them.
+TABLE6_WORDS = ("while", "his", "you", "richard", "trading", "computer-aided", "misinformed", "looooook")
+TABLE6_NEIGHBORS = 4
 
 
 def parameter_count(onnx_path: Path) -> int:
@@ -125,9 +129,12 @@ def lm_row(path: Path) -> dict:
         started = time.perf_counter()
         _, h, c = language_model.step(word, h, c)
         steps.append(time.perf_counter() - started)
+    neighbors = {layer: dict(zip(TABLE6_WORDS, language_model.neighbors(TABLE6_WORDS, TABLE6_NEIGHBORS, layer)))
+                 for layer in ("cnn", "highway")}
     return {
         "bundle": bundle.name,
         "preset": bundle.config["preset"],
+        "neighbors": neighbors,
         "valid_perplexity": metrics["valid_perplexity_onnx"],
         "valid_tokens": metrics["valid_tokens_scored"],
         "best_epoch": metrics["best_epoch"],
@@ -170,6 +177,13 @@ def render_language_models(rows: list[dict]) -> list[str]:
                   "| epoch | learning rate | train perplexity | valid perplexity |", "|---|---|---|---|"]
         for entry in row["history"]:
             lines.append(f"| {entry['epoch']} | {entry['learning_rate']:g} | {entry['train_perplexity']:.1f} | {entry['valid_perplexity']:.1f} |")
+        lines += ["", f"Nearest vocabulary words of `{row['bundle']}` by cosine (the paper's Table 6; the last",
+                  "three words are not in PTB's vocabulary, their vectors come from their characters):", "",
+                  "| word | before the highway layers | after the highway layers |", "|---|---|---|"]
+        for word in TABLE6_WORDS:
+            cells = [", ".join(f"{neighbor} ({similarity:.2f})" for neighbor, similarity in row["neighbors"][layer][word])
+                     for layer in ("cnn", "highway")]
+            lines.append(f"| {word} | {cells[0]} | {cells[1]} |")
         lines += ["", f"Commands of `{row['bundle']}`:"]
         for key, command in sorted(row["commands"].items()):
             lines.append(f"- {key.removesuffix('_command')}: `{command}`")
