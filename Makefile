@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean
+.PHONY: serve test install demo-zoo clean bench
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,20 @@ serve: demo-zoo
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Side by side, one run: onnxruntime in process, torch eager, the service and a hand-rolled
+# FastAPI server over HTTP under wrk (docs/performance.md). BENCH_ARGS=... passes options, e.g.
+# BENCH_ARGS="--texts-per-request 16". The load generator is Debian's wrk; plots need matplotlib.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk); \
+	  else sudo apt-get install -y -qq wrk; fi; }
+	$(BIN)/python -m services.model_store
+	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

@@ -5,9 +5,10 @@
 | TEXTSERVE_ZOO                    | models/zoo   | folder of model bundles imported into the BentoML store    |
 | TEXTSERVE_MODELS                 | (all)        | comma-separated bundle names to serve                      |
 | TEXTSERVE_DEVICE                 | auto         | cpu, cuda (an error if CUDA cannot run), auto (CUDA if an NVIDIA GPU is present) |
-| TEXTSERVE_ORT_THREADS            | 0            | onnxruntime intra-op threads per runner worker; 0 = cores / runner workers |
-| TEXTSERVE_RUNNER_WORKERS         | 1            | processes running onnxruntime sessions                     |
-| TEXTSERVE_HTTP_WORKERS           | 1            | processes answering HTTP (validation, JSON, OIP codec)     |
+| TEXTSERVE_INFERENCE              | inline       | inline: onnxruntime in each HTTP worker (no second hop); runner: one separate runner process that every HTTP worker's texts go to |
+| TEXTSERVE_ORT_THREADS            | 0            | onnxruntime intra-op threads per process running sessions; 0 = cores / those processes |
+| TEXTSERVE_RUNNER_WORKERS         | 1            | with TEXTSERVE_INFERENCE=runner: runner processes          |
+| TEXTSERVE_HTTP_WORKERS           | cores        | processes answering HTTP; inline, each also runs its own sessions and batcher |
 | TEXTSERVE_MAX_BATCH_TEXTS        | 64           | adaptive batching: most texts in one inference batch       |
 | TEXTSERVE_MAX_LATENCY_MS         | 1000         | adaptive batching: a batch that cannot start in time is refused (503) |
 | TEXTSERVE_MAX_TEXTS_PER_REQUEST  | 256          | more texts in one request -> 413                           |
@@ -15,6 +16,7 @@
 | TEXTSERVE_MAX_PENDING_TEXTS      | 2048         | texts in flight per HTTP worker before new requests get 429 |
 | TEXTSERVE_DEFAULT_TOP_K          | 3            | top-k when a request does not say                          |
 | TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
+| TEXTSERVE_ACCESS_LOG             | 0            | 1: BentoML's access log line per request (method, path, status, time; never the body) |
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
 | TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
@@ -23,7 +25,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field as dataclass_field, fields
 from pathlib import Path
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +36,10 @@ class ServiceSettings:
     zoo: Path = REPOSITORY_ROOT / "models" / "zoo"
     models: tuple[str, ...] = ()  # empty: every bundle in the zoo
     device: str = "auto"
+    inference: str = "inline"
     ort_threads: int = 0
     runner_workers: int = 1
-    http_workers: int = 1
+    http_workers: int = dataclass_field(default_factory=lambda: os.cpu_count() or 1)
     max_batch_texts: int = 64
     max_latency_ms: int = 1000
     max_texts_per_request: int = 256
@@ -44,6 +47,7 @@ class ServiceSettings:
     max_pending_texts: int = 2048
     default_top_k: int = 3
     request_timeout_s: int = 30
+    access_log: bool = False
     max_generate_words: int = 200
     max_neighbors: int = 100
     max_word_chars: int = 100
@@ -60,7 +64,11 @@ class ServiceSettings:
                 values[field.name] = Path(raw)
             elif field.name == "models":
                 values[field.name] = tuple(name.strip() for name in raw.split(",") if name.strip())
-            elif field.name == "device":
+            elif field.name == "access_log":
+                if raw.strip().lower() not in ("0", "1", "true", "false"):
+                    raise ValueError(f"TEXTSERVE_ACCESS_LOG={raw!r}; expected 0 or 1")
+                values[field.name] = raw.strip().lower() in ("1", "true")
+            elif field.name in ("device", "inference"):
                 values[field.name] = raw.strip().lower()
             else:
                 try:
@@ -74,6 +82,8 @@ class ServiceSettings:
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TEXTSERVE_DEVICE={self.device!r}; expected auto, cpu or cuda")
+        if self.inference not in ("inline", "runner"):
+            raise ValueError(f"TEXTSERVE_INFERENCE={self.inference!r}; expected inline or runner")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
                      "max_text_chars", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "max_generate_words", "max_neighbors",
                      "max_word_chars"):
@@ -83,10 +93,12 @@ class ServiceSettings:
             raise ValueError("TEXTSERVE_ORT_THREADS must be 0 (automatic) or more")
 
     def session_threads(self) -> int:
-        """Intra-op threads per runner worker: about cores / workers, so workers do not fight."""
+        """Intra-op threads per process that runs sessions (an HTTP worker when inline, else a
+        runner worker): about cores / those processes, so that they do not fight."""
         if self.ort_threads:
             return self.ort_threads
-        return max(1, (os.cpu_count() or 1) // self.runner_workers)
+        processes = self.http_workers if self.inference == "inline" else self.runner_workers
+        return max(1, (os.cpu_count() or 1) // processes)
 
 
 SETTINGS = ServiceSettings.from_environment()  # read once per process, at import

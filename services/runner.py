@@ -59,8 +59,9 @@ class ModelRunner:
             logger.info("loaded %s (sha256 %s) on %s, %d threads", bundle.name, bundle.sha256[:12], device, threads)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
-    def classify_batch(self, items: list[TextItem]) -> list[list[float]]:
-        """Probabilities for each item, in the order of `items` (several models may be mixed)."""
+    def classify_batch(self, items: list[TextItem]) -> list[dict]:
+        """Per item, in the order of `items` (several models may be mixed): {"answer": its
+        probabilities, "queue_s", "inference_s"} (see run_by_model)."""
 
         def classify(model: str, texts: list[str]) -> list[list[float]]:
             classifier = self.classifiers.get(model)
@@ -90,7 +91,8 @@ class ModelRunner:
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
     def score_batch(self, items: list[TextItem]) -> list[dict]:
-        """Per item: its tokens, their log-probabilities and whether each is in the vocabulary."""
+        """Per item: {"answer": its tokens, their log-probabilities and whether each is in the
+        vocabulary, "queue_s", "inference_s"} (see run_by_model)."""
 
         def score(model: str, texts: list[str]) -> list[dict]:
             return [{"tokens": text.tokens, "log_probs": text.log_probs.tolist(), "in_vocabulary": text.in_vocabulary}
@@ -139,22 +141,23 @@ class ModelRunner:
         return sorted([*self.classifiers, *self.language_models])
 
 
-def run_by_model(items: list[TextItem], run: Callable[[str, list[str]], list]) -> list:
+def run_by_model(items: list[TextItem], run: Callable[[str, list[str]], list]) -> list[dict]:
     """One adaptive batch: record its size and each item's queue wait, run each model's share
-    of the items as one call of `run(model, texts)`, and return the answers in item order."""
+    of the items as one call of `run(model, texts)`, and return, in item order, each answer with
+    its queue wait and its model's inference time (the service turns them into headers)."""
     started = time.time()
     metrics.batch_texts.observe(len(items))
-    for item in items:
-        metrics.queue_wait_seconds.observe(max(0.0, started - item.sent_at))
     rows_by_model: dict[str, list[int]] = defaultdict(list)
     for row, item in enumerate(items):
         rows_by_model[item.model].append(row)
+        metrics.queue_wait_seconds.observe(max(0.0, started - item.sent_at))
     answers: list = [None] * len(items)
     for model, rows in rows_by_model.items():
         model_started = time.perf_counter()
         model_answers = run(model, [items[row].text for row in rows])
-        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - model_started)
+        inference_s = time.perf_counter() - model_started
+        metrics.inference_duration_seconds.labels(model=model).observe(inference_s)
         metrics.texts_total.labels(model=model).inc(len(rows))
         for row, answer in zip(rows, model_answers):
-            answers[row] = answer
+            answers[row] = {"answer": answer, "queue_s": max(0.0, started - items[row].sent_at), "inference_s": inference_s}
     return answers

@@ -5,14 +5,18 @@
               classify_batch / score_batch (adaptive batching), or one call per request
               (explain, next words, generation, word vectors) -> onnxruntime -> JSON / OIP
 
-The runner sits behind `bentoml.depends`: BentoML batches only calls to its own APIs, and a
-call through `depends` is one, so every endpoint here shares one batcher.
+Where the runner runs is TEXTSERVE_INFERENCE:
+- `inline` (default): in this process (in_process.py), behind BentoML's adaptive batcher run
+  here; no second hop, so a small model's request costs a fraction of the CPU.
+- `runner`: a separate BentoML service behind `bentoml.depends`; BentoML batches calls to its
+  own APIs, so every HTTP worker shares that process's one batcher (and one GPU's memory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,12 +26,13 @@ import bentoml
 import httpx
 import numpy as np
 from bentoml.exceptions import BentoMLException
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
-from services import metrics
+from services import bentoml_timeout, request_timing
 from services.config import SETTINGS, ServiceSettings
 from services.errors import ApiError, JsonNotFound, install_error_handlers
 from services.http_api import router as json_api
+from services.in_process import InProcessRunner
 from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.lm_api import json_lines, router as language_model_api
 from services.model_store import stored_bundles, store_tag
@@ -35,6 +40,7 @@ from services.open_inference import router as open_inference_api
 from services.runner import ModelRunner, TextItem
 
 logger = logging.getLogger("bentoml.textserve")
+bentoml_timeout.install()  # before BentoML builds this server's middleware stack
 READY_CHECK_SECONDS = 2.0
 RUNNER_CONNECTION_ATTEMPTS = 3
 
@@ -48,38 +54,32 @@ install_error_handlers(app)
 app.include_router(json_api)
 app.include_router(language_model_api)
 app.include_router(open_inference_api)
-
-
-@app.middleware("http")
-async def count_requests(request: Request, call_next):
-    """Requests and their latency by model, route template and status (not raw path: bounded labels)."""
-    started = time.perf_counter()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    endpoint = getattr(route, "path", "unmatched")
-    model = getattr(request.state, "model", "")
-    metrics.requests_total.labels(model=model, endpoint=endpoint, status=str(response.status_code)).inc()
-    metrics.request_duration_seconds.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
-    return response
+app.add_middleware(request_timing.RequestTiming)
 
 
 @bentoml.service(
     name="textserve",
     workers=SETTINGS.http_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
+    # One log line per request costs about a tenth of a small model's request (docs/performance.md).
+    logging={"access": {"enabled": SETTINGS.access_log}},
 )
 @bentoml.asgi_app(app, path="/")
 class TextService:
     """Entry service: validation, limits and admission, then the batched runner."""
 
-    runner = bentoml.depends(ModelRunner)
+    if SETTINGS.inference == "runner":
+        runner = bentoml.depends(ModelRunner)  # started by BentoML as its own process
 
     def __init__(self) -> None:
         self.settings: ServiceSettings = SETTINGS
+        if SETTINGS.inference == "inline":
+            self.runner = InProcessRunner()
         self.bundles: dict[str, Bundle] = {b.name: b for b in stored_bundles(SETTINGS)}
         self.store_tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
         self.pending_texts = 0  # texts admitted and not yet answered, in this worker
         self.ready_models: set[str] = set()
+        freeze_what_lives()
 
     def bundle(self, name: str, kind: str | None = None) -> Bundle:
         """The named bundle; 404 if unknown, 400 if it is not of `kind` ("classifier" or "language model")."""
@@ -131,7 +131,10 @@ class TextService:
         """One call of a runner API that is not batched, admitted at `cost` (texts or words it
         handles) and its failures reworded for the client."""
         with self.admitted(cost), runner_errors():
-            return await with_connection_retry(lambda: getattr(self.runner.to_async, api)(**arguments))
+            started = time.perf_counter()
+            answer = await with_connection_retry(lambda: getattr(self.runner.to_async, api)(**arguments))
+            request_timing.record(0.0, time.perf_counter() - started)
+            return answer
 
     async def generation(self, cost: int, **arguments) -> tuple[dict, AsyncIterator[dict]]:
         """Start the runner's streamed generation, admitted at `cost` (the words asked for) until
@@ -139,6 +142,7 @@ class TextService:
         refusal is still an HTTP error, with the rest of the lines (one word each) as an async
         iterator."""
         self.reserve(cost)
+        started = time.perf_counter()
         lines: AsyncIterator[dict] | None = None
 
         async def start() -> dict:
@@ -160,6 +164,7 @@ class TextService:
                         yield line
             finally:
                 self.release(cost)
+                request_timing.record(0.0, time.perf_counter() - started)  # seen when not streamed
 
         return first, rest()
 
@@ -186,13 +191,18 @@ class TextService:
         self.pending_texts -= cost
 
     async def call_runner(self, runner_api, model: str, texts: list[str]) -> list:
-        """One batched runner call; the queue wait is measured from each attempt's sending."""
+        """One batched runner call; the queue wait is measured from each attempt's sending.
+        Each text's answer comes back with its batch's queue wait and inference time, noted
+        for the response's timing headers."""
 
         async def send() -> list:
             sent_at = time.time()
             return await runner_api([TextItem(model=model, text=text, sent_at=sent_at) for text in texts])
 
-        return await with_connection_retry(send)
+        timed_answers = await with_connection_retry(send)
+        for timed in timed_answers:
+            request_timing.record(timed["queue_s"], timed["inference_s"])
+        return [timed["answer"] for timed in timed_answers]
 
     async def models_not_ready(self) -> list[str]:
         """Models whose runner session is not built and warmed up yet (asks the runner once)."""
@@ -202,10 +212,21 @@ class TextService:
                 self.ready_models = set(await asyncio.wait_for(self.runner.to_async.loaded_models(), READY_CHECK_SECONDS))
             except (BentoMLException, httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError):
                 return sorted(self.bundles)
+            if self.ready_models == set(self.bundles):
+                freeze_what_lives()  # the server is built now: what exists will live as long as it
         return sorted(set(self.bundles) - self.ready_models)
 
 
 TextService.add_asgi_middleware(JsonNotFound)
+
+
+def freeze_what_lives() -> None:
+    """What exists now (frameworks, sessions, vocabularies, the app) lives as long as the
+    process: move it out of the garbage collector's sight. Otherwise every full collection walks
+    all of it and stops the event loop for about 100 ms, which was a small model's p99
+    (docs/performance.md). Called once the models are loaded and again once they are ready."""
+    gc.collect()
+    gc.freeze()
 
 
 async def with_connection_retry(call):

@@ -26,6 +26,8 @@ def test_defaults_and_overrides_from_the_environment():
         ({"TEXTSERVE_MAX_BATCH_TEXTS": "many"}, "TEXTSERVE_MAX_BATCH_TEXTS='many' is not an integer"),
         ({"TEXTSERVE_HTTP_WORKERS": "0"}, "TEXTSERVE_HTTP_WORKERS must be at least 1"),
         ({"TEXTSERVE_DEVICE": "tpu"}, "TEXTSERVE_DEVICE='tpu'"),
+        ({"TEXTSERVE_INFERENCE": "remote"}, "TEXTSERVE_INFERENCE='remote'; expected inline or runner"),
+        ({"TEXTSERVE_ACCESS_LOG": "yes"}, "TEXTSERVE_ACCESS_LOG='yes'; expected 0 or 1"),
         ({"TEXTSERVE_ORT_THREADS": "-1"}, "TEXTSERVE_ORT_THREADS"),
     ],
 )
@@ -34,10 +36,14 @@ def test_bad_values_are_refused_with_the_variable_name(environ, message):
         ServiceSettings.from_environment(environ)
 
 
-def test_session_threads_split_the_cores_between_runner_workers(monkeypatch):
+def test_session_threads_split_the_cores_between_the_processes_that_run_sessions(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    assert ServiceSettings(runner_workers=4).session_threads() == 4
-    assert ServiceSettings(runner_workers=32).session_threads() == 1
+    # inline (the default): every HTTP worker runs sessions, one per core by default
+    assert ServiceSettings().http_workers == 16 and ServiceSettings().session_threads() == 1
+    assert ServiceSettings(http_workers=4).session_threads() == 4
+    # a separate runner: its workers share the cores, whatever the HTTP workers
+    assert ServiceSettings(inference="runner", http_workers=16, runner_workers=4).session_threads() == 4
+    assert ServiceSettings(inference="runner", runner_workers=32).session_threads() == 1
     assert ServiceSettings(ort_threads=3).session_threads() == 3
 
 

@@ -5,9 +5,11 @@ pending-text limit so that overload can be provoked.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,19 +49,18 @@ def test_zoo(tmp_path_factory, tiny_lm_bundle) -> Path:
     return zoo
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, test_zoo):
+@contextlib.contextmanager
+def running_server(home: Path, zoo: Path, **settings: str):
+    """`bentoml serve` on a free port with the TEXTSERVE_* `settings`; its URL once ready."""
     port = free_port()
-    home = tmp_path_factory.mktemp("bentoml_home")
     env = {
         **os.environ,
         "BENTOML_HOME": str(home),
-        "TEXTSERVE_HTTP_WORKERS": "2",
-        "TEXTSERVE_MAX_PENDING_TEXTS": str(MAX_PENDING_TEXTS),
         "TEXTSERVE_DEVICE": "cpu",
+        "TEXTSERVE_ZOO": str(zoo),
         "BENTOML_DO_NOT_TRACK": "True",
+        **{f"TEXTSERVE_{name.upper()}": value for name, value in settings.items()},
     }
-    env["TEXTSERVE_ZOO"] = str(test_zoo)
     bentoml = str(Path(sys.executable).parent / "bentoml")
     subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
     log = open(home / "serve.log", "w")
@@ -81,13 +82,23 @@ def server(tmp_path_factory, test_zoo):
             os.killpg(process.pid, signal.SIGKILL)
             raise RuntimeError(f"not ready in {STARTUP_SECONDS} s:\n{(home / 'serve.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield url
-    os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, test_zoo):
+    """Inference inside the HTTP workers (the default)."""
+    with running_server(tmp_path_factory.mktemp("bentoml_home"), test_zoo,
+                        http_workers="2", max_pending_texts=str(MAX_PENDING_TEXTS)) as url:
+        yield url
 
 
 def classify(url, body, **kwargs):
@@ -483,3 +494,56 @@ def test_the_released_lm_reads_unseen_words_like_table_6(server):
     neighbors = {r["word"]: [n["word"] for n in r["neighbors"]] for r in response.json()["results"]}
     assert "look" in neighbors["looooook"], neighbors
     assert {"informed", "performed", "outperformed"} & set(neighbors["misinformed"]), neighbors
+
+
+# --------------------------------------------------------------------------- where time goes
+
+TIMING_HEADERS = ("x-queue-time", "x-inference-time", "x-total-time")
+
+
+def timings(response) -> dict[str, float]:
+    return {name: float(response.headers[name]) for name in TIMING_HEADERS}
+
+
+def test_every_response_says_where_its_time_went(server):
+    answered = classify(server, {"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?", "How far is Denver ?"]})
+    assert answered.status_code == 200
+    spent = timings(answered)
+    # Queue and inference happened inside the request, so neither can exceed its total.
+    assert 0 < spent["x-inference-time"] <= spent["x-total-time"]
+    assert 0 <= spent["x-queue-time"] <= spent["x-total-time"]
+    scored = requests.post(f"{server}/lm/score", json={"model": TINY_LM, "texts": ["the cat sat"]}, timeout=30)
+    assert scored.status_code == 200 and 0 < timings(scored)["x-inference-time"] <= timings(scored)["x-total-time"]
+    # A refusal never reached a model: no queue, no inference, but still a total.
+    refused = classify(server, {"model": "no-such-model", "texts": ["x"]})
+    assert refused.status_code == 404
+    assert timings(refused)["x-inference-time"] == 0 and timings(refused)["x-total-time"] > 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk; .ci/run installs it)")
+def test_the_load_generator_accounts_for_every_request(server):
+    from loadtests.wrk import run_wrk
+
+    good = json.dumps({"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?"]})
+    unknown = json.dumps({"model": "no-such-model", "texts": ["x"]})
+    result = run_wrk(server, "/classify", [good, good, unknown], connections=4, seconds=2)
+    assert result.requests > 30
+    assert result.requests == result.ok + result.refused + sum(result.other_statuses.values())
+    assert set(result.other_statuses) == {"404"} and result.ok > result.other_statuses["404"] > 0
+    assert sum(result.socket_errors.values()) == 0 and result.refused == 0
+    assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
+
+
+def test_the_separate_runner_process_mode_serves_the_same_answers(tmp_path_factory, test_zoo, server):
+    """TEXTSERVE_INFERENCE=runner: texts go to one BentoML runner process behind bentoml.depends."""
+    texts = ["How far is it from Denver to Aspen ?", "Who wrote Hamlet ?", "a gorgeous , witty , seductive movie ."]
+    with running_server(tmp_path_factory.mktemp("bentoml_home_runner"), test_zoo, inference="runner", http_workers="1",
+                        models="kim-cnn-trec6") as runner_url:
+        remote = classify(runner_url, {"model": "kim-cnn-trec6", "texts": texts})
+        assert remote.status_code == 200 and 0 < timings(remote)["x-inference-time"] <= timings(remote)["x-total-time"]
+        unknown = classify(runner_url, {"model": "kim-cnn-mr", "texts": texts})
+        assert unknown.status_code == 404
+    inline = classify(server, {"model": "kim-cnn-trec6", "texts": texts})
+    for a, b in zip(remote.json()["results"], inline.json()["results"]):
+        assert a["label"] == b["label"]
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
