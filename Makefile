@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench
+.PHONY: serve test install demo-zoo clean bench loadtest
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ bench: $(VENV)/.bench-installed
 	  else sudo apt-get install -y -qq wrk; fi; }
 	$(BIN)/python -m services.model_store
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
+
+# Locust's mixed workload against a fresh service, headless, gated on the SLO (exit code).
+# LOADTEST_ARGS=... passes options, e.g. LOADTEST_ARGS="--shape spike --users 128".
+loadtest: $(VENV)/.bench-installed
+	$(BIN)/python -m services.model_store
+	$(BIN)/python -m loadtests.run_loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

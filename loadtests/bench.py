@@ -188,9 +188,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running(server: Server, port: int) -> Iterator[psutil.Process]:
-    """Start `server` on `port`, wait until `ready_path` answers 200, stop it (and its children) after."""
-    log = open(REPOSITORY_ROOT / "loadtests" / "results" / f"{server.label}.log", "w")
+def running(server: Server, port: int, log_dir: Path) -> Iterator[psutil.Process]:
+    """Start `server` on `port`, wait until `ready_path` answers 200, stop it (and its children)
+    after; its output goes to log_dir/LABEL.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"{server.label}.log", "w")
     process = subprocess.Popen([part.format(port=port) for part in server.command], cwd=REPOSITORY_ROOT,
                                env={**os.environ, **server.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -386,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         port = free_port()
         print(f"{server.label} ({server.description}) on port {port}", flush=True)
         report["systems"][server.label] = server.description
-        with running(server, port) as root:
+        with running(server, port, args.out) as root:
             for workload, entry in zip(workloads, report["workloads"]):
                 print(f"  {workload.model} {workload.path}", flush=True)
                 entry["http"][server.label] = load_levels(

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -275,17 +276,39 @@ def test_overload_gets_a_fast_explicit_refusal_with_retry_after(server):
     assert classify(server, {"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?"]}).status_code == 200
 
 
-def test_a_short_locust_run_has_no_failures(server, tmp_path):
+def test_a_short_locust_run_answers_every_request_and_passes_the_slo_gate(server, tmp_path):
     locust = str(Path(sys.executable).parent / "locust")
     result = subprocess.run(
         [locust, "-f", "loadtests/locustfile.py", "--host", server, "--headless", "-u", "8", "-r", "8",
-         "-t", "5s", "--csv", str(tmp_path / "run"), "--only-summary"],
+         "-t", "6s", "--csv", str(tmp_path / "run"), "--only-summary", "--slo-p99-ms", "5000"],
         cwd=REPOSITORY, capture_output=True, text=True, timeout=120, env={**os.environ, "TEXTSERVE_LOAD_LM": TINY_LM},
     )
+    output = result.stdout[-2000:] + result.stderr[-2000:]
     rows = {row.split(",")[1]: row.split(",") for row in (tmp_path / "run_stats.csv").read_text().splitlines()[1:]}
     requests_made, failures = int(rows["Aggregated"][2]), int(rows["Aggregated"][3])
-    assert requests_made > 20 and failures == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert {"/classify", "/v2/models/[name]/infer", "/lm/score", "/lm/next", "/lm/generate"} <= set(rows)
+    assert requests_made > 20 and failures == 0, output
+    assert {"/classify short", "/classify long", "/v2/models/[name]/infer", "/lm/score", "/lm/next",
+            "/lm/generate"} <= set(rows), output
+    # The gate's own accounting: every request sent was answered, and the gate set exit code 0.
+    gate = re.search(r"SLO gate: sent (\d+), succeeded (\d+), refused (\d+), failed (\d+), lost (\d+); "
+                     r"p99 \d+ ms: passed", output)
+    assert gate, output
+    sent, succeeded, refused, failed, lost = map(int, gate.groups())
+    # (The gate counts at quitting, after the last CSV row was written: it may have seen more.)
+    assert sent >= requests_made and sent == succeeded + refused + failed + lost and (failed, lost) == (0, 0)
+    assert result.returncode == 0, output
+
+
+def test_the_slo_gate_fails_the_run_when_p99_is_over_its_limit(server, tmp_path):
+    locust = str(Path(sys.executable).parent / "locust")
+    result = subprocess.run(
+        [locust, "-f", "loadtests/locustfile.py", "--host", server, "--headless", "-u", "2", "-r", "2",
+         "-t", "2s", "--only-summary", "--slo-p99-ms", "0.001", "ClassifierUser"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=120,
+    )
+    output = result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r"SLO gate: .* FAILED: p99 \d+ ms > 0.001 ms", output), output
+    assert result.returncode == 1, output
 
 
 def test_locust_language_model_users_stop_where_their_model_is_not_served(server, tmp_path):
@@ -297,7 +320,7 @@ def test_locust_language_model_users_stop_where_their_model_is_not_served(server
     )
     rows = {row.split(",")[1]: row.split(",") for row in (tmp_path / "run_stats.csv").read_text().splitlines()[1:]}
     assert int(rows["Aggregated"][3]) == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "/classify" in rows and "/lm/score" not in rows
+    assert "/classify short" in rows and "/lm/score" not in rows
 
 
 def test_every_zoo_model_answers_classify_and_v2(server):

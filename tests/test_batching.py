@@ -1,0 +1,106 @@
+"""services/batching.py on a real event loop with real worker threads: what runs together,
+in what order the answers come back, and what is refused."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from bentoml.exceptions import ServiceUnavailable
+
+from services.batching import IdleDispatchBatcher
+
+
+class RecordingModel:
+    """Answers each item with its double, after `seconds`; records every batch it was given."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return [2 * item for item in items]
+
+
+def test_a_request_that_finds_the_model_idle_runs_at_once_alone_and_off_the_event_loop():
+    model = RecordingModel()
+
+    async def main():
+        batcher = IdleDispatchBatcher(model, max_batch_texts=64, max_wait_ms=1000)
+        started = time.perf_counter()
+        answer = await batcher([1, 2, 3])
+        return answer, time.perf_counter() - started
+
+    answer, seconds = asyncio.run(main())
+    assert answer == [2, 4, 6] and model.batches == [[1, 2, 3]]
+    assert seconds < 0.05  # nothing waited for company
+    assert threading.main_thread().name not in model.threads
+
+
+def test_requests_that_arrive_while_a_batch_runs_go_together_in_the_next_one():
+    model = RecordingModel(seconds=0.1)
+
+    async def main():
+        batcher = IdleDispatchBatcher(model, max_batch_texts=64, max_wait_ms=1000)
+        first = asyncio.ensure_future(batcher([1]))
+        await asyncio.sleep(0.02)  # the first batch is running now
+        rest = [asyncio.ensure_future(batcher([10 * i, 10 * i + 1])) for i in range(1, 4)]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert first == [2] and rest == [[20, 22], [40, 42], [60, 62]]
+    assert model.batches == [[1], [10, 11, 20, 21, 30, 31]]
+
+
+def test_a_request_larger_than_a_batch_runs_in_several_and_its_answers_stay_in_order():
+    model = RecordingModel()
+
+    async def main():
+        batcher = IdleDispatchBatcher(model, max_batch_texts=4, max_wait_ms=1000)
+        return await asyncio.gather(batcher(list(range(10))), batcher([100]))
+
+    big, small = asyncio.run(main())
+    assert big == [2 * i for i in range(10)] and small == [200]
+    assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 100]]
+
+
+def test_a_request_that_waited_too_long_for_a_batch_is_refused():
+    model = RecordingModel(seconds=0.2)
+
+    async def main():
+        batcher = IdleDispatchBatcher(model, max_batch_texts=1, max_wait_ms=50)
+        first = asyncio.ensure_future(batcher([1]))
+        await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(batcher([2]))
+        await first
+        with pytest.raises(ServiceUnavailable, match="waited over 50 ms"):
+            await late
+
+    asyncio.run(main())
+    assert model.batches == [[1]]  # the refused text never ran
+
+
+def test_a_failing_model_fails_every_request_of_its_batch_and_the_batcher_goes_on():
+    calls = []
+
+    def model(items):
+        calls.append(list(items))
+        if len(calls) == 2:
+            raise RuntimeError("onnxruntime failed")
+        return items
+
+    async def main():
+        batcher = IdleDispatchBatcher(model, max_batch_texts=8, max_wait_ms=1000)
+        first = asyncio.ensure_future(batcher(["a"]))
+        await asyncio.sleep(0)
+        doomed = [asyncio.ensure_future(batcher([x])) for x in ("b", "c")]
+        results = await asyncio.gather(first, *doomed, return_exceptions=True)
+        return results, await batcher(["d"])
+
+    (first, *doomed), after = asyncio.run(main())
+    assert first == ["a"] and after == ["d"]
+    assert all(isinstance(error, RuntimeError) and "onnxruntime failed" in str(error) for error in doomed)
