@@ -25,6 +25,8 @@ import onnx
 import torch
 
 from services.inference import MANIFEST, TextClassifier, read_bundle, sha256_file
+from training.graph_passes import PASS_NAME as GRAPH_PASS
+from training.graph_passes import conv1d_as_conv2d
 from training.train_classifier import batch_tensors, encoder_for, load_model
 
 OPSET = 17
@@ -105,7 +107,9 @@ def output_names(model: torch.nn.Module) -> list[str]:
     return OUTPUT_NAMES + EVIDENCE_NAMES if hasattr(model, "forward_with_evidence") else OUTPUT_NAMES
 
 
-def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None, opset: int = OPSET) -> None:
+def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None, opset: int = OPSET) -> list[str]:
+    """Export `model` to `path` and apply the graph passes of training/graph_passes.py (the
+    parity check that follows compares the final graph with PyTorch). Returns the passes applied."""
     encoding = encoding or {"kind": "words"}
     example, input_names, dynamic_axes = export_example(encoding)
     names = output_names(model)
@@ -123,6 +127,15 @@ def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None
         dynamic_axes={**dynamic_axes, **{name: {0: "batch"} for name in names}},
     )
     check_exported_graph(path, dynamic_axes)
+    return apply_graph_passes(path)
+
+
+def apply_graph_passes(path: Path) -> list[str]:
+    graph_model = onnx.load(str(path))
+    if not conv1d_as_conv2d(graph_model):
+        return []
+    onnx.save(graph_model, str(path))
+    return [GRAPH_PASS]
 
 
 def check_exported_graph(path: Path, dynamic_axes: dict[str, dict[int, str]]) -> None:
@@ -214,7 +227,7 @@ def export_bundle(
         storage_metrics.update(rounding_effect(model, encoder_for(checkpoint), parity_texts))
         round_weights_to_half(model)
     with staged_bundle(bundle_dir) as staging:
-        export_onnx(model, staging / "model.onnx", checkpoint["encoding"])
+        graph_passes = export_onnx(model, staging / "model.onnx", checkpoint["encoding"])
         if storage == "float16":
             store_initializers_as_half(staging / "model.onnx")
         if checkpoint.get("vocab"):
@@ -228,7 +241,8 @@ def export_bundle(
                 "preset": checkpoint.get("preset", "rand"),
                 "model": checkpoint["config"],
                 "encoding": checkpoint["encoding"],
-                "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": output_names(model)},
+                "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": output_names(model),
+                         "graph_passes": graph_passes},
             },
         )
         metrics = {**checkpoint["metrics"], **(extra_metrics or {}), **storage_metrics,
@@ -278,4 +292,34 @@ def attach_metrics(bundle_dir: Path, extra_metrics: dict) -> dict:
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)
         read_bundle(staging)
+    return metrics
+
+
+def optimize_bundle(bundle_dir: Path, texts: Sequence[str]) -> dict:
+    """Apply the graph passes to a released classifier bundle's model.onnx (for bundles exported
+    before a pass existed; new exports get them in export_onnx). The rewritten graph must give the
+    original's logits on `texts` (max |delta| <= PARITY_ATOL, the same argmax), else nothing changes."""
+    original = TextClassifier(read_bundle(bundle_dir))
+    with staged_bundle(bundle_dir, copy_from=bundle_dir) as staging:
+        applied = apply_graph_passes(staging / "model.onnx")
+        if not applied:
+            raise ExportRefused(f"{bundle_dir}: no graph pass applies (no 1-D convolution); the bundle is unchanged")
+        config = json.loads((staging / "config.json").read_text())
+        passes = config["onnx"].get("graph_passes", [])
+        config["onnx"]["graph_passes"] = passes + [name for name in applied if name not in passes]
+        write_json(staging / "config.json", config)
+        write_manifest(staging)
+        rewritten = TextClassifier(read_bundle(staging))
+        worst = 0.0
+        for start in range(0, len(texts), 64):
+            batch = list(texts[start : start + 64])
+            before, after = original.logits(batch), rewritten.logits(batch)
+            worst = max(worst, float(np.abs(before - after).max()))
+            if worst > PARITY_ATOL or not np.array_equal(before.argmax(axis=1), after.argmax(axis=1)):
+                raise ExportRefused(f"{bundle_dir}: the rewritten graph differs from the original by {worst:.2e} "
+                                    f"(allowed {PARITY_ATOL:g}) or changes a prediction; the bundle is unchanged")
+        metrics = {**json.loads((staging / "metrics.json").read_text()),
+                   "graph_pass_max_abs_logit_delta": worst, "graph_pass_texts": len(texts)}
+        write_json(staging / "metrics.json", metrics)
+        write_manifest(staging)
     return metrics
