@@ -5,6 +5,8 @@
     python -m training export   --checkpoint checkpoints/kim-cnn-trec6.pt --data ../shared/data/trec/train.txt \\
                                 --format trec --bundle models/zoo/kim-cnn-trec6
     python -m training evaluate --bundle models/zoo/kim-cnn-trec6 --data FILE --format trec
+    python -m training optimize --bundle models/zoo/kim-cnn-trec6   (graph passes, parity with the old graph)
+    python -m training quantize --bundle models/zoo/lstm-trec6      (writes models/zoo/lstm-trec6-int8)
     python -m training results  (regenerates docs/results.md from models/zoo)
 
 `evaluate` prints one JSON object on its last line.
@@ -141,6 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     attach.add_argument("--bundle", required=True, type=Path)
     attach.add_argument("--cv", required=True, type=Path, help="the JSON written by `cv --out`")
 
+    optimize = commands.add_parser("optimize", help="apply the ONNX graph passes to released classifier bundles (parity with the original graph)")
+    optimize.add_argument("--bundle", required=True, type=Path, action="append", help="bundle folder; repeat for several")
+
+    quantize = commands.add_parser("quantize", help="write NAME-int8 beside a released bundle, gated on its accuracy or perplexity")
+    quantize.add_argument("--bundle", required=True, type=Path, action="append", help="bundle folder; repeat for several")
+
     evaluate = commands.add_parser("evaluate", help="score a bundle through onnxruntime; last line is JSON")
     evaluate.add_argument("--bundle", required=True, type=Path)
     add_data_arguments(evaluate, (*CLASSIFICATION_FORMATS, "ptb"))  # ptb: a language-model bundle's perplexity
@@ -228,6 +236,31 @@ def main(argv: list[str] | None = None) -> None:
         figures = {key: value for key, value in cv_result.items() if key.startswith("cv_") and key not in CV_BOOKKEEPING}
         attach_metrics(args.bundle, figures)
         print(json.dumps({"bundle": str(args.bundle), **{k: figures[k] for k in ("cv_accuracy_mean", "cv_accuracy_std")}}))
+    elif args.command == "optimize":
+        from training.export_onnx import optimize_bundle
+        from training.quantize import training_split
+
+        for bundle in args.bundle:
+            metrics = json.loads((bundle / "metrics.json").read_text())
+            train_part, dev_part = training_split(metrics["train_command"])
+            texts = [example.text for example in dev_part + train_part[:512]]
+            metrics = optimize_bundle(bundle, texts)
+            print(json.dumps({"bundle": str(bundle), **{k: v for k, v in metrics.items() if k.startswith("graph_pass")}}))
+    elif args.command == "quantize":
+        from training.quantize import QuantizationRefused, quantize_bundle
+
+        refused = []
+        for bundle in args.bundle:
+            try:
+                metrics = quantize_bundle(bundle, command_line())
+            except QuantizationRefused as error:
+                print(f"refused: {error}", file=sys.stderr)
+                refused.append(bundle)
+                continue
+            keys = ("dev_accuracy", "fp32_dev_accuracy", "int8_accuracy_drop", "valid_perplexity_onnx", "fp32_valid_perplexity", "int8_perplexity_rise")
+            print(json.dumps({"bundle": str(bundle) + "-int8", **{k: metrics[k] for k in keys if k in metrics}}))
+        if refused:
+            raise SystemExit(f"{len(refused)} of {len(args.bundle)} bundles refused: {', '.join(map(str, refused))}")
     elif args.command == "results":
         from training.results_table import write_results
 

@@ -108,12 +108,10 @@ def bundle_row(path: Path) -> dict:
     }
 
 
-def lm_row(path: Path) -> dict:
-    bundle = read_bundle(path)
-    language_model = CharLanguageModel(bundle)
-    metrics = bundle.metrics
-    # Speed on the committed MR sample read as one stream: scoring at batch 1 in chunks of 35
-    # words, and one next-word step (one word in, the state carried) as generation runs it.
+def lm_speed(language_model: CharLanguageModel) -> tuple[float, float]:
+    """(tokens/s scoring, ms per next-word step): the committed MR sample read as one stream,
+    scored at batch 1 in chunks of 35 words; one step is one word in with the state carried, as
+    generation runs it."""
     tokens = [t for e in read_mr_dir(SAMPLE_DATA / "mr") for t in (*tokenize(e.text), "<eos>")][:LM_STREAM_TOKENS]
     input_chars, targets = scoring_stream(tokens, language_model.vocab, language_model.chars)
     language_model.stream_log_probs(input_chars[:200], targets[:200], chunk=35)  # warm-up
@@ -129,6 +127,14 @@ def lm_row(path: Path) -> dict:
         started = time.perf_counter()
         _, h, c = language_model.step(word, h, c)
         steps.append(time.perf_counter() - started)
+    return len(targets) / statistics.median(runs), 1000 * statistics.median(steps)
+
+
+def lm_row(path: Path) -> dict:
+    bundle = read_bundle(path)
+    language_model = CharLanguageModel(bundle)
+    metrics = bundle.metrics
+    tokens_per_second, step_ms = lm_speed(language_model)
     neighbors = {layer: dict(zip(TABLE6_WORDS, language_model.neighbors(TABLE6_WORDS, TABLE6_NEIGHBORS, layer)))
                  for layer in ("cnn", "highway")}
     return {
@@ -142,8 +148,8 @@ def lm_row(path: Path) -> dict:
         "epochs": metrics["epochs"],
         "parameters": metrics["parameters"],
         "onnx_mb": sum((path / graph).stat().st_size for graph in (STEP_GRAPH, WORD_ENCODER_GRAPH)) / 2**20,
-        "tokens_per_second": len(targets) / statistics.median(runs),
-        "step_ms": 1000 * statistics.median(steps),
+        "tokens_per_second": tokens_per_second,
+        "step_ms": step_ms,
         "train_hours": metrics["train_seconds"] / 3600,
         "device": metrics.get("device", "cpu"),
         "paper": LM_PAPER.get(bundle.config["preset"], "none published"),
@@ -200,7 +206,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def render(rows: list[dict], language_models: list[dict] | None = None) -> str:
+def render(rows: list[dict], language_models: list[dict] | None = None, int8_rows: list[dict] | None = None) -> str:
     machine = f"{cpu_name()} ({platform.machine()}, {os.cpu_count()} cores); onnxruntime {ort.__version__} CPU, default threads"
     lines = [
         "# Results: every released classifier",
@@ -241,15 +247,65 @@ def render(rows: list[dict], language_models: list[dict] | None = None) -> str:
             f"{entry['plain_layers']} | {entry['plain_parameters']:,} |"
         )
     lines += render_language_models(language_models or [])
+    lines += render_int8(int8_rows or [])
     return "\n".join(lines) + "\n"
 
 
+def int8_row(path: Path, zoo: Path) -> dict:
+    """An int8 bundle against the fp32 bundle it was quantized from, both measured here, one
+    right after the other (the speed-up is a ratio taken in one run)."""
+    int8 = read_bundle(path)
+    fp32_path = zoo / int8.config["quantization"]["of"]
+    fp32 = read_bundle(fp32_path)
+    row = {"bundle": int8.name, "of": fp32.name, "method": int8.config["quantization"]["method"],
+           "onnx_mb": [sum(p.stat().st_size for p in folder.glob("*.onnx")) / 2**20 for folder in (fp32_path, path)],
+           "command": int8.metrics["quantize_command"]}
+    if int8.architecture == LANGUAGE_MODEL_ARCHITECTURE:
+        speeds = [lm_speed(CharLanguageModel(bundle)) for bundle in (fp32, int8)]
+        row.update(kind="language model", quality=[int8.metrics["fp32_valid_perplexity"], int8.metrics["valid_perplexity_onnx"]],
+                   latency_ms=[speed[1] for speed in speeds], throughput=[speed[0] for speed in speeds])
+    else:
+        data_set = "mr" if fp32.name.endswith("-mr") else "trec6"
+        speeds = [measure_speed(TextClassifier(bundle), sample_texts(data_set)) for bundle in (fp32, int8)]
+        row.update(kind="classifier", quality=[100 * int8.metrics["fp32_dev_accuracy"], 100 * int8.metrics["dev_accuracy"]],
+                   latency_ms=[speed[0] for speed in speeds], throughput=[speed[1] for speed in speeds])
+    return row
+
+
+def render_int8(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## int8 variants (`python -m training quantize`)",
+        "",
+        "Each int8 bundle beside the fp32 bundle it was quantized from, measured by this command one",
+        "right after the other. Quality through onnxruntime: classifiers' accuracy (%) on their",
+        "training run's dev split (MR too: cross-validation would retrain), the language model's",
+        "validation perplexity. The quantize gate refuses a drop over 0.5 points or a rise over 1 %.",
+        "Language-model speed: tokens/s scoring at batch 1, ms per next-word step.",
+        "",
+        "| int8 bundle | method | quality fp32 → int8 | ms per text (LM: step), batch 1, fp32 → int8 | speed-up | texts/s batch 64 (LM: tokens/s), fp32 → int8 | speed-up | ONNX MB fp32 → int8 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        (q32, q8), (l32, l8), (t32, t8), (m32, m8) = row["quality"], row["latency_ms"], row["throughput"], row["onnx_mb"]
+        quality = f"{q32:.1f} → {q8:.1f}" if row["kind"] == "classifier" else f"{q32:.2f} → {q8:.2f} (+{100 * (q8 / q32 - 1):.2f} %)"
+        lines.append(f"| `{row['bundle']}` | {row['method']} | {quality} | {l32:.2f} → {l8:.2f} | {l32 / l8:.2f}x | "
+                     f"{t32:,.0f} → {t8:,.0f} | {t8 / t32:.2f}x | {m32:.1f} → {m8:.1f} |")
+    lines += ["", "Commands: " + "; ".join(f"`{row['command']}`" for row in rows[:1]) + " (one per bundle, same form)."]
+    return lines
+
+
 def write_results(zoo: Path, out: Path) -> list[dict]:
-    """Write the tables; returns the classifier rows followed by the language-model rows."""
+    """Write the tables; returns the classifier rows, the language-model rows, the int8 rows."""
     paths = [path for path in sorted(zoo.iterdir()) if (path / "manifest.json").is_file() and not path.name.startswith(".")]
-    is_lm = {path: read_bundle(path).architecture == LANGUAGE_MODEL_ARCHITECTURE for path in paths}
-    rows = [bundle_row(path) for path in paths if not is_lm[path]]
-    language_models = [lm_row(path) for path in paths if is_lm[path]]
+    bundles = {path: read_bundle(path) for path in paths}
+    quantized = [path for path in paths if "quantization" in bundles[path].config]
+    released = [path for path in paths if path not in quantized]
+    rows = [bundle_row(path) for path in released if bundles[path].architecture != LANGUAGE_MODEL_ARCHITECTURE]
+    language_models = [lm_row(path) for path in released if bundles[path].architecture == LANGUAGE_MODEL_ARCHITECTURE]
+    int8_rows = [int8_row(path, zoo) for path in quantized]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows, language_models))
-    return rows + language_models
+    out.write_text(render(rows, language_models, int8_rows))
+    return rows + language_models + int8_rows
