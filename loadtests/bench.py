@@ -226,11 +226,24 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
     return total
 
 
+def wait_until_idle(root: psutil.Process, cpu_share: float = 0.1, timeout_s: float = 15.0) -> None:
+    """Wait until the server has finished the previous level's queued work. The HTTP workers
+    share one listening socket and a worker still busy when the next level's connections arrive
+    accepts fewer of them; keep-alive connections stay where they landed for the whole level."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(root)
+        time.sleep(0.5)
+        if (tree_cpu_seconds(root) - before) / 0.5 / os.cpu_count() < cpu_share:
+            return
+
+
 def load_levels(url: str, path: str, bodies: list[str], clients: list[int], seconds: float, warm_up_s: float,
                 root: psutil.Process, texts_per_request: int) -> list[dict]:
     run_wrk(url, path, bodies, connections=max(clients), seconds=warm_up_s)  # not counted
     levels = []
     for connections in clients:
+        wait_until_idle(root)
         cpu_before = tree_cpu_seconds(root)
         result = run_wrk(url, path, bodies, connections=connections, seconds=seconds)
         server_cpu = tree_cpu_seconds(root) - cpu_before
@@ -244,13 +257,17 @@ def load_levels(url: str, path: str, bodies: list[str], clients: list[int], seco
 
 
 def servers(models: list[str]) -> list[Server]:
-    """The systems compared over HTTP: the service in its two inference modes, and the baseline."""
+    """The systems compared over HTTP: the service as it ships (one HTTP worker per core), with one
+    HTTP worker (onnxruntime then gets every core: the lowest latency at few clients), with a
+    separate runner process, and the hand-rolled baseline."""
     python = sys.executable
     bentoml = [str(Path(python).with_name("bentoml")), "serve", "services.service:TextService", "--host", "127.0.0.1", "--port", "{port}"]
     service_env = {"TEXTSERVE_MODELS": ",".join(models), "BENTOML_DO_NOT_TRACK": "True"}
     return [
         Server("service", "BentoML, inference in the HTTP worker (TEXTSERVE_INFERENCE=inline)",
                bentoml, {**service_env, "TEXTSERVE_INFERENCE": "inline"}, "/v2/health/ready"),
+        Server("service-1worker", "the same with TEXTSERVE_HTTP_WORKERS=1",
+               bentoml, {**service_env, "TEXTSERVE_INFERENCE": "inline", "TEXTSERVE_HTTP_WORKERS": "1"}, "/v2/health/ready"),
         Server("service-runner", "BentoML, a separate runner process (TEXTSERVE_INFERENCE=runner)",
                bentoml, {**service_env, "TEXTSERVE_INFERENCE": "runner"}, "/v2/health/ready"),
         Server("hand-rolled", "FastAPI + uvicorn + onnxruntime, no batching (loadtests/handrolled_service.py)",
@@ -295,6 +312,8 @@ def ratios(in_process: dict, levels: dict[str, list[dict]], compare_at: int) -> 
         "raw_best_batch_texts_per_s": floor["best_texts_per_s"],
         "saturation_over_raw_best": saturation["texts_per_s"] / floor["best_texts_per_s"],
         "p50_one_client_minus_raw_batch1_ms": service[1]["p50_ms"] - floor["batch1_ms"] if 1 in service else None,
+        "p50_one_client_minus_raw_batch1_ms_1worker": next(
+            (level["p50_ms"] - floor["batch1_ms"] for level in levels.get("service-1worker", []) if level["connections"] == 1), None),
         "refusals_below_saturation": sum(level["refused"] for c, level in service.items() if c <= saturation["connections"]),
         f"service_over_handrolled_at_{compare_at}": (service[compare_at]["texts_per_s"] / handrolled[compare_at]["texts_per_s"]
                                                      if compare_at in service and compare_at in handrolled else None),
@@ -311,17 +330,47 @@ def print_report(report: dict) -> None:
                 print(f"{label:<28}  skipped: {profile['skipped']}")
             else:
                 print(f"{label:<28}{profile['batch1_ms']:>11.3f}{profile['best_batch']:>11}{profile['best_texts_per_s']:>14.0f}")
-        print(f"\n{'over HTTP':<14}{'clients':>8}{'texts/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'refused':>8}{'other':>7}"
-              f"{'lost':>6}{'server CPU':>11}{'wrk CPU':>8}")
+        print(f"\n{'over HTTP':<16}{'clients':>8}{'texts/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'refused':>8}{'other':>7}"
+              f"{'lost':>6}{'server CPU':>11}{'wrk CPU':>8}   server-side means, ms: queue / inference / total")
         for system, levels in workload["http"].items():
             for level in levels:
-                print(f"{system:<14}{level['connections']:>8}{level['texts_per_s']:>9.0f}{level['p50_ms']:>8.2f}"
+                print(f"{system:<16}{level['connections']:>8}{level['texts_per_s']:>9.0f}{level['p50_ms']:>8.2f}"
                       f"{level['p99_ms']:>8.2f}{level['refused']:>8}{sum(level['other_statuses'].values()):>7}"
-                      f"{sum(level['socket_errors'].values()):>6}{level['server_cpu_share']:>10.0%}{level['loadgen_cpu_share']:>8.0%}")
+                      f"{sum(level['socket_errors'].values()):>6}{level['server_cpu_share']:>10.0%}{level['loadgen_cpu_share']:>8.0%}"
+                      + (f"   {level['server_queue_ms']:.2f} / {level['server_inference_ms']:.2f} / {level['server_total_ms']:.2f}"
+                         if level.get("server_total_ms") is not None else ""))
         print()
         for name, value in workload["ratios"].items():
             print(f"  {name:<42} {value if value is None or isinstance(value, int) else round(value, 3)}")
         print()
+
+
+def markdown_report(report: dict) -> str:
+    """The same tables as print_report, as markdown (docs/performance.md quotes them)."""
+    lines = [f"`{report['command']}` on {report['machine']}; {report['seconds_per_level']:g} s per level, "
+             f"{report['texts_per_request']} text(s) per request.", ""]
+    for workload in report["workloads"]:
+        lines += [f"**{workload['model']}** ({workload['kind']}), in process:", "",
+                  "| | batch-1 ms | best batch | texts/s there |", "|---|---|---|---|"]
+        for label, profile in workload["in_process"].items():
+            if "skipped" not in profile:
+                lines.append(f"| {label} | {profile['batch1_ms']:.3f} | {profile['best_batch']} | {profile['best_texts_per_s']:,.0f} |")
+        lines += ["", f"**{workload['model']}** over HTTP (wrk, closed loop):", "",
+                  "| system | clients | texts/s | p50 ms | p99 ms | refused | other | lost | server CPU | wrk CPU | server queue / inference / total ms (means) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for system, levels in workload["http"].items():
+            for level in levels:
+                server_side = (f"{level['server_queue_ms']:.2f} / {level['server_inference_ms']:.2f} / {level['server_total_ms']:.2f}"
+                               if level.get("server_total_ms") is not None else "")
+                lines.append(f"| {system} | {level['connections']} | {level['texts_per_s']:,.0f} | {level['p50_ms']:.2f} | "
+                             f"{level['p99_ms']:.2f} | {level['refused']} | {sum(level['other_statuses'].values())} | "
+                             f"{sum(level['socket_errors'].values())} | {level['server_cpu_share']:.0%} | "
+                             f"{level['loadgen_cpu_share']:.0%} | {server_side} |")
+        lines += ["", "| ratio | value |", "|---|---|"]
+        for name, value in workload["ratios"].items():
+            lines.append(f"| {name} | {value if value is None or isinstance(value, int) else round(value, 3)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -366,13 +415,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-up", type=float, default=5.0, help="seconds of load at the highest level first, not counted")
     parser.add_argument("--texts-per-request", type=int, default=1)
     parser.add_argument("--compare-at", type=int, default=64, help="clients at which the service is compared with the hand-rolled one")
-    parser.add_argument("--systems", default="service,service-runner,hand-rolled", help="which servers to load, comma-separated")
+    parser.add_argument("--systems", default="service,service-1worker,service-runner,hand-rolled", help="which servers to load, comma-separated")
     parser.add_argument("--out", type=Path, default=REPOSITORY_ROOT / "loadtests" / "results")
     args = parser.parse_args(argv)
     clients = sorted({int(c) for c in args.clients.split(",")} | {args.compare_at})
     args.out.mkdir(parents=True, exist_ok=True)
 
-    workloads = [Workload("classifier", args.classifier, "/classify", sample_questions())]
+    workloads = [Workload("classifier", args.classifier, "/classify", sample_questions())] if args.classifier else []
     if args.lm:
         workloads.append(Workload("language model", args.lm, "/lm/score", NEWS_SENTENCES))
     report = {"machine": machine(), "texts_per_request": args.texts_per_request, "clients": clients,
@@ -397,9 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     for entry in report["workloads"]:
         entry["ratios"] = ratios(entry["in_process"], entry["http"], args.compare_at)
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "bench.md").write_text(markdown_report(report))
     plot(report, args.out / "bench.png")
     print_report(report)
-    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.png'}")
+    print(f"wrote {args.out / 'bench.json'}, bench.md (the tables as markdown) and bench.png")
 
 
 if __name__ == "__main__":

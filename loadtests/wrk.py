@@ -38,6 +38,11 @@ class LoadResult:
     p99_ms: float
     max_ms: float
     loadgen_cpu_s: float  # user + system CPU time of wrk
+    # Means of the server's own x-queue-time / x-inference-time / x-total-time headers (ms);
+    # None for a server that sends none (the hand-rolled baseline).
+    server_queue_ms: float | None = None
+    server_inference_ms: float | None = None
+    server_total_ms: float | None = None
 
     @property
     def ok_per_s(self) -> float:
@@ -87,4 +92,12 @@ def run_wrk(url: str, path: str, bodies: list[str], connections: int, seconds: f
         socket_errors=raw["errors"],
         p50_ms=latency["p50"] / 1000, p90_ms=latency["p90"] / 1000, p99_ms=latency["p99"] / 1000, max_ms=latency["max"] / 1000,
         loadgen_cpu_s=(after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        **server_means(raw["server_ms"]),
     )
+
+
+def server_means(sums: dict) -> dict:
+    answers = sums["answers"]
+    if not answers:
+        return {}
+    return {f"server_{name}_ms": sums[name] / answers for name in ("queue", "inference", "total")}

@@ -17,6 +17,7 @@
 | TEXTSERVE_DEFAULT_TOP_K          | 3            | top-k when a request does not say                          |
 | TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
 | TEXTSERVE_ACCESS_LOG             | 0            | 1: BentoML's access log line per request (method, path, status, time; never the body) |
+| TEXTSERVE_TRACING                | 0            | 1: BentoML's OpenTelemetry span per request (configure an exporter in BentoML's config); 0: every path excluded, the middleware passes requests straight through |
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
 | TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
@@ -48,6 +49,7 @@ class ServiceSettings:
     default_top_k: int = 3
     request_timeout_s: int = 30
     access_log: bool = False
+    tracing: bool = False
     max_generate_words: int = 200
     max_neighbors: int = 100
     max_word_chars: int = 100
@@ -64,9 +66,9 @@ class ServiceSettings:
                 values[field.name] = Path(raw)
             elif field.name == "models":
                 values[field.name] = tuple(name.strip() for name in raw.split(",") if name.strip())
-            elif field.name == "access_log":
+            elif field.name in ("access_log", "tracing"):
                 if raw.strip().lower() not in ("0", "1", "true", "false"):
-                    raise ValueError(f"TEXTSERVE_ACCESS_LOG={raw!r}; expected 0 or 1")
+                    raise ValueError(f"TEXTSERVE_{field.name.upper()}={raw!r}; expected 0 or 1")
                 values[field.name] = raw.strip().lower() in ("1", "true")
             elif field.name in ("device", "inference"):
                 values[field.name] = raw.strip().lower()

@@ -6,8 +6,8 @@
               (explain, next words, generation, word vectors) -> onnxruntime -> JSON / OIP
 
 Where the runner runs is TEXTSERVE_INFERENCE:
-- `inline` (default): in this process (in_process.py), behind BentoML's adaptive batcher run
-  here; no second hop, so a small model's request costs a fraction of the CPU.
+- `inline` (default): in this process (in_process.py), behind the batcher of batching.py; no
+  second hop, so a small model's request costs a fraction of the CPU.
 - `runner`: a separate BentoML service behind `bentoml.depends`; BentoML batches calls to its
   own APIs, so every HTTP worker shares that process's one batcher (and one GPU's memory).
 """
@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -41,6 +42,12 @@ from services.runner import ModelRunner, TextItem
 
 logger = logging.getLogger("bentoml.textserve")
 bentoml_timeout.install()  # before BentoML builds this server's middleware stack
+# The HTTP workers share one listening socket. libuv (uvloop, under uvicorn) accepts every
+# pending connection on one wake-up, so the first worker to wake took a whole burst of
+# keep-alive connections: `make bench` saw one of two workers serve every connection at 8 and
+# 32 clients (half the machine idle). One accept per wake-up spreads them; read by libuv when
+# the worker starts listening, after this import.
+os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 READY_CHECK_SECONDS = 2.0
 RUNNER_CONNECTION_ATTEMPTS = 3
 
@@ -63,6 +70,9 @@ app.add_middleware(request_timing.RequestTiming)
     traffic={"timeout": SETTINGS.request_timeout_s},
     # One log line per request costs about a tenth of a small model's request (docs/performance.md).
     logging={"access": {"enabled": SETTINGS.access_log}},
+    # BentoML wraps every request in an OpenTelemetry span, exporter or not; off by default
+    # (every URL excluded), since a profile put it at a fifth of a small request's CPU.
+    **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": [".*"]}}),
 )
 @bentoml.asgi_app(app, path="/")
 class TextService:
