@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -238,21 +239,45 @@ def wait_until_idle(root: psutil.Process, cpu_share: float = 0.1, timeout_s: flo
             return
 
 
+def connections_per_worker(root: psutil.Process, port: int) -> list[int]:
+    """Established client connections held by each process listening on `port`, most first.
+    A keep-alive connection stays with the worker that accepted it for the whole level."""
+    counts = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            connections = process.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections):
+            counts[process.pid] = sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port for c in connections)
+    if len(counts) > 1:
+        counts.pop(root.pid, None)  # a supervisor (BentoML's arbiter) holds the socket only to hand it out
+    return sorted(counts.values(), reverse=True)
+
+
 def load_levels(url: str, path: str, bodies: list[str], clients: list[int], seconds: float, warm_up_s: float,
                 root: psutil.Process, texts_per_request: int) -> list[dict]:
     run_wrk(url, path, bodies, connections=max(clients), seconds=warm_up_s)  # not counted
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
     levels = []
     for connections in clients:
         wait_until_idle(root)
         cpu_before = tree_cpu_seconds(root)
+        split: list[int] = []
+        # Sampled once every connection is open (wrk opens them at its start).
+        sampler = threading.Timer(min(1.0, seconds / 2), lambda: split.extend(connections_per_worker(root, port)))
+        sampler.start()
         result = run_wrk(url, path, bodies, connections=connections, seconds=seconds)
+        sampler.join()
         server_cpu = tree_cpu_seconds(root) - cpu_before
         levels.append({**result.as_dict(), "texts_per_s": result.ok_per_s * texts_per_request,
                        "server_cpu_share": server_cpu / result.seconds / os.cpu_count(),
-                       "loadgen_cpu_share": result.loadgen_cpu_s / result.seconds / os.cpu_count()})
+                       "loadgen_cpu_share": result.loadgen_cpu_s / result.seconds / os.cpu_count(),
+                       "connections_per_worker": split})
         print(f"    {connections:>4} clients: {levels[-1]['texts_per_s']:8.1f} texts/s, p50 {result.p50_ms:7.2f} ms, "
               f"p99 {result.p99_ms:7.2f} ms, refused {result.refused}, other {result.other_statuses}, "
-              f"socket errors {sum(result.socket_errors.values())}", flush=True)
+              f"socket errors {sum(result.socket_errors.values())}, connections per worker {'/'.join(map(str, split))}",
+              flush=True)
     return levels
 
 
@@ -356,8 +381,8 @@ def markdown_report(report: dict) -> str:
             if "skipped" not in profile:
                 lines.append(f"| {label} | {profile['batch1_ms']:.3f} | {profile['best_batch']} | {profile['best_texts_per_s']:,.0f} |")
         lines += ["", f"**{workload['model']}** over HTTP (wrk, closed loop):", "",
-                  "| system | clients | texts/s | p50 ms | p99 ms | refused | other | lost | server CPU | wrk CPU | server queue / inference / total ms (means) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| system | clients | texts/s | p50 ms | p99 ms | refused | other | lost | server CPU | wrk CPU | server queue / inference / total ms (means) | connections per worker |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for system, levels in workload["http"].items():
             for level in levels:
                 server_side = (f"{level['server_queue_ms']:.2f} / {level['server_inference_ms']:.2f} / {level['server_total_ms']:.2f}"
@@ -365,7 +390,8 @@ def markdown_report(report: dict) -> str:
                 lines.append(f"| {system} | {level['connections']} | {level['texts_per_s']:,.0f} | {level['p50_ms']:.2f} | "
                              f"{level['p99_ms']:.2f} | {level['refused']} | {sum(level['other_statuses'].values())} | "
                              f"{sum(level['socket_errors'].values())} | {level['server_cpu_share']:.0%} | "
-                             f"{level['loadgen_cpu_share']:.0%} | {server_side} |")
+                             f"{level['loadgen_cpu_share']:.0%} | {server_side} | "
+                             f"{'/'.join(map(str, level.get('connections_per_worker', [])))} |")
         lines += ["", "| ratio | value |", "|---|---|"]
         for name, value in workload["ratios"].items():
             lines.append(f"| {name} | {value if value is None or isinstance(value, int) else round(value, 3)} |")

@@ -14,6 +14,7 @@
 | TEXTSERVE_MAX_TEXTS_PER_REQUEST  | 256          | more texts in one request -> 413                           |
 | TEXTSERVE_MAX_TEXT_CHARS         | 2000         | a longer text -> 413                                       |
 | TEXTSERVE_MAX_PENDING_TEXTS      | 2048         | texts in flight per HTTP worker before new requests get 429 |
+| TEXTSERVE_REQUESTS_PER_CONNECTION| 100          | a response closes its keep-alive connection with probability 1/N, so connections spread over the HTTP workers again (keep_alive.py); 0 = never |
 | TEXTSERVE_DEFAULT_TOP_K          | 3            | top-k when a request does not say                          |
 | TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
 | TEXTSERVE_ACCESS_LOG             | 0            | 1: BentoML's access log line per request (method, path, status, time; never the body) |
@@ -46,6 +47,7 @@ class ServiceSettings:
     max_texts_per_request: int = 256
     max_text_chars: int = 2000
     max_pending_texts: int = 2048
+    requests_per_connection: int = 100
     default_top_k: int = 3
     request_timeout_s: int = 30
     access_log: bool = False
@@ -91,8 +93,9 @@ class ServiceSettings:
                      "max_word_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")
-        if self.ort_threads < 0:
-            raise ValueError("TEXTSERVE_ORT_THREADS must be 0 (automatic) or more")
+        for name in ("ort_threads", "requests_per_connection"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TEXTSERVE_{name.upper()} must be 0 ({'automatic' if name == 'ort_threads' else 'never'}) or more")
 
     def session_threads(self) -> int:
         """Intra-op threads per process that runs sessions (an HTTP worker when inline, else a

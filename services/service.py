@@ -30,6 +30,8 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 
 from services import bentoml_timeout, request_timing
+from services.admission import Admission, RefuseWhenFull
+from services.keep_alive import RecycleConnections
 from services.config import SETTINGS, ServiceSettings
 from services.errors import ApiError, JsonNotFound, install_error_handlers
 from services.http_api import router as json_api
@@ -49,6 +51,7 @@ bentoml_timeout.install()  # before BentoML builds this server's middleware stac
 # the worker starts listening, after this import.
 os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 READY_CHECK_SECONDS = 2.0
+ADMISSION = Admission(SETTINGS.max_pending_texts)  # this worker's texts in flight
 RUNNER_CONNECTION_ATTEMPTS = 3
 
 app = FastAPI(
@@ -87,7 +90,7 @@ class TextService:
             self.runner = InProcessRunner()
         self.bundles: dict[str, Bundle] = {b.name: b for b in stored_bundles(SETTINGS)}
         self.store_tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
-        self.pending_texts = 0  # texts admitted and not yet answered, in this worker
+        self.admission = ADMISSION
         self.ready_models: set[str] = set()
         freeze_what_lives()
 
@@ -188,17 +191,10 @@ class TextService:
 
     def reserve(self, cost: int) -> None:
         """Count `cost` units of work (texts, words) against this worker's limit, or refuse: 429."""
-        if self.pending_texts + cost > self.settings.max_pending_texts:
-            raise ApiError(
-                429,
-                f"overloaded: {self.pending_texts} texts (or words to generate) are already waiting in this worker "
-                f"(limit {self.settings.max_pending_texts}, TEXTSERVE_MAX_PENDING_TEXTS); retry shortly",
-                {"Retry-After": "1"},
-            )
-        self.pending_texts += cost
+        self.admission.reserve(cost)
 
     def release(self, cost: int) -> None:
-        self.pending_texts -= cost
+        self.admission.release(cost)
 
     async def call_runner(self, runner_api, model: str, texts: list[str]) -> list:
         """One batched runner call; the queue wait is measured from each attempt's sending.
@@ -227,6 +223,10 @@ class TextService:
         return sorted(set(self.bundles) - self.ready_models)
 
 
+# Outermost of ours: connections move between workers now and then (keep_alive.py), and a full
+# worker refuses before a body is read (admission.py).
+TextService.add_asgi_middleware(RecycleConnections, requests_per_connection=SETTINGS.requests_per_connection)
+TextService.add_asgi_middleware(RefuseWhenFull, admission=ADMISSION)
 TextService.add_asgi_middleware(JsonNotFound)
 
 
