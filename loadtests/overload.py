@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
+import resource
 import statistics
 import time
 from collections import defaultdict
@@ -94,13 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     service.env["TEXTSERVE_MAX_PENDING_TEXTS"] = str(args.max_pending_texts)
     port = free_port()
     with running(service, port, args.out):
+        cpu_before, wall_before = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
         latencies, server_ms, lost, retry_after = asyncio.run(closed_loop_clients(
             f"http://127.0.0.1:{port}/classify", args.clients, args.seconds, sample_questions(), args.model,
             args.texts_per_request, honour_retry_after=not args.ignore_retry_after))
+        cpu_after, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - wall_before
+    # The clients' own share of the machine (warm-up included): their latencies include waiting for it.
+    client_cpu_share = ((cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)) / wall / os.cpu_count()
     sent = sum(len(v) for v in latencies.values()) + sum(lost.values())
     print(f"{args.clients} clients x {args.texts_per_request} texts/request for {args.seconds:g} s; "
           f"TEXTSERVE_MAX_PENDING_TEXTS={args.max_pending_texts}; "
-          f"{'retry storm (Retry-After ignored)' if args.ignore_retry_after else 'clients wait Retry-After'}; {sent} requests sent")
+          f"{'retry storm (Retry-After ignored)' if args.ignore_retry_after else 'clients wait Retry-After'}; {sent} requests sent; "
+          f"the clients used {client_cpu_share:.0%} of the machine's CPU")
     print("| status | requests | share | client p50 ms | client p99 ms | client max ms | server p50 ms | server p99 ms | Retry-After |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = {}
@@ -122,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     print(verdict)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / ("overload-storm.json" if args.ignore_retry_after else "overload.json")).write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "by_status": rows,
-                                                        "lost": dict(lost), "sent": sent}, indent=2))
+                                                        "lost": dict(lost), "sent": sent,
+                                                        "client_cpu_share": client_cpu_share}, indent=2))
     return 1 if lost else 0
 
 

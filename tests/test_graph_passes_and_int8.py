@@ -194,3 +194,27 @@ def test_the_language_model_gets_int8_within_one_percent_perplexity(tiny_lm_bund
     ops = {node.op_type for node in onnx.load(str(tmp_path / "lm-int8" / "step.onnx")).graph.node}
     assert "DynamicQuantizeLSTM" in ops
     assert served.next_words("the movie is", 3)[1]
+
+
+def test_the_results_command_shows_an_int8_bundle_beside_its_source(lstm_bundle, tmp_path, capsys):
+    from training.__main__ import main
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(lstm_bundle, zoo / "lstm")
+    quantize_bundle(zoo / "lstm", "quantize")
+    main(["results", "--zoo", str(zoo), "--out", str(tmp_path / "results.md")])
+    printed = capsys.readouterr().out
+    assert "lstm-int8: quality" in printed and "batch-1 speed-up" in printed
+    table = (tmp_path / "results.md").read_text()
+    assert "## int8 variants" in table and "| `lstm-int8` | dynamic int8" in table
+    assert "| `lstm` |" in table and "| `lstm-int8` | rnn" not in table  # int8 only in its own section
+
+
+def test_the_operator_profile_finds_the_convolutions_of_a_cnn_bundle(cnn_bundle, capsys):
+    from training.op_profile import main, operator_times
+
+    per_run_ms, by_operator = operator_times(cnn_bundle, batch=8, runs=3, threads=1)
+    assert per_run_ms > 0 and by_operator["Conv"] > 0  # the 2-D rewrite keeps them Conv
+    assert per_run_ms == pytest.approx(sum(by_operator.values()) / 3 / 1000)
+    main(["--bundle", str(cnn_bundle), "--batch", "4", "--runs", "2"])
+    assert f"| `{cnn_bundle.name}` |" in capsys.readouterr().out

@@ -265,7 +265,11 @@ def main(argv: list[str] | None = None) -> None:
         from training.results_table import write_results
 
         for row in write_results(args.zoo, args.out):
-            if "valid_perplexity" in row:
+            if "quality" in row:  # an int8 bundle beside its fp32 source: (fp32, int8) pairs
+                (l32, l8), (t32, t8) = row["latency_ms"], row["throughput"]
+                print(f"{row['bundle']}: quality {row['quality'][0]:.2f} -> {row['quality'][1]:.2f}, "
+                      f"batch-1 speed-up {l32 / l8:.2f}x, batch-64 speed-up {t8 / t32:.2f}x")
+            elif "valid_perplexity" in row:
                 print(f"{row['bundle']}: valid perplexity {row['valid_perplexity']:.1f}, {row['tokens_per_second']:,.0f} tokens/s")
             else:
                 print(f"{row['bundle']}: {row['accuracy']}, {row['latency_ms']:.2f} ms/text, {row['throughput']:,.0f} texts/s")
