@@ -65,3 +65,4 @@ def test_zoo_selection_names_unknown_models():
         zoo_bundles(ServiceSettings(zoo=ZOO, models=("not-there",)))
     with pytest.raises(BundleError, match="does not exist"):
         zoo_bundles(ServiceSettings(zoo=ZOO / "missing"))
+

@@ -136,6 +136,13 @@ def test_classifies_questions_and_reviews_with_both_released_models(server):
     trec = classify(server, {"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?", "Where is the Eiffel Tower ?"], "top_k": 6})
     assert [r["label"] for r in trec.json()["results"]] == ["HUM", "LOC"]
     assert len(trec.json()["results"][0]["top_k"]) == 6
+    # The body is built without the response model; it must still be exactly that shape.
+    from services.schemas import ClassifyResponse
+
+    parsed = ClassifyResponse.model_validate_json(trec.content, strict=True)
+    assert parsed.model_dump() == trec.json() and trec.headers["content-type"] == "application/json"
+    for result in parsed.results:
+        assert [e.probability for e in result.top_k] == sorted(result.probabilities.values(), reverse=True)
     mr = classify(server, {"model": "kim-cnn-mr", "texts": [
         "a gorgeous , witty , moving film , one of the best of the year .",
         "a dull , tedious mess with nothing to say and no reason to watch .",
