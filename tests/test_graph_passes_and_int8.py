@@ -15,7 +15,7 @@ from training import export_onnx as export_module
 from training import quantize as quantize_module
 from training.datasets import read_trec, split_dev
 from training.export_onnx import ExportRefused, export_bundle, optimize_bundle
-from training.graph_passes import conv1d_as_conv2d
+from training.graph_passes import conv1d_as_conv2d, drop_height_round_trips
 from training.quantize import QuantizationRefused, quantize_bundle
 from training.train_classifier import train_classifier
 
@@ -218,3 +218,48 @@ def test_the_operator_profile_finds_the_convolutions_of_a_cnn_bundle(cnn_bundle,
     assert per_run_ms == pytest.approx(sum(by_operator.values()) / 3 / 1000)
     main(["--bundle", str(cnn_bundle), "--batch", "4", "--runs", "2"])
     assert f"| `{cnn_bundle.name}` |" in capsys.readouterr().out
+
+
+def masked_residual_graph() -> onnx.ModelProto:
+    """x (B, 2, L), mask (B, 1, L) -> h = Relu(Conv(x)) * mask -> y = h + Relu(Conv(h)) * mask
+    -> max over time (B, 2): the dilated CNN's shape, with a 3-D step between convolutions."""
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.standard_normal((2, 2, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((2, 2, 3)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3], pads=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Mul", ["r1", "mask"], ["h"]),
+        helper.make_node("Conv", ["h", "w2"], ["c2"], kernel_shape=[3], pads=[2, 2], dilations=[2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Mul", ["r2", "mask"], ["m2"]),
+        helper.make_node("Add", ["h", "m2"], ["y"]),
+        helper.make_node("ReduceMax", ["y"], ["pooled"], axes=[2], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "masked_residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, "length"]),
+         helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 1, "length"])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", 2])], initializer=[w1, w2],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_dropping_height_round_trips_keeps_the_numbers_and_the_stack_four_d():
+    original, rewritten = masked_residual_graph(), masked_residual_graph()
+    conv1d_as_conv2d(rewritten)
+    assert drop_height_round_trips(rewritten) == 1  # the Unsqueeze before the second convolution
+    producers = {o: n for n in rewritten.graph.node for o in n.output}
+    second_conv = [n for n in rewritten.graph.node if n.op_type == "Conv"][1]
+    assert producers[second_conv.input[0]].op_type == "Mul"  # computed on 4-D tensors, no Squeeze/Unsqueeze between
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("Relu") == 2 and ops.count("Mul") == 2  # nothing computed twice, in 3-D and 4-D
+    assert ops.count("Squeeze") == 2  # h for the residual Add, and the second convolution's output
+    assert drop_height_round_trips(rewritten) == 0
+    for length in (5, 9, 20):
+        rng = np.random.default_rng(length)
+        x = rng.standard_normal((3, 2, length)).astype(np.float32)
+        mask = (rng.random((3, 1, length)) > 0.3).astype(np.float32)
+        run_both = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "mask": mask})[0]
+                    for m in (original, rewritten)]
+        np.testing.assert_allclose(run_both[1], run_both[0], atol=1e-5)

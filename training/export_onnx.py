@@ -26,6 +26,8 @@ import torch
 
 from services.inference import MANIFEST, TextClassifier, read_bundle, sha256_file
 from training.graph_passes import PASS_NAME as GRAPH_PASS
+from training.graph_passes import ROUND_TRIPS_PASS_NAME as ROUND_TRIPS_PASS
+from training.graph_passes import drop_height_round_trips
 from training.graph_passes import conv1d_as_conv2d
 from training.train_classifier import batch_tensors, encoder_for, load_model
 
@@ -131,11 +133,14 @@ def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None
 
 
 def apply_graph_passes(path: Path) -> list[str]:
+    """Rewrite the graph at `path` with every pass that applies (training/graph_passes.py);
+    returns their names."""
     graph_model = onnx.load(str(path))
-    if not conv1d_as_conv2d(graph_model):
-        return []
-    onnx.save(graph_model, str(path))
-    return [GRAPH_PASS]
+    applied = [name for name, graph_pass in ((GRAPH_PASS, conv1d_as_conv2d), (ROUND_TRIPS_PASS, drop_height_round_trips))
+               if graph_pass(graph_model)]
+    if applied:
+        onnx.save(graph_model, str(path))
+    return applied
 
 
 def check_exported_graph(path: Path, dynamic_axes: dict[str, dict[int, str]]) -> None:
@@ -303,7 +308,7 @@ def optimize_bundle(bundle_dir: Path, texts: Sequence[str]) -> dict:
     with staged_bundle(bundle_dir, copy_from=bundle_dir) as staging:
         applied = apply_graph_passes(staging / "model.onnx")
         if not applied:
-            raise ExportRefused(f"{bundle_dir}: no graph pass applies (no 1-D convolution); the bundle is unchanged")
+            raise ExportRefused(f"{bundle_dir}: no graph pass applies (no 1-D convolution, no 3-D step between 2-D ones); the bundle is unchanged")
         config = json.loads((staging / "config.json").read_text())
         passes = config["onnx"].get("graph_passes", [])
         config["onnx"]["graph_passes"] = passes + [name for name in applied if name not in passes]
