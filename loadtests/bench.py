@@ -230,7 +230,8 @@ def tree_cpu_seconds(root: psutil.Process) -> float:
 def wait_until_idle(root: psutil.Process, cpu_share: float = 0.1, timeout_s: float = 15.0) -> None:
     """Wait until the server has finished the previous level's queued work. The HTTP workers
     share one listening socket and a worker still busy when the next level's connections arrive
-    accepts fewer of them; keep-alive connections stay where they landed for the whole level."""
+    accepts fewer of them, and a keep-alive connection stays where it landed for ~100 requests
+    (services/keep_alive.py)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         before = tree_cpu_seconds(root)
@@ -241,7 +242,7 @@ def wait_until_idle(root: psutil.Process, cpu_share: float = 0.1, timeout_s: flo
 
 def connections_per_worker(root: psutil.Process, port: int) -> list[int]:
     """Established client connections held by each process listening on `port`, most first.
-    A keep-alive connection stays with the worker that accepted it for the whole level."""
+    A keep-alive connection stays with the worker that accepted it until it is recycled."""
     counts = {}
     for process in [root, *root.children(recursive=True)]:
         try:

@@ -236,7 +236,9 @@ def test_concurrent_requests_are_batched_and_counted_across_workers(server):
     n_requests = 48
 
     def one(i):
-        return classify(server, {"model": "kim-cnn-trec6", "texts": [f"What is the population of city number {i} ?"]})
+        # A long text (about 400 words) keeps each batch busy long enough for others to queue
+        # behind it, even on a fast machine where a short one runs in a tenth of a millisecond.
+        return classify(server, {"model": "kim-cnn-trec6", "texts": [f"What is the population of city number {i} ? " * 40]})
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
         statuses = [r.status_code for r in pool.map(one, range(n_requests))]

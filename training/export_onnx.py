@@ -27,8 +27,7 @@ import torch
 from services.inference import MANIFEST, TextClassifier, read_bundle, sha256_file
 from training.graph_passes import PASS_NAME as GRAPH_PASS
 from training.graph_passes import ROUND_TRIPS_PASS_NAME as ROUND_TRIPS_PASS
-from training.graph_passes import drop_height_round_trips
-from training.graph_passes import conv1d_as_conv2d
+from training.graph_passes import conv1d_as_conv2d, drop_height_round_trips
 from training.train_classifier import batch_tensors, encoder_for, load_model
 
 OPSET = 17
