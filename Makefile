@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench loadtest
+.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,37 @@ serve: demo-zoo
 	@echo "textserve on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/ , metrics: /metrics)"
 	$(BIN)/bentoml serve services.service:TextService --host $(HOST) --port $(PORT) --timeout-keep-alive $(KEEP_ALIVE_S)
 
-test: install
+# checkov (the Kubernetes policy scan of tests/test_deploy.py) lives in its own venv: its pins
+# are not the service's. Debian's prometheus (promtool, the server) and wrk come from apt
+# (.ci/run installs them); kubectl with kustomize is on this machine image.
+TOOLS := .venv-tools
+$(TOOLS)/.installed: deploy/tools-constraints.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet -c deploy/tools-constraints.txt checkov
+	touch $@
+
+test: install $(TOOLS)/.installed
 	$(BIN)/python -m pytest -q
+
+# The bento: the service, the zoo's models as the store holds them and the pinned serving
+# packages (deploy/bentofile.yaml), built offline. bentoml containerize turns it into an image
+# (docs/deploy.md). BENTOML_HOME=... builds into another store.
+bento: install
+	$(BIN)/python -m services.model_store
+	$(BIN)/bentoml build -f deploy/bentofile.yaml .
+
+bento-gpu: install
+	$(BIN)/python -m services.model_store
+	$(BIN)/bentoml build -f deploy/bentofile-gpu.yaml .
+
+# Only the deployment checks of make test: manifests, schemas, policy scan, rules, a real
+# Prometheus, the bento and the SIGTERM drain.
+deploy-check: install $(TOOLS)/.installed
+	$(BIN)/python -m pytest -q tests/test_deploy.py tests/test_deploy_monitoring.py tests/test_bento.py tests/test_drain.py
+
+# deploy/requirements-serving.txt, after a change to constraints.txt.
+serving-requirements: install
+	$(BIN)/python deploy/pin_serving_requirements.py > deploy/requirements-serving.txt
 
 # Side by side, one run: onnxruntime in process, torch eager, the service and a hand-rolled
 # FastAPI server over HTTP under wrk (docs/performance.md). BENCH_ARGS=... passes options, e.g.
@@ -63,4 +92,4 @@ loadtest: $(VENV)/.bench-installed
 	$(BIN)/python -m loadtests.run_loadtest $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) checkpoints .pytest_cache
+	rm -rf $(VENV) $(TOOLS) checkpoints .pytest_cache

@@ -22,10 +22,15 @@
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
 | TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
+
+"cores" are the CPUs this process may use: its cgroup's CPU limit when it has one (a Kubernetes
+pod's `resources.limits.cpu`, rounded up), else the CPUs it is allowed to run on. os.cpu_count()
+would be the node's, so a pod limited to 2 CPUs on a 64-core node would start 64 workers.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field as dataclass_field, fields
 from pathlib import Path
@@ -41,7 +46,7 @@ class ServiceSettings:
     inference: str = "inline"
     ort_threads: int = 0
     runner_workers: int = 1
-    http_workers: int = dataclass_field(default_factory=lambda: os.cpu_count() or 1)
+    http_workers: int = dataclass_field(default_factory=lambda: available_cores())
     max_batch_texts: int = 64
     max_latency_ms: int = 1000
     max_texts_per_request: int = 256
@@ -103,7 +108,27 @@ class ServiceSettings:
         if self.ort_threads:
             return self.ort_threads
         processes = self.http_workers if self.inference == "inline" else self.runner_workers
-        return max(1, (os.cpu_count() or 1) // processes)
+        return max(1, available_cores() // processes)
+
+
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the cgroup CPU quota rounded up (v2 cpu.max, or v1
+    cpu.cfs_quota_us / cpu.cfs_period_us), else the CPUs of its affinity mask."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = period = None
+    try:
+        if (cgroup_root / "cpu.max").is_file():
+            quota_text, period_text = (cgroup_root / "cpu.max").read_text().split()[:2]
+            if quota_text != "max":
+                quota, period = int(quota_text), int(period_text)
+        elif (cgroup_root / "cpu" / "cpu.cfs_quota_us").is_file():
+            quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        quota = None
+    if quota is None or quota <= 0 or not period:
+        return max(1, allowed)
+    return max(1, min(allowed, math.ceil(quota / period)))
 
 
 SETTINGS = ServiceSettings.from_environment()  # read once per process, at import

@@ -46,3 +46,9 @@ queue_wait_seconds = bentoml.metrics.Histogram(
     documentation="Time from the HTTP worker sending texts to the runner until their batch starts",
     buckets=LATENCY_BUCKETS,
 )
+model_loaded = bentoml.metrics.Gauge(
+    name=f"{NAMESPACE}_model_loaded",
+    documentation="1 when the model is loaded and served, 0 when it failed to load at startup (the lowest over the workers)",
+    labelnames=["model"],
+    multiprocess_mode="livemin",
+)

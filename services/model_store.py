@@ -3,19 +3,26 @@
 A bundle becomes the store model `NAME:VERSION`, where VERSION is the start of the bundle's
 manifest sha256: re-importing an unchanged bundle does nothing, a retrained one gets a new
 version. `python -m services.model_store` imports the whole zoo (make serve runs it first).
+
+Where the served models come from:
+- from a checkout (`make serve`, the tests): the zoo folder, imported into the store first;
+- from a bento (`bentoml serve textserve:VERSION`, or the container `bentoml containerize`
+  makes): exactly the store models the bento was built with (deploy/bentofile.yaml); a bento
+  carries no zoo folder.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import bentoml
 from bentoml.exceptions import BentoMLException, NotFound
 
 from services.config import ServiceSettings
-from services.inference import MANIFEST, Bundle, BundleError, read_bundle
+from services.inference import MANIFEST, Bundle, BundleError, read_bundle, sha256_file
 
 
 def zoo_bundles(settings: ServiceSettings) -> list[Path]:
@@ -38,14 +45,19 @@ def store_tag(bundle: Bundle) -> str:
 
 
 def import_bundle(bundle_dir: Path) -> str:
-    """Copy one bundle into the store (after checking its sha256s); returns the store tag."""
-    bundle = read_bundle(bundle_dir)
-    tag = store_tag(bundle)
+    """Copy one bundle into the store (after checking its sha256s); returns the store tag.
+    A bundle the store already holds costs one small hash (its manifest's): loading checks
+    every file of the stored copy anyway."""
+    if not (bundle_dir / MANIFEST).is_file():
+        raise BundleError(f"{bundle_dir}: no {MANIFEST}; is this a model bundle?")
+    tag = f"{bundle_dir.name}:{sha256_file(bundle_dir / MANIFEST)[:16]}"
     try:
         bentoml.models.get(tag)
         return tag
     except NotFound:
         pass
+    bundle = read_bundle(bundle_dir)
+    tag = store_tag(bundle)
     try:
         with bentoml.models.create(tag, labels={"architecture": bundle.architecture}, metadata={"sha256": bundle.sha256}) as model:
             for file in bundle_dir.iterdir():
@@ -59,6 +71,68 @@ def import_bundle(bundle_dir: Path) -> str:
 def stored_bundles(settings: ServiceSettings) -> list[Bundle]:
     """The zoo's bundles as the store holds them (importing any that are missing), sha256-checked."""
     return [read_bundle(bentoml.models.get(import_bundle(path)).path) for path in zoo_bundles(settings)]
+
+
+def zoo_tags(settings: ServiceSettings) -> list[str]:
+    """Store tags of the zoo's bundles (importing any that are missing): what a bento built
+    from this checkout carries. A bundle that fails its checks is left out here and reported
+    when the service loads (`make bento` imports the zoo first, which stops at a bad bundle)."""
+    tags = []
+    for path in zoo_bundles(settings):
+        try:
+            tags.append(import_bundle(path))
+        except (BundleError, BentoMLException, OSError, ValueError, KeyError):
+            continue
+    return tags
+
+
+def bento_tags(settings: ServiceSettings, bento) -> list[str]:
+    """Store tags of the models a bento was built with, limited to settings.models if set."""
+    tags = {model.tag.name: str(model.tag) for model in bento.info.all_models}
+    if settings.models:
+        missing = sorted(set(settings.models) - set(tags))
+        if missing:
+            raise BundleError(f"TEXTSERVE_MODELS names {missing}, not in bento {bento.tag} (has {sorted(tags)})")
+        return [tags[name] for name in settings.models]
+    if not tags:
+        raise BundleError(f"bento {bento.tag} carries no models")
+    return list(tags.values())
+
+
+@dataclass(frozen=True)
+class Served:
+    bundles: list[Bundle]
+    failures: dict[str, str]  # model name -> why it could not be loaded
+
+
+_served_here: Served | None = None  # this process's answer; the first caller's bento decides
+
+
+def served(settings: ServiceSettings, bento=None) -> Served:
+    """The bundles this process serves, read once: the HTTP service asks first (with its bento),
+    the in-process runner then gets the same answer; a separate runner process asks with its own."""
+    global _served_here
+    if _served_here is None:
+        _served_here = Served(*load_served(settings, bento))
+    return _served_here
+
+
+def load_served(settings: ServiceSettings, bento=None) -> tuple[list[Bundle], dict[str, str]]:
+    """The bundles to serve, each read from the store and sha256-checked, and the models that
+    failed (name -> reason). One bad bundle does not stop the others from serving: the caller
+    reports it (metrics, 503 for that model, the log)."""
+    bundles: list[Bundle] = []
+    failures: dict[str, str] = {}
+    if bento is not None:
+        sources = [(tag.partition(":")[0], lambda tag=tag: tag) for tag in bento_tags(settings, bento)]
+    else:
+        sources = [(path.name, lambda path=path: import_bundle(path)) for path in zoo_bundles(settings)]
+    for name, tag_of in sources:
+        try:
+            bundles.append(read_bundle(bentoml.models.get(tag_of()).path))
+        except (BundleError, BentoMLException, OSError, ValueError, KeyError) as error:
+            failures[name] = f"{type(error).__name__}: {error}"
+    return bundles, failures
 
 
 def main() -> None:

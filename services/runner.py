@@ -23,7 +23,7 @@ from services.config import SETTINGS, resolve_device
 from services.explain import explain_texts
 from services.inference import LANGUAGE_MODEL_ARCHITECTURE, TextClassifier
 from services.language_model import CharLanguageModel
-from services.model_store import stored_bundles
+from services.model_store import served
 
 WARM_UP_TEXTS = ["Warm-up text one .", "a second , somewhat longer warm-up text for the batch ?"]
 logger = logging.getLogger("bentoml.textserve")
@@ -46,17 +46,27 @@ class ModelRunner:
         threads = SETTINGS.session_threads()
         self.classifiers: dict[str, TextClassifier] = {}
         self.language_models: dict[str, CharLanguageModel] = {}
-        for bundle in stored_bundles(SETTINGS):
+        to_serve = served(SETTINGS, ModelRunner.bento)  # inline: the HTTP service's answer
+        for bundle in to_serve.bundles:
             # The first run allocates; readiness waits for it.
-            if bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
-                language_model = CharLanguageModel(bundle, device=device, threads=threads)
-                language_model.score(WARM_UP_TEXTS)
-                self.language_models[bundle.name] = language_model
-            else:
-                classifier = TextClassifier(bundle, device=device, threads=threads)
-                classifier.probabilities(WARM_UP_TEXTS)
-                self.classifiers[bundle.name] = classifier
+            try:
+                if bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
+                    language_model = CharLanguageModel(bundle, device=device, threads=threads)
+                    language_model.score(WARM_UP_TEXTS)
+                    self.language_models[bundle.name] = language_model
+                else:
+                    classifier = TextClassifier(bundle, device=device, threads=threads)
+                    classifier.probabilities(WARM_UP_TEXTS)
+                    self.classifiers[bundle.name] = classifier
+            except Exception as error:  # an unreadable graph, a vocabulary that does not fit it, ...
+                if device == "cuda":
+                    raise  # on a GPU the cause may be the device: the whole server must say so, not serve a part
+                to_serve.failures[bundle.name] = f"{type(error).__name__}: {error}"
+                logger.error("model %s failed to load: %s", bundle.name, error)
+                continue
             logger.info("loaded %s (sha256 %s) on %s, %d threads", bundle.name, bundle.sha256[:12], device, threads)
+        for name, reason in to_serve.failures.items():
+            logger.error("model %s is not served: %s", name, reason)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
     def classify_batch(self, items: list[TextItem]) -> list[dict]:

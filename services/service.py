@@ -38,7 +38,8 @@ from services.http_api import router as json_api
 from services.in_process import InProcessRunner
 from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.lm_api import json_lines, router as language_model_api
-from services.model_store import stored_bundles, store_tag
+from services import metrics
+from services.model_store import served, store_tag, zoo_tags
 from services.open_inference import router as open_inference_api
 from services.runner import ModelRunner, TextItem
 
@@ -86,9 +87,18 @@ class TextService:
 
     def __init__(self) -> None:
         self.settings: ServiceSettings = SETTINGS
+        # Read here first (TextService.bento is set when BentoML serves a bento), so that the
+        # in-process runner serves the same bundles.
+        to_serve = served(SETTINGS, TextService.bento)
         if SETTINGS.inference == "inline":
-            self.runner = InProcessRunner()
-        self.bundles: dict[str, Bundle] = {b.name: b for b in stored_bundles(SETTINGS)}
+            self.runner = InProcessRunner()  # adds to to_serve.failures a model whose session failed
+        self.failed_models: dict[str, str] = to_serve.failures
+        self.bundles: dict[str, Bundle] = {b.name: b for b in to_serve.bundles if b.name not in self.failed_models}
+        for name in self.bundles:
+            metrics.model_loaded.labels(model=name).set(1)
+        for name, reason in self.failed_models.items():
+            metrics.model_loaded.labels(model=name).set(0)
+            logger.error("model %s failed to load and is not served: %s", name, reason)
         self.store_tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
         self.admission = ADMISSION
         self.ready_models: set[str] = set()
@@ -96,6 +106,9 @@ class TextService:
 
     def bundle(self, name: str, kind: str | None = None) -> Bundle:
         """The named bundle; 404 if unknown, 400 if it is not of `kind` ("classifier" or "language model")."""
+        if name in self.failed_models:
+            raise ApiError(503, f"model {name!r} failed to load when the server started ({self.failed_models[name]}); "
+                                "the other models are served")
         if name not in self.bundles:
             raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}")
         bundle = self.bundles[name]
@@ -222,6 +235,11 @@ class TextService:
                 freeze_what_lives()  # the server is built now: what exists will live as long as it
         return sorted(set(self.bundles) - self.ready_models)
 
+
+# What `bentoml build` packs into the bento (deploy/bentofile.yaml): the store versions of the
+# zoo's bundles. Served from a bento there is no zoo folder; the bento's own list is used.
+if SETTINGS.zoo.is_dir():
+    TextService.models.extend(bentoml.models.BentoModel(tag) for tag in zoo_tags(SETTINGS))
 
 # Outermost of ours: connections move between workers now and then (keep_alive.py), and a full
 # worker refuses before a body is read (admission.py).

@@ -5,17 +5,13 @@ pending-text limit so that overload can be provoked.
 """
 
 import concurrent.futures
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import REPOSITORY
+from tests.serving import running_server
 
 MAX_PENDING_TEXTS = 300
 TINY_LM = "char-lm-tiny"
-STARTUP_SECONDS = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,50 +38,6 @@ def test_zoo(tmp_path_factory, tiny_lm_bundle) -> Path:
             (zoo / bundle.name).symlink_to(bundle)
     (zoo / TINY_LM).symlink_to(tiny_lm_bundle)
     return zoo
-
-
-@contextlib.contextmanager
-def running_server(home: Path, zoo: Path, **settings: str):
-    """`bentoml serve` on a free port with the TEXTSERVE_* `settings`; its URL once ready."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "TEXTSERVE_DEVICE": "cpu",
-        "TEXTSERVE_ZOO": str(zoo),
-        "BENTOML_DO_NOT_TRACK": "True",
-        **{f"TEXTSERVE_{name.upper()}": value for name, value in settings.items()},
-    }
-    bentoml = str(Path(sys.executable).parent / "bentoml")
-    subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
-    log = open(home / "serve.log", "w")
-    process = subprocess.Popen(
-        [bentoml, "serve", "services.service:TextService", "--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "30"],
-        cwd=REPOSITORY, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{(home / 'serve.log').read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:  # not listening yet, or still starting up
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise RuntimeError(f"not ready in {STARTUP_SECONDS} s:\n{(home / 'serve.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    try:
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")

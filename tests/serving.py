@@ -1,0 +1,89 @@
+"""A real `bentoml serve` on a free port, for the tests that need a running service."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from tests.conftest import REPOSITORY
+
+STARTUP_SECONDS = 180
+SERVICE = "services.service:TextService"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or still starting up
+            pass
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise RuntimeError(f"not ready in {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def start_server(home: Path, zoo: Path | None, target: str = SERVICE, cwd: Path = REPOSITORY,
+                 **settings: str) -> tuple[subprocess.Popen, str]:
+    """Start `bentoml serve target` (the service of this checkout, or a bento folder) on a free
+    port with the TEXTSERVE_* `settings`, and wait until it is ready: (process, URL). With a
+    zoo, it is imported into the store first, as `make serve` does; without one (a bento),
+    TEXTSERVE_ZOO is left unset."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "TEXTSERVE_DEVICE": "cpu",
+        "BENTOML_DO_NOT_TRACK": "True",
+        **{f"TEXTSERVE_{name.upper()}": value for name, value in settings.items()},
+    }
+    env.pop("TEXTSERVE_ZOO", None)
+    if zoo is not None:
+        env["TEXTSERVE_ZOO"] = str(zoo)
+        subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    log_path = home / "serve.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(port), "--timeout-keep-alive", "30"],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(process, url, log_path)
+    return process, url
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_server(home: Path, zoo: Path | None, **settings: str):
+    """`bentoml serve` on a free port with the TEXTSERVE_* `settings`; its URL once ready."""
+    process, url = start_server(home, zoo, **settings)
+    try:
+        yield url
+    finally:
+        stop_server(process)
