@@ -42,11 +42,12 @@ def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path) -> Non
 
 
 def start_server(home: Path, zoo: Path | None, target: str = SERVICE, cwd: Path = REPOSITORY,
-                 **settings: str) -> tuple[subprocess.Popen, str]:
+                 import_zoo: bool = True, **settings: str) -> tuple[subprocess.Popen, str]:
     """Start `bentoml serve target` (the service of this checkout, or a bento folder) on a free
     port with the TEXTSERVE_* `settings`, and wait until it is ready: (process, URL). With a
     zoo, it is imported into the store first, as `make serve` does; without one (a bento),
     TEXTSERVE_ZOO is left unset."""
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
         **os.environ,
@@ -58,7 +59,8 @@ def start_server(home: Path, zoo: Path | None, target: str = SERVICE, cwd: Path 
     env.pop("TEXTSERVE_ZOO", None)
     if zoo is not None:
         env["TEXTSERVE_ZOO"] = str(zoo)
-        subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
+        if import_zoo:
+            subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
     bentoml = str(Path(sys.executable).parent / "bentoml")
     log_path = home / "serve.log"
     with open(log_path, "w") as log:
@@ -80,9 +82,9 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_server(home: Path, zoo: Path | None, **settings: str):
+def running_server(home: Path, zoo: Path | None, import_zoo: bool = True, **settings: str):
     """`bentoml serve` on a free port with the TEXTSERVE_* `settings`; its URL once ready."""
-    process, url = start_server(home, zoo, **settings)
+    process, url = start_server(home, zoo, import_zoo=import_zoo, **settings)
     try:
         yield url
     finally:

@@ -1,5 +1,6 @@
 """Service settings: every knob from the environment, bad values refused with the variable's name."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_bad_values_are_refused_with_the_variable_name(environ, message):
 
 
 def test_session_threads_split_the_cores_between_the_processes_that_run_sessions(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("services.config.available_cores", lambda: 16)
     # inline (the default): every HTTP worker runs sessions, one per core by default
     assert ServiceSettings().http_workers == 16 and ServiceSettings().session_threads() == 1
     assert ServiceSettings(http_workers=4).session_threads() == 4
@@ -66,3 +67,21 @@ def test_zoo_selection_names_unknown_models():
     with pytest.raises(BundleError, match="does not exist"):
         zoo_bundles(ServiceSettings(zoo=ZOO / "missing"))
 
+
+
+def test_cores_follow_the_cgroup_cpu_limit_of_a_pod(tmp_path):
+    """A pod limited to 1.5 CPUs on a bigger node gets 2 workers' worth, not the node's cores."""
+    from services.config import available_cores
+
+    allowed = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # cgroup v2: 1.5 CPUs
+    assert available_cores(tmp_path) == min(allowed, 2)
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # no limit
+    assert available_cores(tmp_path) == allowed
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")  # cgroup v1: half a CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cores(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cores(tmp_path) == allowed
