@@ -13,10 +13,12 @@
 | TEXTSERVE_MAX_LATENCY_MS         | 1000         | adaptive batching: a batch that cannot start in time is refused (503) |
 | TEXTSERVE_MAX_TEXTS_PER_REQUEST  | 256          | more texts in one request -> 413                           |
 | TEXTSERVE_MAX_TEXT_CHARS         | 2000         | a longer text -> 413                                       |
+| TEXTSERVE_MAX_BODY_BYTES         | 4194304      | a larger request body -> 413, refused before it is read (body_limit.py) |
 | TEXTSERVE_MAX_PENDING_TEXTS      | 2048         | texts in flight per HTTP worker before new requests get 429 |
 | TEXTSERVE_REQUESTS_PER_CONNECTION| 100          | a response closes its keep-alive connection with probability 1/N, so connections spread over the HTTP workers again (keep_alive.py); 0 = never |
 | TEXTSERVE_DEFAULT_TOP_K          | 3            | top-k when a request does not say                          |
 | TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
+| TEXTSERVE_HEADER_TIMEOUT_S       | 10           | a request's headers must arrive within this, from the connection's opening or the request's first byte, else 408 and the connection closes (slow_clients.py) |
 | TEXTSERVE_ACCESS_LOG             | 0            | 1: BentoML's access log line per request (method, path, status, time; never the body) |
 | TEXTSERVE_TRACING                | 0            | 1: BentoML's OpenTelemetry span per request (configure an exporter in BentoML's config); 0: every path excluded, the middleware passes requests straight through |
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
@@ -51,10 +53,12 @@ class ServiceSettings:
     max_latency_ms: int = 1000
     max_texts_per_request: int = 256
     max_text_chars: int = 2000
+    max_body_bytes: int = 4 * 1024 * 1024  # 256 texts of 2000 characters, JSON-escaped, fit
     max_pending_texts: int = 2048
     requests_per_connection: int = 100
     default_top_k: int = 3
     request_timeout_s: int = 30
+    header_timeout_s: int = 10
     access_log: bool = False
     tracing: bool = False
     max_generate_words: int = 200
@@ -94,7 +98,7 @@ class ServiceSettings:
         if self.inference not in ("inline", "runner"):
             raise ValueError(f"TEXTSERVE_INFERENCE={self.inference!r}; expected inline or runner")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
-                     "max_text_chars", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "max_generate_words", "max_neighbors",
+                     "max_text_chars", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_generate_words", "max_neighbors",
                      "max_word_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")

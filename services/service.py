@@ -29,8 +29,9 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 
-from services import bentoml_timeout, request_timing
+from services import bentoml_timeout, request_timing, slow_clients
 from services.admission import Admission, RefuseWhenFull
+from services.body_limit import LimitBodySize
 from services.keep_alive import RecycleConnections
 from services.config import SETTINGS, ServiceSettings
 from services.errors import ApiError, JsonNotFound, install_error_handlers
@@ -45,6 +46,7 @@ from services.runner import ModelRunner, TextItem
 
 logger = logging.getLogger("bentoml.textserve")
 bentoml_timeout.install()  # before BentoML builds this server's middleware stack
+slow_clients.install(SETTINGS.header_timeout_s)  # before the worker starts uvicorn
 # The HTTP workers share one listening socket. libuv (uvloop, under uvicorn) accepts every
 # pending connection on one wake-up, so the first worker to wake took a whole burst of
 # keep-alive connections: `make bench` saw one of two workers serve every connection at 8 and
@@ -241,10 +243,12 @@ class TextService:
 if SETTINGS.zoo.is_dir():
     TextService.models.extend(bentoml.models.BentoModel(tag) for tag in zoo_tags(SETTINGS))
 
-# Outermost of ours: connections move between workers now and then (keep_alive.py), and a full
-# worker refuses before a body is read (admission.py).
+# Outermost of ours: connections move between workers now and then (keep_alive.py), a full
+# worker refuses before a body is read (admission.py), and so does a body over the size limit
+# (body_limit.py).
 TextService.add_asgi_middleware(RecycleConnections, requests_per_connection=SETTINGS.requests_per_connection)
 TextService.add_asgi_middleware(RefuseWhenFull, admission=ADMISSION)
+TextService.add_asgi_middleware(LimitBodySize, limit=SETTINGS.max_body_bytes)
 TextService.add_asgi_middleware(JsonNotFound)
 
 
