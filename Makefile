@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements
+.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements fuzz
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bento-gpu: install
 # Prometheus, the bento and the SIGTERM drain.
 deploy-check: install $(TOOLS)/.installed
 	$(BIN)/python -m pytest -q tests/test_deploy.py tests/test_deploy_monitoring.py tests/test_bento.py tests/test_drain.py
+
+# Schemathesis over the OpenAPI document with 100 examples per operation and phase (over a
+# thousand requests; make test runs 20), against a fresh server: no 5xx, every error a message.
+fuzz: install
+	TEXTSERVE_FUZZ_EXAMPLES=100 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
 # deploy/requirements-serving.txt, after a change to constraints.txt.
 serving-requirements: install

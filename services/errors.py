@@ -61,9 +61,89 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 404:
             return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
-        if error.status_code == 405:
-            return error_response(405, f"{request.method} is not allowed on {request.url.path}")
-        return error_response(error.status_code, str(error.detail))
+        if error.status_code == 405:  # its Allow header (RFC 9110) says which methods are
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}", error.headers)
+        return error_response(error.status_code, str(error.detail), error.headers)
+
+
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "description": "what was wrong"}}}
+ERROR_DESCRIPTIONS = {
+    400: "malformed input; the message names the field",
+    404: "unknown model or version",
+    413: "too many texts, too long a text or too large a body; the message names the limit and its variable",
+    429: "overloaded: this worker holds its limit of pending texts; retry after Retry-After",
+    503: "overloaded (the batch cannot start in time), not ready, or the model failed to load; the message says which",
+    504: "no answer within TEXTSERVE_REQUEST_TIMEOUT_S",
+}
+# OIP v2 inference request, JSON form (the binary tensor extension sends the same header as
+# JSON, followed by the tensors' bytes: application/octet-stream with Inference-Header-Content-Length).
+INFER_REQUEST_SCHEMA = {
+    "type": "object", "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "inputs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "shape", "datatype"],
+            "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                           "datatype": {"type": "string"}, "parameters": {"type": "object"}, "data": {"type": "array"}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+    },
+}
+
+
+def error_statuses(method: str, path: str) -> list[int]:
+    """The error statuses an operation can answer, as the service's code raises them."""
+    if method == "post":  # validation, limits, admission, batching, timeout; models by name
+        return [400, 404, 413, 429, 503, 504]
+    if "{name}" in path:
+        return [404, 503] if path.endswith("/ready") else [404]
+    if path == "/v2/health/ready":
+        return [503]
+    return []
+
+
+def document_errors(app: FastAPI, model_names=None) -> None:
+    """The OpenAPI document tells the truth about errors: every operation lists the statuses it
+    can answer with the {"error": ...} body, and FastAPI's 422 (which this service answers as
+    400, see install_error_handlers) is dropped. The OIP infer routes, which read their body
+    themselves, get its schema. With `model_names` (a callable), model names in paths and
+    bodies are documented as the loaded models' names (the document is built on first request,
+    once the models are loaded)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        names = sorted(model_names()) if model_names is not None else []
+        bodies = [content["schema"] for operations in document["paths"].values() for operation in operations.values()
+                  for content in operation.get("requestBody", {}).get("content", {}).values() if "schema" in content]
+        for schema in [*document.get("components", {}).get("schemas", {}).values(), *bodies]:
+            model = schema.get("properties", {}).get("model")
+            if names and model is not None and model.get("type") == "string":
+                model["enum"] = names
+        document.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        for path, operations in document["paths"].items():
+            for method, operation in operations.items():
+                for parameter in operation.get("parameters", []):
+                    if names and parameter.get("in") == "path" and parameter.get("name") == "name":
+                        parameter["schema"] = {**parameter.get("schema", {}), "enum": names}
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for status in error_statuses(method, path):
+                    responses[str(status)] = {"description": ERROR_DESCRIPTIONS[status],
+                                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                if path.endswith("/infer"):
+                    operation["requestBody"] = {"required": True, "content": {
+                        "application/json": {"schema": INFER_REQUEST_SCHEMA},
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        document["components"]["schemas"].pop("HTTPValidationError", None)
+        document["components"]["schemas"].pop("ValidationError", None)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi
 
 
 class JsonNotFound:

@@ -89,6 +89,9 @@ def check_generation(service, bundle, body: GenerateRequest) -> None:
 
 @router.post("/generate", response_model=GenerateResponse,
              summary="Continue a text; `stream: true` (or Accept: text/event-stream) sends each word as it comes",
+             responses={200: {"content": {"text/event-stream": {"schema": {
+                 "type": "object", "description": "server-sent events, each data a JSON object: start (the prefix's tokens), "
+                                                   "one word per word (word, probability), then done (or error)"}}}}},
              openapi_extra=json_body(GenerateRequest))
 async def generate(request: Request, service=Depends(bentoml.get_current_service)):
     body = await parse_body(request, GenerateRequest)

@@ -117,6 +117,11 @@ def served(settings: ServiceSettings, bento=None) -> Served:
     return _served_here
 
 
+def served_names() -> list[str]:
+    """Names of the models this process serves (none before the service has loaded them)."""
+    return [bundle.name for bundle in _served_here.bundles] if _served_here is not None else []
+
+
 def load_served(settings: ServiceSettings, bento=None) -> tuple[list[Bundle], dict[str, str]]:
     """The bundles to serve, each read from the store and sha256-checked, and the models that
     failed (name -> reason). One bad bundle does not stop the others from serving: the caller

@@ -6,12 +6,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from services.config import SETTINGS
+
+
+def texts_schema(description: str) -> dict:
+    """Field arguments for a list of texts: the limits the service enforces (with its own
+    messages, services/service.py check_texts), stated in the OpenAPI document."""
+    return {"description": description, "json_schema_extra": {
+        "minItems": 1, "maxItems": SETTINGS.max_texts_per_request,
+        "items": {"type": "string", "minLength": 1, "maxLength": SETTINGS.max_text_chars, "pattern": r"\S"}}}
+
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field(description="bundle name, e.g. kim-cnn-trec6 (see GET /models)")
-    texts: list[StrictStr] = Field(description="texts to classify, one result each, in order")
+    texts: list[StrictStr] = Field(**texts_schema("texts to classify, one result each, in order"))
     top_k: StrictInt | None = Field(default=None, description="how many top labels to list (default 3, at most the label count)")
 
 
@@ -50,7 +60,7 @@ class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field(description="a Kim CNN bundle, e.g. kim-cnn-trec6")
-    texts: list[StrictStr]
+    texts: list[StrictStr] = Field(**texts_schema("texts to explain, one result each, in order"))
     top_k: StrictInt | None = Field(default=None, description="n-grams to list per text (default 5, at most 50)")
 
 
@@ -82,7 +92,7 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: StrictStr = Field(description="a language-model bundle, e.g. char-lm-small-ptb")
-    texts: list[StrictStr] = Field(description="texts to score, each read as one sentence after a sentence boundary")
+    texts: list[StrictStr] = Field(**texts_schema("texts to score, each read as one sentence after a sentence boundary"))
 
 
 class TokenScore(BaseModel):

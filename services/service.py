@@ -34,13 +34,13 @@ from services.admission import Admission, RefuseWhenFull
 from services.body_limit import LimitBodySize
 from services.keep_alive import RecycleConnections
 from services.config import SETTINGS, ServiceSettings
-from services.errors import ApiError, JsonNotFound, install_error_handlers
+from services.errors import ApiError, JsonNotFound, document_errors, install_error_handlers
 from services.http_api import router as json_api
 from services.in_process import InProcessRunner
 from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.lm_api import json_lines, router as language_model_api
 from services import metrics
-from services.model_store import served, store_tag, zoo_tags
+from services.model_store import served, served_names, store_tag, zoo_tags
 from services.open_inference import router as open_inference_api
 from services.runner import ModelRunner, TextItem
 
@@ -68,6 +68,7 @@ app.include_router(json_api)
 app.include_router(language_model_api)
 app.include_router(open_inference_api)
 app.add_middleware(request_timing.RequestTiming)
+document_errors(app, served_names)  # after the routes: each one's error statuses, the loaded model names
 
 
 @bentoml.service(
