@@ -14,7 +14,8 @@ polls the queue every millisecond. docs/performance.md has the figures.
 
 A request that has waited `max_wait_ms` without starting is refused (503, "retry shortly");
 a request larger than `max_batch_texts` runs in several batches; a client that went away
-leaves its texts unrun.
+leaves its texts unrun. A batch that fails is run again one request at a time, so that only
+the request whose texts make the model fail gets the error.
 """
 
 from __future__ import annotations
@@ -94,8 +95,12 @@ class IdleDispatchBatcher:
         items = [item for job, start, stop in batch for item in job.items[start:stop]]
         try:
             answers = await anyio.to_thread.run_sync(self.run, items, limiter=self.one_batch_at_a_time)
-        except Exception as error:  # the model failed: every request in the batch hears why
-            for job, _, _ in batch:
+        except Exception as error:
+            if len(batch) > 1:  # whose texts failed? Each request alone: one client's bad text fails only its own request
+                for part in batch:
+                    await self.run_batch([part])
+                return
+            for job, _, _ in batch:  # the model failed on this request's texts: it hears why
                 if not job.future.done():
                     job.future.set_exception(error)
                 if job in self.queue:  # a request split over batches: its other parts will not run

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from http import HTTPStatus
 from collections import defaultdict
 from collections.abc import Callable, Generator
 
@@ -27,6 +28,19 @@ from services.model_store import served
 
 WARM_UP_TEXTS = ["Warm-up text one .", "a second , somewhat longer warm-up text for the batch ?"]
 logger = logging.getLogger("bentoml.textserve")
+
+
+class InferenceFailed(bentoml.exceptions.BentoMLException):
+    """onnxruntime (or the encoding before it) failed on a model's texts: a 500 whose message
+    names the model and onnxruntime's reason (the service passes it on to the client)."""
+
+    error_code = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+def inference_failure(model: str, error: Exception) -> InferenceFailed:
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    logger.error("inference failed for model %s: %s: %s", model, type(error).__name__, error)
+    return InferenceFailed(f"inference failed for model {model!r}: {type(error).__name__}: {reason}")
 
 
 class TextItem(BaseModel):
@@ -88,7 +102,10 @@ class ModelRunner:
         if classifier is None:
             raise bentoml.exceptions.NotFound(f"model {model!r} is not loaded")
         started = time.perf_counter()
-        explanations = explain_texts(classifier, texts, top_k)
+        try:
+            explanations = explain_texts(classifier, texts, top_k)
+        except Exception as error:
+            raise inference_failure(model, error) from error
         metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
         return explanations
 
@@ -164,7 +181,12 @@ def run_by_model(items: list[TextItem], run: Callable[[str, list[str]], list]) -
     answers: list = [None] * len(items)
     for model, rows in rows_by_model.items():
         model_started = time.perf_counter()
-        model_answers = run(model, [items[row].text for row in rows])
+        try:
+            model_answers = run(model, [items[row].text for row in rows])
+        except bentoml.exceptions.BentoMLException:
+            raise
+        except Exception as error:  # onnxruntime's own exception types, a failing encoder, ...
+            raise inference_failure(model, error) from error
         inference_s = time.perf_counter() - model_started
         metrics.inference_duration_seconds.labels(model=model).observe(inference_s)
         metrics.texts_total.labels(model=model).inc(len(rows))

@@ -42,7 +42,7 @@ from services.lm_api import json_lines, router as language_model_api
 from services import metrics
 from services.model_store import served, served_names, store_tag, zoo_tags
 from services.open_inference import router as open_inference_api
-from services.runner import ModelRunner, TextItem
+from services.runner import InferenceFailed, ModelRunner, TextItem
 
 logger = logging.getLogger("bentoml.textserve")
 bentoml_timeout.install()  # before BentoML builds this server's middleware stack
@@ -303,4 +303,6 @@ def runner_error(error: BentoMLException) -> ApiError:
         return ApiError(429, "overloaded: the inference runner refuses more concurrent requests; retry shortly", {"Retry-After": "1"})
     if status == 504:
         return ApiError(504, f"inference did not finish within {SETTINGS.request_timeout_s} s (TEXTSERVE_REQUEST_TIMEOUT_S)")
+    if isinstance(error, InferenceFailed):
+        return ApiError(500, str(error))  # names the model and onnxruntime's reason
     return ApiError(500, f"inference failed in the runner: {error}")

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import requests
 
 from tests.conftest import ZOO
@@ -37,6 +38,9 @@ def test_sigterm_under_load_answers_every_accepted_request_then_exits(tmp_path):
             futures = [pool.submit(classify, i) for i in range(REQUESTS)]
             time.sleep(0.5)  # every request sent and being worked on
             assert not any(future.done() for future in futures), "the load finished before the signal: nothing to drain"
+            workers = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "_bentoml_impl.worker.service"],
+                                     capture_output=True, text=True).stdout.split()
+            assert len(workers) == 2
             signalled_at = time.monotonic()
             os.kill(process.pid, signal.SIGTERM)
             outcomes = [future.result() for future in futures]
@@ -50,5 +54,6 @@ def test_sigterm_under_load_answers_every_accepted_request_then_exits(tmp_path):
     assert answered_after_signal == REQUESTS, "every request was still in flight at the signal, and each was answered"
     assert exit_code == 0, log[-3000:]
     # Nothing of the server is left behind: its workers exited with it.
-    leftovers = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True, text=True).stdout.split()
-    assert leftovers == [], leftovers
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
