@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements fuzz
+.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements fuzz soak
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,14 @@ deploy-check: install $(TOOLS)/.installed
 # thousand requests; make test runs 20), against a fresh server: no 5xx, every error a message.
 fuzz: install
 	TEXTSERVE_FUZZ_EXAMPLES=100 $(BIN)/python -m pytest -q -s tests/test_fuzz.py
+
+# The mixed Locust workload for SOAK_MINUTES (30) against a fresh service: fails if the server's
+# RSS grows over 5 % after the warm-up, its open files keep growing, or any answer is a 5xx or
+# missing. Writes loadtests/results/soak/ (soak.csv, summary.json, soak.png). SOAK_ARGS=... for options.
+SOAK_MINUTES ?= 30
+soak: $(VENV)/.bench-installed
+	$(BIN)/python -m services.model_store
+	$(BIN)/python -m loadtests.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # deploy/requirements-serving.txt, after a change to constraints.txt.
 serving-requirements: install

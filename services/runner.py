@@ -38,7 +38,7 @@ class InferenceFailed(bentoml.exceptions.BentoMLException):
 
 
 def inference_failure(model: str, error: Exception) -> InferenceFailed:
-    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    reason = str(error).strip().splitlines()[0][:600] if str(error).strip() else type(error).__name__
     logger.error("inference failed for model %s: %s: %s", model, type(error).__name__, error)
     return InferenceFailed(f"inference failed for model {model!r}: {type(error).__name__}: {reason}")
 
