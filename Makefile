@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements fuzz soak
+.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements fuzz soak audit
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,12 @@ SOAK_MINUTES ?= 30
 soak: $(VENV)/.bench-installed
 	$(BIN)/python -m services.model_store
 	$(BIN)/python -m loadtests.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
+
+# Known vulnerabilities in the pinned dependencies (pip-audit over constraints.txt and the
+# serving closure). Needs PyPI's vulnerability service (per-version JSON) or OSV (-s osv).
+audit: install
+	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off
+	$(BIN)/pip-audit -r deploy/requirements-serving.txt --no-deps --disable-pip --progress-spinner off
 
 # deploy/requirements-serving.txt, after a change to constraints.txt.
 serving-requirements: install
