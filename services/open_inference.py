@@ -49,12 +49,14 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="200 once every model is loaded and warmed up")
+@router.get("/health/ready", summary="200 once every model that loaded is warmed up; lists any that failed to load")
 async def ready(service=Depends(bentoml.get_current_service)) -> dict:
     missing = await service.models_not_ready()
     if missing:
         raise ApiError(503, f"not ready: models {missing} are not loaded yet")
-    return {"ready": True}
+    # A model whose bundle failed its checks does not hold the others back; it is named here,
+    # in /v2/models/{name}/ready (503 with the reason) and in textserve_model_loaded.
+    return {"ready": True, **({"failed_to_load": service.failed_models} if service.failed_models else {})}
 
 
 @router.get("/models/{name}", summary="Model metadata")

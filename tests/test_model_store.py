@@ -70,7 +70,10 @@ def test_the_service_serves_the_good_models_and_reports_the_bad_one(tmp_path):
     # Straight to `bentoml serve`: `python -m services.model_store` (make serve's first step)
     # would stop at the bad bundle, as it should before a build.
     with running_server(tmp_path / "home", zoo, import_zoo=False, http_workers="1") as url:
-        assert requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+        ready = requests.get(f"{url}/v2/health/ready", timeout=5)
+        assert ready.status_code == 200 and "model.onnx has sha256" in ready.json()["failed_to_load"]["lstm-mr"]
+        model_ready = requests.get(f"{url}/v2/models/lstm-mr/ready", timeout=5)
+        assert model_ready.status_code == 503 and "failed to load" in model_ready.json()["error"]
         good = requests.post(f"{url}/classify", json={"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?"]}, timeout=10)
         assert good.status_code == 200 and good.json()["results"][0]["label"] == "HUM"
         bad = requests.post(f"{url}/classify", json={"model": "lstm-mr", "texts": ["a fine film"]}, timeout=10)
