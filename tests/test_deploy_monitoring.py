@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import subprocess
 import time
-from pathlib import Path
 
 import promql_parser
 import pytest

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from models.text_encoding import (
-    CHAR_PAD_ID, EOS_TOKEN, PAD_ID, SPECIAL_SPELLINGS, UNK_TOKEN, WORD_END_ID, WORD_START_ID, CharEncoder, LanguageModelVocab,
+    CHAR_PAD_ID, EOS_TOKEN, PAD_ID, SPECIAL_SPELLINGS, UNK_TOKEN, WORD_END_ID, WORD_START_ID, LanguageModelVocab,
     WordCharEncoder, WordVocab, encoder_from_config, tokenize,
 )
 from tests.conftest import ZOO

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -74,31 +75,32 @@ def raw(url: str, first: bytes, then: Callable[[socket.socket], None]) -> Answer
     return Answer(int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2].decode())
 
 
+def trickle(sock: socket.socket, chunks, interval_s: float = 1.0) -> None:
+    """Send `chunks` one every interval_s, stopping as soon as the server has answered."""
+    for chunk in chunks:
+        if select.select([sock], [], [], 0)[0]:
+            return
+        sock.sendall(chunk)
+        time.sleep(interval_s)
+
+
 def slowloris(url: str) -> Answer:
     """Headers one line a second, never finished."""
-    def trickle(sock: socket.socket) -> None:
-        for _ in range(HEADER_TIMEOUT_S * 5):
-            sock.sendall(b"X-Slow: 1\r\n")
-            time.sleep(1)
-    return raw(url, b"POST /classify HTTP/1.1\r\nHost: textserve\r\n", trickle)
+    return raw(url, b"POST /classify HTTP/1.1\r\nHost: textserve\r\n",
+               lambda sock: trickle(sock, [b"X-Slow: 1\r\n"] * (HEADER_TIMEOUT_S * 5)))
 
 
 def silent_connection(url: str) -> Answer:
     """A connection that never sends a byte."""
-    return raw(url, b"", lambda sock: time.sleep(HEADER_TIMEOUT_S * 3))
+    return raw(url, b"", lambda sock: trickle(sock, [b""] * (HEADER_TIMEOUT_S * 3)))
 
 
 def slow_body(url: str) -> Answer:
     """Complete headers, then the body one byte a second."""
     body = json.dumps({"model": CLASSIFIER, "texts": ["Who wrote Hamlet ?"]}).encode()
-
-    def trickle(sock: socket.socket) -> None:
-        for byte in body:
-            sock.sendall(bytes([byte]))
-            time.sleep(1)
     head = (f"POST /classify HTTP/1.1\r\nHost: textserve\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\n\r\n").encode()
-    return raw(url, head, trickle)
+    return raw(url, head, lambda sock: trickle(sock, [bytes([byte]) for byte in body]))
 
 
 def chunked_body(size: int) -> Callable[[str], Answer]:
