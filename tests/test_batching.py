@@ -84,12 +84,12 @@ def test_a_request_that_waited_too_long_for_a_batch_is_refused():
     assert model.batches == [[1]]  # the refused text never ran
 
 
-def test_a_failing_model_fails_every_request_of_its_batch_and_the_batcher_goes_on():
+def test_a_failing_batch_is_rerun_request_by_request_so_only_the_failing_request_fails():
     calls = []
 
     def model(items):
         calls.append(list(items))
-        if len(calls) == 2:
+        if "bad" in items:
             raise RuntimeError("onnxruntime failed")
         return items
 
@@ -97,10 +97,12 @@ def test_a_failing_model_fails_every_request_of_its_batch_and_the_batcher_goes_o
         batcher = IdleDispatchBatcher(model, max_batch_texts=8, max_wait_ms=1000)
         first = asyncio.ensure_future(batcher(["a"]))
         await asyncio.sleep(0)
-        doomed = [asyncio.ensure_future(batcher([x])) for x in ("b", "c")]
-        results = await asyncio.gather(first, *doomed, return_exceptions=True)
+        queued = [asyncio.ensure_future(batcher(texts)) for texts in (["bad", "b"], ["c"])]
+        results = await asyncio.gather(first, *queued, return_exceptions=True)
         return results, await batcher(["d"])
 
-    (first, *doomed), after = asyncio.run(main())
-    assert first == ["a"] and after == ["d"]
-    assert all(isinstance(error, RuntimeError) and "onnxruntime failed" in str(error) for error in doomed)
+    (first, failed, good), after = asyncio.run(main())
+    assert first == ["a"] and good == ["c"] and after == ["d"]  # the batcher goes on
+    assert isinstance(failed, RuntimeError) and "onnxruntime failed" in str(failed)
+    # [a], then [bad, b, c] together (fails), then each request alone: [bad, b] fails, [c] runs.
+    assert calls == [["a"], ["bad", "b", "c"], ["bad", "b"], ["c"], ["d"]]
