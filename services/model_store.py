@@ -30,14 +30,20 @@ def zoo_bundles(settings: ServiceSettings) -> list[Path]:
     if not settings.zoo.is_dir():
         raise BundleError(f"model zoo {settings.zoo} does not exist")
     found = {p.name: p for p in sorted(settings.zoo.iterdir()) if not p.name.startswith(".") and (p / MANIFEST).is_file()}
+    return selected(found, settings, f"model zoo {settings.zoo}")
+
+
+def selected(available: dict, settings: ServiceSettings, source: str) -> list:
+    """The values of `available` (by model name) that TEXTSERVE_MODELS names, in its order, or
+    all of them; an error naming `source` if a name is missing or there is nothing."""
     if settings.models:
-        missing = sorted(set(settings.models) - set(found))
+        missing = sorted(set(settings.models) - set(available))
         if missing:
-            raise BundleError(f"TEXTSERVE_MODELS names {missing}, not in {settings.zoo} (has {sorted(found)})")
-        return [found[name] for name in settings.models]
-    if not found:
-        raise BundleError(f"model zoo {settings.zoo} holds no bundles")
-    return list(found.values())
+            raise BundleError(f"TEXTSERVE_MODELS names {missing}, not in {source} (has {sorted(available)})")
+        return [available[name] for name in settings.models]
+    if not available:
+        raise BundleError(f"{source} holds no bundles")
+    return list(available.values())
 
 
 def store_tag(bundle: Bundle) -> str:
@@ -68,11 +74,6 @@ def import_bundle(bundle_dir: Path) -> str:
     return tag
 
 
-def stored_bundles(settings: ServiceSettings) -> list[Bundle]:
-    """The zoo's bundles as the store holds them (importing any that are missing), sha256-checked."""
-    return [read_bundle(bentoml.models.get(import_bundle(path)).path) for path in zoo_bundles(settings)]
-
-
 def zoo_tags(settings: ServiceSettings) -> list[str]:
     """Store tags of the zoo's bundles (importing any that are missing): what a bento built
     from this checkout carries. A bundle that fails its checks is left out here and reported
@@ -88,15 +89,7 @@ def zoo_tags(settings: ServiceSettings) -> list[str]:
 
 def bento_tags(settings: ServiceSettings, bento) -> list[str]:
     """Store tags of the models a bento was built with, limited to settings.models if set."""
-    tags = {model.tag.name: str(model.tag) for model in bento.info.all_models}
-    if settings.models:
-        missing = sorted(set(settings.models) - set(tags))
-        if missing:
-            raise BundleError(f"TEXTSERVE_MODELS names {missing}, not in bento {bento.tag} (has {sorted(tags)})")
-        return [tags[name] for name in settings.models]
-    if not tags:
-        raise BundleError(f"bento {bento.tag} carries no models")
-    return list(tags.values())
+    return selected({model.tag.name: str(model.tag) for model in bento.info.all_models}, settings, f"bento {bento.tag}")
 
 
 @dataclass(frozen=True)

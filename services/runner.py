@@ -79,8 +79,6 @@ class ModelRunner:
                 logger.error("model %s failed to load: %s", bundle.name, error)
                 continue
             logger.info("loaded %s (sha256 %s) on %s, %d threads", bundle.name, bundle.sha256[:12], device, threads)
-        for name, reason in to_serve.failures.items():
-            logger.error("model %s is not served: %s", name, reason)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
     def classify_batch(self, items: list[TextItem]) -> list[dict]:

@@ -29,7 +29,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 
-from services import bentoml_timeout, request_timing, slow_clients
+from services import bentoml_timeout, metrics, request_timing, slow_clients
 from services.admission import Admission, RefuseWhenFull
 from services.body_limit import LimitBodySize
 from services.keep_alive import RecycleConnections
@@ -39,7 +39,6 @@ from services.http_api import router as json_api
 from services.in_process import InProcessRunner
 from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.lm_api import json_lines, router as language_model_api
-from services import metrics
 from services.model_store import served, served_names, store_tag, zoo_tags
 from services.open_inference import router as open_inference_api
 from services.runner import InferenceFailed, ModelRunner, TextItem
