@@ -26,6 +26,7 @@ RETRY_AFTER_S = "1"
 # The routes that admit work, as their templates (the metrics' bounded endpoint label).
 ADMITTING_ROUTES = {
     re.compile(r"/classify"): "/classify",
+    re.compile(r"/classify-image"): "/classify-image",
     re.compile(r"/explain"): "/explain",
     re.compile(r"/lm/(score|next|generate|vectors|neighbors)"): "/lm/{api}",
     re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer"): "/v2/models/{name}/infer",

@@ -13,6 +13,8 @@
 | TEXTSERVE_MAX_LATENCY_MS         | 1000         | adaptive batching: a batch that cannot start in time is refused (503) |
 | TEXTSERVE_MAX_TEXTS_PER_REQUEST  | 256          | more texts in one request -> 413                           |
 | TEXTSERVE_MAX_TEXT_CHARS         | 2000         | a longer text -> 413                                       |
+| TEXTSERVE_MAX_IMAGES_PER_REQUEST | 64           | /classify-image: more images in one request -> 413         |
+| TEXTSERVE_MAX_IMAGE_PIXELS       | 4194304      | /classify-image: a picture with more pixels -> 413, before it is decoded |
 | TEXTSERVE_MAX_BODY_BYTES         | 4194304      | a larger request body -> 413, refused before it is read (body_limit.py) |
 | TEXTSERVE_MAX_PENDING_TEXTS      | 2048         | texts in flight per HTTP worker before new requests get 429 |
 | TEXTSERVE_REQUESTS_PER_CONNECTION| 100          | a response closes its keep-alive connection with probability 1/N, so connections spread over the HTTP workers again (keep_alive.py); 0 = never |
@@ -53,6 +55,8 @@ class ServiceSettings:
     max_latency_ms: int = 1000
     max_texts_per_request: int = 256
     max_text_chars: int = 2000
+    max_images_per_request: int = 64
+    max_image_pixels: int = 2048 * 2048
     max_body_bytes: int = 4 * 1024 * 1024  # 256 texts of 2000 characters, JSON-escaped, fit
     max_pending_texts: int = 2048
     requests_per_connection: int = 100
@@ -98,7 +102,7 @@ class ServiceSettings:
         if self.inference not in ("inline", "runner"):
             raise ValueError(f"TEXTSERVE_INFERENCE={self.inference!r}; expected inline or runner")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
-                     "max_text_chars", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_generate_words", "max_neighbors",
+                     "max_text_chars", "max_images_per_request", "max_image_pixels", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_generate_words", "max_neighbors",
                      "max_word_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")

@@ -100,7 +100,7 @@ async def list_models(service=Depends(bentoml.get_current_service)) -> ModelsRes
                 name=bundle.name,
                 architecture=bundle.architecture,
                 preset=bundle.config.get("preset", ""),
-                kind="language model" if bundle.architecture == "char-lm" else "classifier",
+                kind=service.kind_of(bundle),
                 labels=list(bundle.labels),
                 metrics={k: v for k, v in bundle.metrics.items() if k != "history"},
                 sha256=bundle.sha256,

@@ -154,3 +154,39 @@ class TextClassifier:
         token_ids, lengths = self.encoder.encode_batch(texts)
         feeds = {"token_ids": token_ids, "lengths": lengths}
         return token_ids, lengths, self.session.run(outputs, {name: feeds[name] for name in self.input_names})
+
+
+IMAGE_ARCHITECTURE = "image-cnn"
+
+
+class ImageClassifier:
+    """An image classifier bundle in onnxruntime: grids of ink (B, H, W) in [0, 16] (what
+    models/image_encoding.py makes of a picture) -> probabilities (B, K). Its graph takes
+    `images` float32 (B, 1, S, S)."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
+        from models.image_encoding import ImageEncoder
+
+        self.bundle = bundle
+        self.encoder = ImageEncoder.from_config(bundle.config["encoding"])
+        self.session = make_session(bundle.path / "model.onnx", device, threads)
+        inputs = {i.name: (i.type, i.shape) for i in self.session.get_inputs()}
+        if set(inputs) != {"images"} or inputs["images"][0] != "tensor(float)":
+            raise BundleError(f"{bundle.name}: graph inputs are {inputs}; expected float images (B, 1, H, W)")
+        self.output_name = self.session.get_outputs()[0].name
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.bundle.labels
+
+    @property
+    def side(self) -> int:
+        return self.encoder.size
+
+    def logits_of_images(self, images: np.ndarray) -> np.ndarray:
+        """images (B, 1, S, S) float32 in [0, 1], as the graph takes them -> logits (B, K)."""
+        return self.session.run([self.output_name], {"images": images.astype(np.float32, copy=False)})[0]
+
+    def probabilities(self, grids: np.ndarray) -> np.ndarray:
+        """(B, H, W) ink grids -> (B, K) probabilities."""
+        return softmax(self.logits_of_images(self.encoder.encode(grids)))

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 import bentoml
 from services.errors import ApiError
-from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
+from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.oip import OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
@@ -24,6 +24,7 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 SERVER_NAME = "textserve"
 SERVER_VERSION = "0.1.0"
 INPUT_NAME = "text"
+IMAGE_INPUT_NAME = "images"
 OUTPUTS = ("probabilities", "label")
 LANGUAGE_MODEL_OUTPUTS = ("log_prob", "token_count", "perplexity", "token_log_probs")
 
@@ -77,11 +78,16 @@ async def model_metadata(name: str, version: str | None = None, service=Depends(
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
         ]
         parameters = {"labels": list(bundle.labels), "architecture": bundle.architecture}
+    inputs = [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+    if is_image_model(bundle):
+        side = image_side(bundle)
+        inputs = [{"name": IMAGE_INPUT_NAME, "datatype": "FP32", "shape": [-1, 1, side, side]}]
+        parameters["input_range"] = [0.0, 1.0]  # ink, after models/image_encoding.py's scaling
     return {
         "name": bundle.name,
         "versions": [model_version(bundle)],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
+        "inputs": inputs,
         "outputs": outputs,
         "parameters": parameters,
     }
@@ -107,17 +113,25 @@ async def infer(name: str, request: Request, version: str | None = None, service
             parse_header_length(request.headers.get("inference-header-content-length")),
             request.headers.get("content-encoding"),
         )
-        texts = texts_from_request(inference.inputs)
+        if is_image_model(bundle):
+            images = images_from_request(inference.inputs, image_side(bundle))
+        else:
+            texts = texts_from_request(inference.inputs)
         selected = select_outputs(inference, list(LANGUAGE_MODEL_OUTPUTS if is_language_model(bundle) else OUTPUTS))
     except OIPError as error:
         raise ApiError(400, str(error)) from None
-    if is_language_model(bundle):
+    if is_image_model(bundle):
+        if len(images) > service.settings.max_images_per_request:
+            raise ApiError(413, f"{len(images)} images in one request; the limit is {service.settings.max_images_per_request} (TEXTSERVE_MAX_IMAGES_PER_REQUEST)")
+        probabilities = await service.image_probabilities(bundle.name, images)
+    elif is_language_model(bundle):
         tensors = language_model_tensors(await service.scores(bundle.name, texts))
         body, headers = encode_infer_response(
             bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
         )
         return Response(content=body, headers=headers)
-    probabilities = await service.probabilities(bundle.name, texts)  # (N, K)
+    else:
+        probabilities = await service.probabilities(bundle.name, texts)  # (N, K)
     tensors = {
         "probabilities": OutputTensor("probabilities", "FP32", probabilities.astype(np.float32)),
         "label": OutputTensor("label", "BYTES", np.array([bundle.labels[i] for i in probabilities.argmax(axis=1)], dtype=object)),
@@ -126,6 +140,28 @@ async def infer(name: str, request: Request, version: str | None = None, service
         bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
     )
     return Response(content=body, headers=headers)
+
+
+def is_image_model(bundle: Bundle) -> bool:
+    return bundle.architecture == IMAGE_ARCHITECTURE
+
+
+def image_side(bundle: Bundle) -> int:
+    return int(bundle.config["encoding"]["size"])
+
+
+def images_from_request(inputs: dict[str, np.ndarray], side: int) -> np.ndarray:
+    """The one FP32 input `images` of shape [N, 1, side, side], ink scaled to [0, 1]."""
+    if set(inputs) != {IMAGE_INPUT_NAME}:
+        raise OIPError(f"this model takes one FP32 input named {IMAGE_INPUT_NAME!r}; got inputs {sorted(inputs)}")
+    array = inputs[IMAGE_INPUT_NAME]
+    if array.dtype != np.float32:
+        raise OIPError(f"input {IMAGE_INPUT_NAME!r} must have datatype FP32")
+    if array.ndim != 4 or array.shape[1:] != (1, side, side) or array.shape[0] < 1:
+        raise OIPError(f"input {IMAGE_INPUT_NAME!r} must have shape [N, 1, {side}, {side}], got {list(array.shape)}")
+    if not np.isfinite(array).all():
+        raise OIPError(f"input {IMAGE_INPUT_NAME!r} must hold finite numbers")
+    return np.clip(array, 0.0, 1.0)
 
 
 def is_language_model(bundle: Bundle) -> bool:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from services import metrics
 from services.config import SETTINGS, resolve_device
 from services.explain import explain_texts
-from services.inference import LANGUAGE_MODEL_ARCHITECTURE, TextClassifier
+from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
 from services.language_model import CharLanguageModel
 from services.model_store import served
 
@@ -60,11 +60,16 @@ class ModelRunner:
         threads = SETTINGS.session_threads()
         self.classifiers: dict[str, TextClassifier] = {}
         self.language_models: dict[str, CharLanguageModel] = {}
+        self.image_classifiers: dict[str, ImageClassifier] = {}
         to_serve = served(SETTINGS, ModelRunner.bento)  # inline: the HTTP service's answer
         for bundle in to_serve.bundles:
             # The first run allocates; readiness waits for it.
             try:
-                if bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
+                if bundle.architecture == IMAGE_ARCHITECTURE:
+                    image_classifier = ImageClassifier(bundle, device=device, threads=threads)
+                    image_classifier.probabilities(np.zeros((2, 8, 8), dtype=np.float32))
+                    self.image_classifiers[bundle.name] = image_classifier
+                elif bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
                     language_model = CharLanguageModel(bundle, device=device, threads=threads)
                     language_model.score(WARM_UP_TEXTS)
                     self.language_models[bundle.name] = language_model
@@ -106,6 +111,23 @@ class ModelRunner:
             raise inference_failure(model, error) from error
         metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
         return explanations
+
+    @bentoml.api
+    def classify_images(self, model: str, images: np.ndarray) -> np.ndarray:
+        """images (B, 1, S, S) float32, encoded by models/image_encoding.py -> probabilities (B, K).
+        One call per request: a request's images are its batch."""
+        classifier = self.image_classifiers.get(model)
+        if classifier is None:
+            raise bentoml.exceptions.NotFound(f"image model {model!r} is not loaded")
+        started = time.perf_counter()
+        metrics.batch_texts.observe(len(images))
+        try:
+            probabilities = softmax(classifier.logits_of_images(images))
+        except Exception as error:
+            raise inference_failure(model, error) from error
+        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
+        metrics.texts_total.labels(model=model).inc(len(images))
+        return probabilities
 
     # ------------------------------------------------------------------ language models
 
@@ -163,7 +185,7 @@ class ModelRunner:
     @bentoml.api
     def loaded_models(self) -> list[str]:
         """Names of the models whose sessions are built and warmed up."""
-        return sorted([*self.classifiers, *self.language_models])
+        return sorted([*self.classifiers, *self.language_models, *self.image_classifiers])
 
 
 def run_by_model(items: list[TextItem], run: Callable[[str, list[str]], list]) -> list[dict]:

@@ -43,7 +43,7 @@ class ClassifyResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    kind: str = Field(description="classifier (/classify, /explain) or language model (/lm/*)")
+    kind: str = Field(description="classifier (/classify, /explain), language model (/lm/*) or image classifier (/classify-image)")
     architecture: str
     preset: str
     labels: list[str]

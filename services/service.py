@@ -36,8 +36,9 @@ from services.keep_alive import RecycleConnections
 from services.config import SETTINGS, ServiceSettings
 from services.errors import ApiError, JsonNotFound, document_errors, install_error_handlers
 from services.http_api import router as json_api
+from services.image_api import router as image_api
 from services.in_process import InProcessRunner
-from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle
+from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.lm_api import json_lines, router as language_model_api
 from services.model_store import served, served_names, store_tag, zoo_tags
 from services.open_inference import router as open_inference_api
@@ -64,6 +65,7 @@ app = FastAPI(
 )
 install_error_handlers(app)
 app.include_router(json_api)
+app.include_router(image_api)
 app.include_router(language_model_api)
 app.include_router(open_inference_api)
 app.add_middleware(request_timing.RequestTiming)
@@ -114,10 +116,10 @@ class TextService:
         if name not in self.bundles:
             raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}")
         bundle = self.bundles[name]
-        actual = "language model" if bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE else "classifier"
+        actual = model_kind(bundle)
         if kind is not None and kind != actual:
-            others = sorted(n for n, b in self.bundles.items() if (b.architecture == LANGUAGE_MODEL_ARCHITECTURE) == (kind == "language model"))
-            raise ApiError(400, f"model {name!r} is a {actual}; this endpoint needs a {kind} (loaded {kind}s: {others})")
+            others = sorted(n for n, b in self.bundles.items() if model_kind(b) == kind)
+            raise ApiError(400, f"model {name!r} is {article(actual)} {actual}; this endpoint needs {article(kind)} {kind} (loaded {kind}s: {others})")
         return bundle
 
     def check_texts(self, texts: list[str], field: str = "texts", max_chars_setting: str = "max_text_chars") -> None:
@@ -139,6 +141,19 @@ class TextService:
         """Validate, admit and run `texts` through the batched runner: (len(texts), K) float32."""
         answers = await self.batched(self.runner.to_async.classify_batch, model, texts)
         return np.asarray(answers, dtype=np.float32)
+
+    def kind_of(self, bundle: Bundle) -> str:
+        return model_kind(bundle)
+
+    def image_encoder(self, bundle: Bundle):
+        """The torch-free preprocessing an image bundle was trained with (models/image_encoding.py)."""
+        from models.image_encoding import ImageEncoder
+
+        return ImageEncoder.from_config(bundle.config["encoding"])
+
+    async def image_probabilities(self, model: str, images) -> np.ndarray:
+        """Admit and run encoded images (B, 1, S, S) through the runner in one call: (B, K)."""
+        return np.asarray(await self.unbatched("classify_images", cost=len(images), model=model, images=images), dtype=np.float32)
 
     async def scores(self, model: str, texts: list[str]) -> list[dict]:
         """Validate, admit and score `texts` with a language model through the batched runner."""
@@ -250,6 +265,17 @@ TextService.add_asgi_middleware(RecycleConnections, requests_per_connection=SETT
 TextService.add_asgi_middleware(RefuseWhenFull, admission=ADMISSION)
 TextService.add_asgi_middleware(LimitBodySize, limit=SETTINGS.max_body_bytes)
 TextService.add_asgi_middleware(JsonNotFound)
+
+
+def article(noun: str) -> str:
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def model_kind(bundle: Bundle) -> str:
+    """What a bundle answers: "classifier" (texts), "language model" or "image classifier"."""
+    if bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
+        return "language model"
+    return "image classifier" if bundle.architecture == IMAGE_ARCHITECTURE else "classifier"
 
 
 def freeze_what_lives() -> None:

@@ -158,6 +158,23 @@ def main(argv: list[str] | None = None) -> None:
     results.add_argument("--zoo", type=Path, default=Path("models/zoo"))
     results.add_argument("--out", type=Path, default=Path("docs/results.md"))
 
+    train_image = commands.add_parser("train-image", help="train an image CNN (models/image_cnn.py) on scikit-learn's digits, an IDX pair or a picture folder")
+    add_image_data_arguments(train_image)
+    train_image.add_argument("--preset", default="digits", choices=("digits", "digits-28", "lenet5"))
+    train_image.add_argument("--epochs", type=int, default=None, help="override the preset's epoch count")
+    train_image.add_argument("--seed", type=int, default=3435)
+    train_image.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+
+    export_image = commands.add_parser("export-image", help="image CNN checkpoint -> ONNX with a parity check -> model bundle")
+    export_image.add_argument("--checkpoint", required=True, type=Path)
+    add_image_data_arguments(export_image)  # the parity images: the held-out test images
+    export_image.add_argument("--bundle", required=True, type=Path, help="bundle folder, e.g. models/zoo/digits-cnn")
+
+    show_filters = commands.add_parser("show-filters", help="PNG of an image bundle's first-layer filters and their feature maps for one digit")
+    show_filters.add_argument("--bundle", required=True, type=Path)
+    show_filters.add_argument("--digit", type=int, default=0, help="which held-out digit image to show the feature maps of (index)")
+    show_filters.add_argument("--out", type=Path, default=None, help="PNG to write (default: BUNDLE-filters.png under docs/)")
+
     args = parser.parse_args(argv)
     if args.command == "train":
         from training.train_classifier import train_classifier
@@ -283,6 +300,59 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(evaluate_language_model(args.bundle, read_ptb(args.data), device=args.device)))
         else:
             print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device)))
+    elif args.command == "train-image":
+        import torch
+
+        from training.train_image import train_image_cnn
+
+        train_part, test_part, label_names = read_image_data(args)
+        checkpoint = train_image_cnn(train_part, test_part, label_names, preset=args.preset, seed=args.seed, epochs=args.epochs)
+        checkpoint["metrics"]["train_command"] = command_line()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, args.out)
+        print(json.dumps({k: v for k, v in checkpoint["metrics"].items() if k != "history"}))
+    elif args.command == "export-image":
+        import torch
+
+        from training.export_image import export_image_bundle
+
+        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        train_part, test_part, _ = read_image_data(args)
+        parity_grids = (test_part or train_part)[0]  # parity is about the graph, any real images do
+        metrics = export_image_bundle(checkpoint, args.bundle, args.bundle.name, parity_grids)
+        metrics["export_command"] = command_line()
+        from training.export_onnx import attach_metrics
+
+        attach_metrics(args.bundle, {"export_command": metrics["export_command"]})
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+    elif args.command == "show-filters":
+        from training.show_filters import show_filters
+
+        out = args.out or Path("docs") / f"{args.bundle.name}-filters.png"
+        show_filters(args.bundle, args.digit, out)
+        print(f"wrote {out}")
+
+
+def add_image_data_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--idx", nargs=2, type=Path, metavar=("IMAGES", "LABELS"), help="an MNIST-style IDX file pair (training images)")
+    source.add_argument("--pictures", type=Path, help="a folder with one sub-folder of PNG/JPEG pictures per class")
+    parser.add_argument("--test-idx", nargs=2, type=Path, metavar=("IMAGES", "LABELS"), help="with --idx: the held-out IDX pair")
+    # Neither: scikit-learn's 8x8 digits, with their fixed split (training/image_data.py).
+
+
+def read_image_data(args: argparse.Namespace):
+    """((train grids, labels), (test grids, labels) or None, label names) from the chosen source."""
+    from training import image_data
+
+    if args.idx:
+        grids, labels, names = image_data.read_idx(*args.idx)
+        test = image_data.read_idx(*args.test_idx)[:2] if args.test_idx else None
+        return (grids, labels), test, names
+    if args.pictures:
+        grids, labels, names = image_data.read_png_folder(args.pictures)
+        return (grids, labels), None, names
+    return image_data.digits()
 
 
 if __name__ == "__main__":
