@@ -70,6 +70,8 @@ def grid_from_picture(data: bytes, max_pixels: int) -> np.ndarray:
             if picture.width * picture.height > max_pixels:
                 raise ImageError(f"the image has {picture.width}x{picture.height} pixels; the limit is {max_pixels} (TEXTSERVE_MAX_IMAGE_PIXELS)")
             grey = np.asarray(picture.convert("L"), dtype=np.float32) / 255.0
+    except ImageError:
+        raise
     except Image.DecompressionBombError:
         raise ImageError(f"the image has more than twice the limit of {max_pixels} pixels (TEXTSERVE_MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
