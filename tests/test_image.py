@@ -190,3 +190,15 @@ def test_a_huge_picture_is_refused_before_decoding_and_text_models_stay_separate
     assert wrong_kind.status_code == 400 and "needs an image classifier" in wrong_kind.json()["error"]
     text_on_image = requests.post(f"{server}/classify", json={"model": "digits-cnn", "texts": ["seven"]}, timeout=30)
     assert text_on_image.status_code == 400 and "is an image classifier" in text_on_image.json()["error"]
+
+
+def test_the_results_table_has_an_image_section_with_the_re_measured_accuracy(tmp_path):
+    from training.results_table import write_results
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "digits-cnn").symlink_to(DIGITS)
+    [row] = write_results(zoo, tmp_path / "results.md")
+    assert row["test_accuracy"] == pytest.approx(row["recorded_test_accuracy"])
+    text = (tmp_path / "results.md").read_text()
+    assert "## Image classifiers" in text and "| `digits-cnn` | digits |" in text and "train-image" in text

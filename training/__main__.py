@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"batch-1 speed-up {l32 / l8:.2f}x, batch-64 speed-up {t8 / t32:.2f}x")
             elif "valid_perplexity" in row:
                 print(f"{row['bundle']}: valid perplexity {row['valid_perplexity']:.1f}, {row['tokens_per_second']:,.0f} tokens/s")
+            elif "test_accuracy" in row:
+                print(f"{row['bundle']}: test accuracy {row['test_accuracy']:.1f}, {row['latency_ms']:.3f} ms/image, {row['throughput']:,.0f} images/s")
             else:
                 print(f"{row['bundle']}: {row['accuracy']}, {row['latency_ms']:.2f} ms/text, {row['throughput']:,.0f} texts/s")
         print(f"wrote {args.out}")
