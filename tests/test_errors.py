@@ -111,6 +111,19 @@ def chunked_body(size: int) -> Callable[[str], Answer]:
     return send
 
 
+def huge_picture() -> str:
+    """A 2,100 x 2,100 PNG (4.4 million pixels, over the 4,194,304 limit) that compresses to a few KB."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (2100, 2100), 255).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+HUGE_PICTURE = huge_picture()
 C, L = CLASSIFIER, LANGUAGE_MODEL
 CASES = [
     Case("invalid-json", post("/classify", data=b'{"model": "kim-cnn-trec6", "texts": [nope]}'), 400, "the body is not valid JSON"),
@@ -157,6 +170,19 @@ CASES = [
          400, "temperature must be a number from 0 (greedy) to 10, got nan"),
     Case("generate-infinite-temperature", post("/lm/generate", data=b'{"model": "char-lm-small-ptb", "prefix": "the", "max_words": 3, "temperature": 1e999}'),
          400, "temperature must be a number from 0 (greedy) to 10, got inf"),
+    Case("image-not-base64", post("/classify-image", {"model": "digits-cnn", "images": ["%%%"]}), 400,
+         "images[0] is a string but not base64"),
+    Case("image-not-an-image", post("/classify-image", {"model": "digits-cnn", "images": ["bm90IGFuIGltYWdl"]}), 400,
+         "images[0]: not a readable image: send PNG, JPEG, GIF, BMP or WebP bytes"),
+    Case("image-blank", post("/classify-image", {"model": "digits-cnn", "images": [[[0] * 8] * 8]}), 400, "images[0] has no ink: it is blank"),
+    Case("image-ragged-array", post("/classify-image", {"model": "digits-cnn", "images": [[[1, 2, 3], [4, 5]]]}), 400,
+         "images[0]: rows have different lengths"),
+    Case("image-too-many-pixels", post("/classify-image", {"model": "digits-cnn", "images": [HUGE_PICTURE]}), 413,
+         "the limit is 4194304 (TEXTSERVE_MAX_IMAGE_PIXELS)"),
+    Case("too-many-images", post("/classify-image", {"model": "digits-cnn", "images": [[[1] * 8] * 8] * 65}), 413,
+         "65 images in one request; the limit is 64 (TEXTSERVE_MAX_IMAGES_PER_REQUEST)"),
+    Case("v2-image-wrong-shape", post("/v2/models/digits-cnn/infer", {"inputs": [{"name": "images", "shape": [1, 1, 4, 4], "datatype": "FP32", "data": [0.5] * 16}]}),
+         400, "input 'images' must have shape [N, 1, 8, 8], got [1, 1, 4, 4]"),
     Case("slowloris-headers", slowloris, 408, f"the request headers did not arrive within {HEADER_TIMEOUT_S} s (TEXTSERVE_HEADER_TIMEOUT_S)"),
     Case("silent-connection", silent_connection, 408, "(TEXTSERVE_HEADER_TIMEOUT_S)"),
     Case("slow-body", slow_body, 504, f"no answer within {REQUEST_TIMEOUT_S} s (TEXTSERVE_REQUEST_TIMEOUT_S)"),
@@ -165,7 +191,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("bentoml_home"), ZOO, http_workers="2", models=f"{C},{L}",
+    with running_server(tmp_path_factory.mktemp("bentoml_home"), ZOO, http_workers="2", models=f"{C},{L},digits-cnn",
                         header_timeout_s=str(HEADER_TIMEOUT_S), request_timeout_s=str(REQUEST_TIMEOUT_S)) as url:
         yield url
 

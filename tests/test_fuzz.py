@@ -46,7 +46,7 @@ def cases_and_failures(report: Path) -> tuple[int, list]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("bentoml_home"), ZOO, http_workers="2",
-                        models="kim-cnn-trec6,char-lm-small-ptb,lstm-mr") as url:
+                        models="kim-cnn-trec6,char-lm-small-ptb,lstm-mr,digits-cnn") as url:
         yield url
 
 
