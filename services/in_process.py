@@ -25,7 +25,7 @@ from services.batching import IdleDispatchBatcher
 from services.config import SETTINGS
 from services.runner import ModelRunner
 
-BATCHED_APIS = ("classify_batch", "score_batch")
+BATCHED_APIS = ("classify_batch", "score_batch", "classify_image_batch")
 
 
 class InProcessRunner:

@@ -43,6 +43,12 @@ def inference_failure(model: str, error: Exception) -> InferenceFailed:
     return InferenceFailed(f"inference failed for model {model!r}: {type(error).__name__}: {reason}")
 
 
+class ImageItem(BaseModel):
+    model: str
+    image: list[list[float]]  # (S, S) ink in [0, 1], encoded by models/image_encoding.py
+    sent_at: float
+
+
 class TextItem(BaseModel):
     model: str
     text: str
@@ -112,22 +118,19 @@ class ModelRunner:
         metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
         return explanations
 
-    @bentoml.api
-    def classify_images(self, model: str, images: np.ndarray) -> np.ndarray:
-        """images (B, 1, S, S) float32, encoded by models/image_encoding.py -> probabilities (B, K).
-        One call per request: a request's images are its batch."""
-        classifier = self.image_classifiers.get(model)
-        if classifier is None:
-            raise bentoml.exceptions.NotFound(f"image model {model!r} is not loaded")
-        started = time.perf_counter()
-        metrics.batch_texts.observe(len(images))
-        try:
-            probabilities = softmax(classifier.logits_of_images(images))
-        except Exception as error:
-            raise inference_failure(model, error) from error
-        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
-        metrics.texts_total.labels(model=model).inc(len(images))
-        return probabilities
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
+    def classify_image_batch(self, items: list[ImageItem]) -> list[dict]:
+        """Images of several requests in one adaptive batch, as classify_batch does for texts:
+        per item {"answer": its probabilities, "queue_s", "inference_s"}."""
+
+        def classify(model: str, images: list) -> list[list[float]]:
+            classifier = self.image_classifiers.get(model)
+            if classifier is None:
+                raise bentoml.exceptions.NotFound(f"image model {model!r} is not loaded")
+            batch = np.asarray(images, dtype=np.float32)[:, None, :, :]  # (B, 1, S, S)
+            return softmax(classifier.logits_of_images(batch)).astype(np.float64).tolist()
+
+        return run_by_model(items, classify, payload=lambda item: item.image)
 
     # ------------------------------------------------------------------ language models
 
@@ -188,7 +191,7 @@ class ModelRunner:
         return sorted([*self.classifiers, *self.language_models, *self.image_classifiers])
 
 
-def run_by_model(items: list[TextItem], run: Callable[[str, list[str]], list]) -> list[dict]:
+def run_by_model(items: list, run: Callable[[str, list], list], payload: Callable = lambda item: item.text) -> list[dict]:
     """One adaptive batch: record its size and each item's queue wait, run each model's share
     of the items as one call of `run(model, texts)`, and return, in item order, each answer with
     its queue wait and its model's inference time (the service turns them into headers)."""
@@ -202,7 +205,7 @@ def run_by_model(items: list[TextItem], run: Callable[[str, list[str]], list]) -
     for model, rows in rows_by_model.items():
         model_started = time.perf_counter()
         try:
-            model_answers = run(model, [items[row].text for row in rows])
+            model_answers = run(model, [payload(items[row]) for row in rows])
         except bentoml.exceptions.BentoMLException:
             raise
         except Exception as error:  # onnxruntime's own exception types, a failing encoder, ...

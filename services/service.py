@@ -42,7 +42,7 @@ from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, 
 from services.lm_api import json_lines, router as language_model_api
 from services.model_store import served, served_names, store_tag, zoo_tags
 from services.open_inference import router as open_inference_api
-from services.runner import InferenceFailed, ModelRunner, TextItem
+from services.runner import ImageItem, InferenceFailed, ModelRunner, TextItem
 
 logger = logging.getLogger("bentoml.textserve")
 bentoml_timeout.install()  # before BentoML builds this server's middleware stack
@@ -151,9 +151,20 @@ class TextService:
 
         return ImageEncoder.from_config(bundle.config["encoding"])
 
-    async def image_probabilities(self, model: str, images) -> np.ndarray:
-        """Admit and run encoded images (B, 1, S, S) through the runner in one call: (B, K)."""
-        return np.asarray(await self.unbatched("classify_images", cost=len(images), model=model, images=images), dtype=np.float32)
+    async def image_probabilities(self, model: str, images: np.ndarray) -> np.ndarray:
+        """Admit encoded images (B, 1, S, S) and run them through the runner's adaptive batcher,
+        with other requests' images: (B, K)."""
+        rows = images[:, 0].tolist()
+
+        async def send() -> list:
+            sent_at = time.time()
+            return await self.runner.to_async.classify_image_batch([ImageItem(model=model, image=row, sent_at=sent_at) for row in rows])
+
+        with self.admitted(len(rows)), runner_errors():
+            timed_answers = await with_connection_retry(send)
+        for timed in timed_answers:
+            request_timing.record(timed["queue_s"], timed["inference_s"])
+        return np.asarray([timed["answer"] for timed in timed_answers], dtype=np.float32)
 
     async def scores(self, model: str, texts: list[str]) -> list[dict]:
         """Validate, admit and score `texts` with a language model through the batched runner."""

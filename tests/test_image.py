@@ -202,3 +202,24 @@ def test_the_results_table_has_an_image_section_with_the_re_measured_accuracy(tm
     assert row["test_accuracy"] == pytest.approx(row["recorded_test_accuracy"])
     text = (tmp_path / "results.md").read_text()
     assert "## Image classifiers" in text and "| `digits-cnn` | digits |" in text and "train-image" in text
+
+
+def test_images_go_through_the_batcher_and_are_counted_in_the_metrics(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict:
+        text = requests.get(f"{server}/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def total(values: dict, name: str, **labels) -> float:
+        return sum(v for (n, l), v in values.items() if n == name and all(dict(l).get(k) == x for k, x in labels.items()))
+
+    before = samples()
+    for _ in range(3):
+        answer = requests.post(f"{server}/classify-image", json={"model": "digits-cnn", "images": TEST[0][:5].tolist()}, timeout=30)
+        assert answer.status_code == 200 and float(answer.headers["x-inference-time"]) > 0
+    after = samples()
+    assert total(after, "textserve_texts_total", model="digits-cnn") - total(before, "textserve_texts_total", model="digits-cnn") == 15
+    ok = dict(model="digits-cnn", endpoint="/classify-image", status="200")
+    assert total(after, "textserve_requests_total", **ok) - total(before, "textserve_requests_total", **ok) == 3
+    assert total(after, "textserve_batch_texts_count") - total(before, "textserve_batch_texts_count") == 3
