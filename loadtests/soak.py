@@ -31,6 +31,27 @@ from loadtests.bench import free_port, running, servers
 from services.config import REPOSITORY_ROOT
 
 SAMPLE_EVERY_S = 5.0
+PRIME_ROUNDS = 3
+
+
+def prime(url: str, models: list[str]) -> None:
+    """Before the clock starts: the workload's largest batches at once (a classifier batch of
+    TEXTSERVE_MAX_BATCH_TEXTS long texts, several at a time; language-model batches of the
+    workload's sentences), so that the allocator reaches its high-water mark now. Without it,
+    RSS climbs in steps for many minutes as rarer, larger batches turn up (the 30-minute soak was
+    flat only after about 18 minutes), which a short soak would read as growth."""
+    import concurrent.futures
+
+    import requests
+
+    long_text = ("the film is a quiet , patient study of grief and the people who carry it . " * 25)[:1500]
+    sentence = "the company said it expects to report a loss for the third quarter"
+    kinds = {model["name"]: model["kind"] for model in requests.get(f"{url}/models", timeout=30).json()["models"]}
+    jobs = [("/lm/score", {"model": name, "texts": [sentence] * 16}) if kinds[name] == "language model"
+            else ("/classify", {"model": name, "texts": [long_text] * 64}) for name in models if name in kinds]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for _ in range(PRIME_ROUNDS):
+            list(pool.map(lambda job: requests.post(url + job[0], json=job[1], timeout=120), [job for job in jobs for _ in range(4)]))
 
 
 def server_footprint(root: psutil.Process) -> tuple[float, int, int]:
@@ -134,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     locust = str(Path(sys.executable).with_name("locust"))
     samples: list[dict] = []
     with running(service, port, args.out) as root:
+        prime(f"http://127.0.0.1:{port}", args.models.split(","))
         stop = threading.Event()
         started = time.monotonic()
         sampler = threading.Thread(target=sample_until, args=(root, stop, started, samples), daemon=True)
