@@ -16,6 +16,7 @@ p99), summary.json, Locust's CSV files and soak.png (with matplotlib).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
 import statistics
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import psutil
+import requests
 
 from loadtests.bench import free_port, running, servers
 from services.config import REPOSITORY_ROOT
@@ -40,10 +42,6 @@ def prime(url: str, models: list[str]) -> None:
     workload's sentences), so that the allocator reaches its high-water mark now. Without it,
     RSS climbs in steps for many minutes as rarer, larger batches turn up (the 30-minute soak was
     flat only after about 18 minutes), which a short soak would read as growth."""
-    import concurrent.futures
-
-    import requests
-
     long_text = ("the film is a quiet , patient study of grief and the people who carry it . " * 25)[:1500]
     sentence = "the company said it expects to report a loss for the third quarter"
     kinds = {model["name"]: model["kind"] for model in requests.get(f"{url}/models", timeout=30).json()["models"]}

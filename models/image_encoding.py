@@ -7,7 +7,8 @@ such a grid to [0, 1] and resizes it to the model's side (LeNet-5 reads 32x32).
 
 A photo or scan (PNG, JPEG, ...) becomes such a grid in `grid_from_picture`: grey levels, ink as
 the high values (a light background is inverted), cropped to the ink's bounding box, centred on
-a square with a margin, and averaged down to 8x8 blocks, like the digits' 4x4 counting.
+a square (no margin: the digits fill their grid top to bottom), and averaged down to 8x8
+blocks, like the digits' 4x4 counting.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import numpy as np
 
 INK_SCALE = 16.0  # scikit-learn digits: 0..16
 GRID = 8  # the digits' side
-MARGIN = 0.0  # of the square's side, around the ink: the digits fill their grid top to bottom
 
 
 class ImageError(ValueError):
     """The bytes are not a readable image, or the image cannot be used."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the limit allows: refused before the pixels are decoded."""
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,12 @@ def grid_from_picture(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as picture:
             if picture.width * picture.height > max_pixels:
-                raise ImageError(f"the image has {picture.width}x{picture.height} pixels; the limit is {max_pixels} (TEXTSERVE_MAX_IMAGE_PIXELS)")
+                raise ImageTooLarge(f"the image has {picture.width}x{picture.height} pixels; the limit is {max_pixels} (TEXTSERVE_MAX_IMAGE_PIXELS)")
             grey = np.asarray(picture.convert("L"), dtype=np.float32) / 255.0
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"the image has more than twice the limit of {max_pixels} pixels (TEXTSERVE_MAX_IMAGE_PIXELS)") from None
+        raise ImageTooLarge(f"the image has more than twice the limit of {max_pixels} pixels (TEXTSERVE_MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"not a readable image: send PNG, JPEG, GIF, BMP or WebP bytes ({type(error).__name__})") from None
     return grid_from_grey(grey)
@@ -90,7 +94,7 @@ def grid_from_grey(grey: np.ndarray) -> np.ndarray:
     if rows.size == 0:
         raise ImageError("the image has no ink: it is blank")
     ink = ink[rows.min(): rows.max() + 1, columns.min(): columns.max() + 1]
-    side = int(np.ceil(max(ink.shape) * (1 + 2 * MARGIN)))
+    side = max(ink.shape)
     square = np.zeros((side, side), dtype=np.float32)
     top, left = (side - ink.shape[0]) // 2, (side - ink.shape[1]) // 2
     square[top: top + ink.shape[0], left: left + ink.shape[1]] = ink

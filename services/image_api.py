@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 import bentoml
-from models.image_encoding import INK_SCALE, ImageError, grid_from_picture
+from models.image_encoding import INK_SCALE, ImageError, ImageTooLarge, grid_from_picture
 from services.errors import ApiError
 from services.http_api import json_response, parse_body, requested_bundle, top_k_or_default, top_k_results
 from services.schemas import ClassifyResponse
@@ -66,8 +66,7 @@ def grid_from_bytes(index: int, data: bytes, max_pixels: int) -> np.ndarray:
     try:
         return grid_from_picture(data, max_pixels)
     except ImageError as error:
-        status = 413 if "TEXTSERVE_MAX_IMAGE_PIXELS" in str(error) else 400
-        raise ApiError(status, f"images[{index}]: {error}") from None
+        raise ApiError(413 if isinstance(error, ImageTooLarge) else 400, f"images[{index}]: {error}") from None
 
 
 def encode_all(encoder, grids: list[np.ndarray]) -> np.ndarray:
@@ -105,8 +104,7 @@ async def classify_image(request: Request, service=Depends(bentoml.get_current_s
     bundle = requested_bundle(request, service, model, IMAGE_CLASSIFIER)
     if not images:
         raise ApiError(400, "images is empty: send at least one image")
-    if len(images) > settings.max_images_per_request:
-        raise ApiError(413, f"{len(images)} images in one request; the limit is {settings.max_images_per_request} (TEXTSERVE_MAX_IMAGES_PER_REQUEST)")
+    service.check_image_count(len(images))  # before decoding them
     k = top_k_or_default(top_k, min(settings.default_top_k, len(bundle.labels)), len(bundle.labels), " (the model's label count)")
 
     def decode() -> np.ndarray:  # pictures are decoded off the event loop

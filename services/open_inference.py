@@ -121,8 +121,7 @@ async def infer(name: str, request: Request, version: str | None = None, service
     except OIPError as error:
         raise ApiError(400, str(error)) from None
     if is_image_model(bundle):
-        if len(images) > service.settings.max_images_per_request:
-            raise ApiError(413, f"{len(images)} images in one request; the limit is {service.settings.max_images_per_request} (TEXTSERVE_MAX_IMAGES_PER_REQUEST)")
+        service.check_image_count(len(images))
         probabilities = await service.image_probabilities(bundle.name, images)
     elif is_language_model(bundle):
         tensors = language_model_tensors(await service.scores(bundle.name, texts))

@@ -145,6 +145,12 @@ class TextService:
     def kind_of(self, bundle: Bundle) -> str:
         return model_kind(bundle)
 
+    def check_image_count(self, count: int) -> None:
+        """At most TEXTSERVE_MAX_IMAGES_PER_REQUEST images in one request, else 413."""
+        limit = self.settings.max_images_per_request
+        if count > limit:
+            raise ApiError(413, f"{count} images in one request; the limit is {limit} (TEXTSERVE_MAX_IMAGES_PER_REQUEST)")
+
     def image_encoder(self, bundle: Bundle):
         """The torch-free preprocessing an image bundle was trained with (models/image_encoding.py)."""
         from models.image_encoding import ImageEncoder

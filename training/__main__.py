@@ -321,11 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         train_part, test_part, _ = read_image_data(args)
         parity_grids = (test_part or train_part)[0]  # parity is about the graph, any real images do
-        metrics = export_image_bundle(checkpoint, args.bundle, args.bundle.name, parity_grids)
-        metrics["export_command"] = command_line()
-        from training.export_onnx import attach_metrics
-
-        attach_metrics(args.bundle, {"export_command": metrics["export_command"]})
+        metrics = export_image_bundle(checkpoint, args.bundle, args.bundle.name, parity_grids, {"export_command": command_line()})
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
     elif args.command == "show-filters":
         from training.show_filters import show_filters

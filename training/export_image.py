@@ -22,7 +22,7 @@ from training.train_image import load_image_model
 PARITY_BATCH_SIZES = (1, 7, 64)
 
 
-def export_image_bundle(checkpoint: dict, bundle_dir: Path, name: str, parity_grids: np.ndarray) -> dict:
+def export_image_bundle(checkpoint: dict, bundle_dir: Path, name: str, parity_grids: np.ndarray, extra_metrics: dict | None = None) -> dict:
     model = load_image_model(checkpoint)
     side = checkpoint["config"]["input_size"]
     with staged_bundle(bundle_dir) as staging:
@@ -33,7 +33,7 @@ def export_image_bundle(checkpoint: dict, bundle_dir: Path, name: str, parity_gr
         write_json(staging / "config.json", {
             "name": name, "architecture": IMAGE_ARCHITECTURE, "preset": checkpoint["preset"], "model": checkpoint["config"],
             "encoding": checkpoint["encoding"], "onnx": {"opset": OPSET, "inputs": ["images"], "outputs": ["logits"]}})
-        metrics = {**checkpoint["metrics"], "parameters": sum(p.numel() for p in model.parameters())}
+        metrics = {**checkpoint["metrics"], **(extra_metrics or {}), "parameters": sum(p.numel() for p in model.parameters())}
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)
         metrics.update(image_parity(model, ImageClassifier(read_bundle(staging)), parity_grids))
