@@ -24,10 +24,10 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 from bentoml.exceptions import ServiceUnavailable
 
 
@@ -44,31 +44,40 @@ class IdleDispatchBatcher:
     """`await batcher(items)` -> `run(batch)`'s answers for `items`, `run` taking a list of
     items from several requests and answering one per item, in order, in a worker thread."""
 
-    def __init__(self, run: Callable[[list], list], max_batch_texts: int, max_wait_ms: float) -> None:
+    def __init__(self, run: Callable[[list], list], max_batch_texts: int, max_wait_ms: float, concurrent_batches: int = 1) -> None:
         self.run = run
         self.max_batch_texts = max_batch_texts
         self.max_wait_s = max_wait_ms / 1000
         self.queue: deque[Job] = deque()
-        self.busy = False
-        self.one_batch_at_a_time = anyio.CapacityLimiter(1)  # a batch uses every onnxruntime thread
+        self.concurrent_batches = concurrent_batches
+        self.running = 0  # drain tasks, each running one batch at a time
+        # Threads of its own run the batches, `concurrent_batches` at once (1 in an HTTP worker:
+        # a batch uses every onnxruntime thread of the process; the shared runner on a CPU runs
+        # one per core, each session.run on one thread, since onnxruntime's intra-op threads
+        # did not make a small model's batch faster here: docs/performance.md).
+        # loop.run_in_executor hands a batch over through a C queue and the answer back through
+        # the loop's wake-up pipe; anyio.to_thread, used before, cost about 15 % of the event
+        # loop's CPU at one text per request (capacity limiter, cancel scope, a Python queue per
+        # hand-over: docs/performance.md, the profile before).
+        self.threads = ThreadPoolExecutor(max_workers=concurrent_batches, thread_name_prefix="textserve-batch")
 
     async def __call__(self, items: Sequence[Any]) -> list:
         job = Job(items, asyncio.get_running_loop().create_future())
         self.queue.append(job)
-        if not self.busy:
-            self.busy = True
+        if self.running < self.concurrent_batches:
+            self.running += 1
             asyncio.get_running_loop().create_task(self.drain())
         return await job.future
 
     async def drain(self) -> None:
-        """Run batches until the queue is empty; one such task at a time."""
+        """Run batches until the queue is empty; at most `concurrent_batches` such tasks."""
         try:
             while self.queue:
                 batch = self.next_batch()
                 if batch:
                     await self.run_batch(batch)
         finally:
-            self.busy = False
+            self.running -= 1
 
     def next_batch(self) -> list[tuple[Job, int, int]]:
         """Up to max_batch_texts items from the head of the queue, as (job, start, stop) slices.
@@ -94,7 +103,7 @@ class IdleDispatchBatcher:
     async def run_batch(self, batch: list[tuple[Job, int, int]]) -> None:
         items = [item for job, start, stop in batch for item in job.items[start:stop]]
         try:
-            answers = await anyio.to_thread.run_sync(self.run, items, limiter=self.one_batch_at_a_time)
+            answers = await asyncio.get_running_loop().run_in_executor(self.threads, self.run, items)
         except Exception as error:
             if len(batch) > 1:  # whose texts failed? Each request alone: one client's bad text fails only its own request
                 for part in batch:

@@ -5,7 +5,9 @@
 | TEXTSERVE_ZOO                    | models/zoo   | folder of model bundles imported into the BentoML store    |
 | TEXTSERVE_MODELS                 | (all)        | comma-separated bundle names to serve                      |
 | TEXTSERVE_DEVICE                 | auto         | cpu, cuda (an error if CUDA cannot run), auto (CUDA if an NVIDIA GPU is present) |
-| TEXTSERVE_INFERENCE              | inline       | inline: onnxruntime in each HTTP worker (no second hop); runner: one separate runner process that every HTTP worker's texts go to |
+| TEXTSERVE_INFERENCE              | auto         | inline: onnxruntime in each HTTP worker (no second hop); runner: one separate runner process that owns the models and batches every HTTP worker's texts together (shared_runner.py); auto: runner where TEXTSERVE_DEVICE resolves to cuda (one process must own a GPU), else inline |
+| TEXTSERVE_RUNNER_BATCH_THREADS   | 0            | with the runner: batches one runner process runs at once, each in its own thread; 0 = cores / runner workers on a CPU (one onnxruntime thread each), 1 on a GPU |
+| TEXTSERVE_RUNNER_SOCKET_DIR      | (temp dir)   | with the runner: the folder of the Unix sockets between the HTTP workers and the runner |
 | TEXTSERVE_ORT_THREADS            | 0            | onnxruntime intra-op threads per process running sessions; 0 = cores / those processes |
 | TEXTSERVE_RUNNER_WORKERS         | 1            | with TEXTSERVE_INFERENCE=runner: runner processes          |
 | TEXTSERVE_HTTP_WORKERS           | cores        | processes answering HTTP; inline, each also runs its own sessions and batcher |
@@ -22,6 +24,7 @@
 | TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
 | TEXTSERVE_HEADER_TIMEOUT_S       | 10           | a request's headers must arrive within this, from the connection's opening or the request's first byte, else 408 and the connection closes (slow_clients.py) |
 | TEXTSERVE_ACCESS_LOG             | 0            | 1: BentoML's access log line per request (method, path, status, time; never the body) |
+| TEXTSERVE_FAST_FRONT             | 1            | 1: POST /classify, /lm/score and /v2/models/{name}/infer are answered by services/fast_front.py ahead of BentoML's middleware stack (same checks, limits, headers and metrics in one pass); 0: every route goes through BentoML's stack. Access log or tracing on turns it off |
 | TEXTSERVE_TRACING                | 0            | 1: BentoML's OpenTelemetry span per request (configure an exporter in BentoML's config); 0: every path excluded, the middleware passes requests straight through |
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
@@ -47,9 +50,10 @@ class ServiceSettings:
     zoo: Path = REPOSITORY_ROOT / "models" / "zoo"
     models: tuple[str, ...] = ()  # empty: every bundle in the zoo
     device: str = "auto"
-    inference: str = "inline"
+    inference: str = "auto"
     ort_threads: int = 0
     runner_workers: int = 1
+    runner_batch_threads: int = 0
     http_workers: int = dataclass_field(default_factory=lambda: available_cores())
     max_batch_texts: int = 64
     max_latency_ms: int = 1000
@@ -65,6 +69,8 @@ class ServiceSettings:
     header_timeout_s: int = 10
     access_log: bool = False
     tracing: bool = False
+    fast_front: bool = True
+    runner_socket_dir: str = ""  # empty: the temporary folder
     max_generate_words: int = 200
     max_neighbors: int = 100
     max_word_chars: int = 100
@@ -79,9 +85,11 @@ class ServiceSettings:
                 continue
             if field.name == "zoo":
                 values[field.name] = Path(raw)
+            elif field.name == "runner_socket_dir":
+                values[field.name] = raw
             elif field.name == "models":
                 values[field.name] = tuple(name.strip() for name in raw.split(",") if name.strip())
-            elif field.name in ("access_log", "tracing"):
+            elif field.name in ("access_log", "tracing", "fast_front"):
                 if raw.strip().lower() not in ("0", "1", "true", "false"):
                     raise ValueError(f"TEXTSERVE_{field.name.upper()}={raw!r}; expected 0 or 1")
                 values[field.name] = raw.strip().lower() in ("1", "true")
@@ -99,24 +107,41 @@ class ServiceSettings:
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"TEXTSERVE_DEVICE={self.device!r}; expected auto, cpu or cuda")
-        if self.inference not in ("inline", "runner"):
-            raise ValueError(f"TEXTSERVE_INFERENCE={self.inference!r}; expected inline or runner")
+        if self.inference not in ("auto", "inline", "runner"):
+            raise ValueError(f"TEXTSERVE_INFERENCE={self.inference!r}; expected auto, inline or runner")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
                      "max_text_chars", "max_images_per_request", "max_image_pixels", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_generate_words", "max_neighbors",
                      "max_word_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")
-        for name in ("ort_threads", "requests_per_connection"):
+        for name in ("ort_threads", "requests_per_connection", "runner_batch_threads"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TEXTSERVE_{name.upper()} must be 0 ({'automatic' if name == 'ort_threads' else 'never'}) or more")
+                raise ValueError(f"TEXTSERVE_{name.upper()} must be 0 ({'never' if name == 'requests_per_connection' else 'automatic'}) or more")
+
+    @property
+    def inference_mode(self) -> str:
+        """inline or runner: auto resolved by the device (a GPU gets the shared runner)."""
+        if self.inference != "auto":
+            return self.inference
+        return "runner" if resolve_device(self.device) == "cuda" else "inline"
+
+    def concurrent_batches(self) -> int:
+        """Batches one runner process runs at once (TEXTSERVE_RUNNER_BATCH_THREADS)."""
+        if self.runner_batch_threads:
+            return self.runner_batch_threads
+        if resolve_device(self.device) == "cuda":
+            return 1
+        return max(1, available_cores() // self.runner_workers)
 
     def session_threads(self) -> int:
-        """Intra-op threads per process that runs sessions (an HTTP worker when inline, else a
-        runner worker): about cores / those processes, so that they do not fight."""
+        """Intra-op threads per batch that runs (an HTTP worker's one batch when inline, else
+        each of a runner worker's concurrent batches): about cores / those batches, so that
+        they do not fight."""
         if self.ort_threads:
             return self.ort_threads
-        processes = self.http_workers if self.inference == "inline" else self.runner_workers
-        return max(1, available_cores() // processes)
+        if self.inference_mode == "inline":
+            return max(1, available_cores() // self.http_workers)
+        return max(1, available_cores() // (self.runner_workers * self.concurrent_batches()))
 
 
 def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:

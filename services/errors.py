@@ -42,6 +42,16 @@ def describe_validation_error(error: dict) -> str:
     return f"{prefix}: {error.get('msg')}"
 
 
+def validation_message(errors: list[dict]) -> str:
+    """pydantic's errors as one message: the first five, then how many more."""
+    problems = [describe_validation_error(e) for e in errors]
+    return "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -49,8 +59,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        problems = [describe_validation_error(e) for e in error.errors()]
-        return error_response(400, "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        return error_response(400, validation_message(error.errors()))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

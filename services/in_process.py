@@ -13,8 +13,9 @@ Here the runner's methods run in this process instead:
 - the others (explain, next words, generation, vectors) in a worker thread per call, as
   BentoML runs a sync API.
 
-The object offers `to_async.<api>` like BentoML's remote proxy, so the service code is the
-same in both modes.
+The object offers `batched(api, model, payloads, sent_at)` as the shared runner's client does
+(shared_runner.py), and `to_async.<api>` for the others like BentoML's remote proxy, so the
+service code is the same in both modes.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from types import SimpleNamespace
 from services.batching import IdleDispatchBatcher
 from services.config import SETTINGS
 from services.runner import ModelRunner
-
-BATCHED_APIS = ("classify_batch", "score_batch", "classify_image_batch")
+from services.shared_runner import BATCHED_APIS, QueuedItem
 
 
 class InProcessRunner:
     def __init__(self) -> None:
         self.instance = ModelRunner()  # BentoML's in-process instance: sessions built and warmed up
-        apis = {name: getattr(self.instance.to_async, name) for name in self.instance.bento_service.apis}
-        for name in BATCHED_APIS:
-            apis[name] = IdleDispatchBatcher(getattr(self.instance, name).local, SETTINGS.max_batch_texts, SETTINGS.max_latency_ms)
-        self.to_async = SimpleNamespace(**apis)
+        self.to_async = SimpleNamespace(**{name: getattr(self.instance.to_async, name) for name in self.instance.bento_service.apis})
+        self.batchers = {name: IdleDispatchBatcher(getattr(self.instance, name).local, SETTINGS.max_batch_texts, SETTINGS.max_latency_ms)
+                         for name in BATCHED_APIS}
+
+    async def batched(self, api: str, model: str, payloads: list, sent_at: float) -> list[dict]:
+        """One request's texts (or image rows) through this worker's batcher for `api`."""
+        return await self.batchers[api]([QueuedItem(model, payload, sent_at) for payload in payloads])

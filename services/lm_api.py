@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import math
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 import bentoml
 from services.errors import ApiError
-from services.http_api import json_body, parse_body, requested_bundle, top_k_or_default
+from services.http_api import json_body, json_bytes, parse_body, parsed, requested_bundle, top_k_or_default
 from services.schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -22,8 +22,6 @@ from services.schemas import (
     NextResponse,
     ScoreRequest,
     ScoreResponse,
-    TextScore,
-    TokenScore,
     VectorsResponse,
     WordsRequest,
 )
@@ -43,19 +41,26 @@ def vocabulary_size(bundle) -> int:
 
 @router.post("/score", response_model=ScoreResponse, summary="Log-probability and perplexity of texts",
              openapi_extra=json_body(ScoreRequest))
-async def score(request: Request, service=Depends(bentoml.get_current_service)) -> ScoreResponse:
-    body = await parse_body(request, ScoreRequest)
+async def score(request: Request, service=Depends(bentoml.get_current_service)) -> Response:
+    return Response(await score_answer(request, service, await request.body()), media_type="application/json")
+
+
+async def score_answer(request, service, raw: bytes) -> bytes:
+    """POST /lm/score from the body's bytes to the answer's (a ScoreResponse, built as plain
+    dicts): the route above and the fast front (services/fast_front.py) both run it."""
+    body = parsed(raw, ScoreRequest)
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     results = []
     for scored in await service.scores(bundle.name, body.texts):
         log_probs = scored["log_probs"]
-        results.append(TextScore(
-            tokens=[TokenScore(token=t, log_prob=p, in_vocabulary=v)
-                    for t, p, v in zip(scored["tokens"], log_probs, scored["in_vocabulary"])],
-            log_prob=float(sum(log_probs)),
-            perplexity=float(math.exp(-sum(log_probs) / len(log_probs))),
-        ))
-    return ScoreResponse(model=bundle.name, results=results)
+        total = float(sum(log_probs))
+        results.append({
+            "tokens": [{"token": t, "log_prob": p, "in_vocabulary": v}
+                       for t, p, v in zip(scored["tokens"], log_probs, scored["in_vocabulary"])],
+            "log_prob": total,
+            "perplexity": float(math.exp(-total / len(log_probs))),
+        })
+    return json_bytes({"model": bundle.name, "results": results})
 
 
 def check_prefix(service, prefix: str) -> None:

@@ -105,14 +105,21 @@ async def model_ready(name: str, version: str | None = None, service=Depends(ben
 @router.post("/models/{name}/infer", summary="Classify a BYTES tensor of texts")
 @router.post("/models/{name}/versions/{version}/infer", summary="Classify a BYTES tensor of texts")
 async def infer(name: str, request: Request, version: str | None = None, service=Depends(bentoml.get_current_service)) -> Response:
+    body, headers = await infer_answer(request, service, await request.body(), name, version,
+                                       request.headers.get("inference-header-content-length"),
+                                       request.headers.get("content-encoding"))
+    return Response(content=body, headers=headers)
+
+
+async def infer_answer(request, service, raw: bytes, name: str, version: str | None, header_length: str | None,
+                       content_encoding: str | None) -> tuple[bytes, dict[str, str]]:
+    """POST /v2/models/{name}[/versions/{version}]/infer from the body's bytes (and the two
+    headers the binary extension reads) to the answer's bytes and headers: the route above and
+    the fast front (services/fast_front.py) both run it."""
     bundle = checked_bundle(service, name, version)
     request.state.model = bundle.name
     try:
-        inference = decode_infer_request(
-            await request.body(),
-            parse_header_length(request.headers.get("inference-header-content-length")),
-            request.headers.get("content-encoding"),
-        )
+        inference = decode_infer_request(raw, parse_header_length(header_length), content_encoding)
         if is_image_model(bundle):
             images = images_from_request(inference.inputs, image_side(bundle))
         else:
@@ -125,20 +132,18 @@ async def infer(name: str, request: Request, version: str | None = None, service
         probabilities = await service.image_probabilities(bundle.name, images)
     elif is_language_model(bundle):
         tensors = language_model_tensors(await service.scores(bundle.name, texts))
-        body, headers = encode_infer_response(
+        return encode_infer_response(
             bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
         )
-        return Response(content=body, headers=headers)
     else:
         probabilities = await service.probabilities(bundle.name, texts)  # (N, K)
     tensors = {
         "probabilities": OutputTensor("probabilities", "FP32", probabilities.astype(np.float32)),
         "label": OutputTensor("label", "BYTES", np.array([bundle.labels[i] for i in probabilities.argmax(axis=1)], dtype=object)),
     }
-    body, headers = encode_infer_response(
+    return encode_infer_response(
         bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
     )
-    return Response(content=body, headers=headers)
 
 
 def is_image_model(bundle: Bundle) -> bool:

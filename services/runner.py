@@ -25,6 +25,7 @@ from services.explain import explain_texts
 from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
 from services.language_model import CharLanguageModel
 from services.model_store import served
+from services.shared_runner import RunnerSocketServer, socket_path
 
 WARM_UP_TEXTS = ["Warm-up text one .", "a second , somewhat longer warm-up text for the batch ?"]
 logger = logging.getLogger("bentoml.textserve")
@@ -184,6 +185,22 @@ class ModelRunner:
 
     def timed(self, model: str):
         return metrics.inference_duration_seconds.labels(model=model).time()
+
+    # ------------------------------------------------------------------ the shared runner's socket
+
+    @bentoml.on_startup
+    async def listen_for_http_workers(self) -> None:
+        """Run as BentoML's runner process (TEXTSERVE_INFERENCE=runner): answer the HTTP workers'
+        batched calls on this worker's socket (shared_runner.py). Not called in process."""
+        from bentoml._internal.context import server_context
+
+        self.socket_server = RunnerSocketServer(self, SETTINGS.max_batch_texts, SETTINGS.max_latency_ms, SETTINGS.concurrent_batches())
+        await self.socket_server.start(socket_path(server_context.worker_index or 1))
+
+    @bentoml.on_shutdown
+    async def finish_what_was_asked(self) -> None:
+        if getattr(self, "socket_server", None) is not None:
+            await self.socket_server.drain()
 
     @bentoml.api
     def loaded_models(self) -> list[str]:

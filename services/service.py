@@ -29,7 +29,7 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 
-from services import bentoml_timeout, metrics, request_timing, slow_clients
+from services import bentoml_timeout, fast_front, metrics, request_timing, slow_clients
 from services.admission import Admission, RefuseWhenFull
 from services.body_limit import LimitBodySize
 from services.keep_alive import RecycleConnections
@@ -42,7 +42,8 @@ from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, 
 from services.lm_api import json_lines, router as language_model_api
 from services.model_store import served, served_names, store_tag, zoo_tags
 from services.open_inference import router as open_inference_api
-from services.runner import ImageItem, InferenceFailed, ModelRunner, TextItem
+from services.runner import InferenceFailed, ModelRunner
+from services.shared_runner import SharedRunnerClient
 
 logger = logging.getLogger("bentoml.textserve")
 bentoml_timeout.install()  # before BentoML builds this server's middleware stack
@@ -55,6 +56,7 @@ slow_clients.install(SETTINGS.header_timeout_s)  # before the worker starts uvic
 os.environ.setdefault("UV_TCP_SINGLE_ACCEPT", "1")
 READY_CHECK_SECONDS = 2.0
 ADMISSION = Admission(SETTINGS.max_pending_texts)  # this worker's texts in flight
+SERVING: TextService | None = None  # this worker's instance, once BentoML has built it
 RUNNER_CONNECTION_ATTEMPTS = 3
 
 app = FastAPI(
@@ -86,16 +88,18 @@ document_errors(app, served_names)  # after the routes: each one's error statuse
 class TextService:
     """Entry service: validation, limits and admission, then the batched runner."""
 
-    if SETTINGS.inference == "runner":
-        runner = bentoml.depends(ModelRunner)  # started by BentoML as its own process
+    if SETTINGS.inference_mode == "runner":
+        runner_service = bentoml.depends(ModelRunner)  # started by BentoML as its own process
 
     def __init__(self) -> None:
         self.settings: ServiceSettings = SETTINGS
         # Read here first (TextService.bento is set when BentoML serves a bento), so that the
         # in-process runner serves the same bundles.
         to_serve = served(SETTINGS, TextService.bento)
-        if SETTINGS.inference == "inline":
+        if SETTINGS.inference_mode == "inline":
             self.runner = InProcessRunner()  # adds to to_serve.failures a model whose session failed
+        else:  # batched calls over the runner's socket, the others through BentoML's proxy
+            self.runner = SharedRunnerClient(self.runner_service, SETTINGS.runner_workers)
         self.failed_models: dict[str, str] = to_serve.failures
         self.bundles: dict[str, Bundle] = {b.name: b for b in to_serve.bundles if b.name not in self.failed_models}
         for name in self.bundles:
@@ -106,6 +110,8 @@ class TextService:
         self.store_tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
         self.admission = ADMISSION
         self.ready_models: set[str] = set()
+        global SERVING
+        SERVING = self  # the fast front answers through this instance from now on
         freeze_what_lives()
 
     def bundle(self, name: str, kind: str | None = None) -> Bundle:
@@ -139,7 +145,7 @@ class TextService:
 
     async def probabilities(self, model: str, texts: list[str]) -> np.ndarray:
         """Validate, admit and run `texts` through the batched runner: (len(texts), K) float32."""
-        answers = await self.batched(self.runner.to_async.classify_batch, model, texts)
+        answers = await self.batched("classify_batch", model, texts)
         return np.asarray(answers, dtype=np.float32)
 
     def kind_of(self, bundle: Bundle) -> str:
@@ -163,8 +169,7 @@ class TextService:
         rows = images[:, 0].tolist()
 
         async def send() -> list:
-            sent_at = time.time()
-            return await self.runner.to_async.classify_image_batch([ImageItem(model=model, image=row, sent_at=sent_at) for row in rows])
+            return await self.runner.batched("classify_image_batch", model, rows, time.time())
 
         with self.admitted(len(rows)), runner_errors():
             timed_answers = await with_connection_retry(send)
@@ -174,9 +179,9 @@ class TextService:
 
     async def scores(self, model: str, texts: list[str]) -> list[dict]:
         """Validate, admit and score `texts` with a language model through the batched runner."""
-        return await self.batched(self.runner.to_async.score_batch, model, texts)
+        return await self.batched("score_batch", model, texts)
 
-    async def batched(self, runner_api, model: str, texts: list[str]) -> list:
+    async def batched(self, runner_api: str, model: str, texts: list[str]) -> list:
         """Validate, admit and send `texts` to one of the runner's batchable APIs."""
         self.check_texts(texts)
         with self.admitted(len(texts)), runner_errors():
@@ -243,14 +248,13 @@ class TextService:
     def release(self, cost: int) -> None:
         self.admission.release(cost)
 
-    async def call_runner(self, runner_api, model: str, texts: list[str]) -> list:
-        """One batched runner call; the queue wait is measured from each attempt's sending.
-        Each text's answer comes back with its batch's queue wait and inference time, noted
-        for the response's timing headers."""
+    async def call_runner(self, runner_api: str, model: str, texts: list[str]) -> list:
+        """One call of a batched runner API (in_process.py or shared_runner.py); the queue wait
+        is measured from each attempt's sending. Each text's answer comes back with its batch's
+        queue wait and inference time, noted for the response's timing headers."""
 
         async def send() -> list:
-            sent_at = time.time()
-            return await runner_api([TextItem(model=model, text=text, sent_at=sent_at) for text in texts])
+            return await self.runner.batched(runner_api, model, texts, time.time())
 
         timed_answers = await with_connection_retry(send)
         for timed in timed_answers:
@@ -263,7 +267,7 @@ class TextService:
             try:
                 # A probe must answer fast: a runner still starting counts as not ready.
                 self.ready_models = set(await asyncio.wait_for(self.runner.to_async.loaded_models(), READY_CHECK_SECONDS))
-            except (BentoMLException, httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError):
+            except (ApiError, BentoMLException, httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError):
                 return sorted(self.bundles)
             if self.ready_models == set(self.bundles):
                 freeze_what_lives()  # the server is built now: what exists will live as long as it
@@ -282,6 +286,8 @@ TextService.add_asgi_middleware(RecycleConnections, requests_per_connection=SETT
 TextService.add_asgi_middleware(RefuseWhenFull, admission=ADMISSION)
 TextService.add_asgi_middleware(LimitBodySize, limit=SETTINGS.max_body_bytes)
 TextService.add_asgi_middleware(JsonNotFound)
+# Outside all of that, and of BentoML's own middlewares: the hot routes in one pass (fast_front.py).
+fast_front.install(TextService, ADMISSION, lambda: SERVING)
 
 
 def article(noun: str) -> str:

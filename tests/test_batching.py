@@ -106,3 +106,27 @@ def test_a_failing_batch_is_rerun_request_by_request_so_only_the_failing_request
     assert isinstance(failed, RuntimeError) and "onnxruntime failed" in str(failed)
     # [a], then [bad, b, c] together (fails), then each request alone: [bad, b] fails, [c] runs.
     assert calls == [["a"], ["bad", "b", "c"], ["bad", "b"], ["c"], ["d"]]
+
+
+def test_the_shared_runners_batcher_runs_as_many_batches_at_once_as_it_has_threads():
+    """concurrent_batches=2 (the shared runner on two cores): a second request that arrives while
+    a batch runs starts its own batch at once, in another thread. The model only answers once two
+    batches are inside it together (a barrier), so a batcher that ran them one after the other
+    would time out here."""
+    barrier = threading.Barrier(2, timeout=5)
+    model = RecordingModel()
+
+    def two_at_a_time(items):
+        barrier.wait()
+        return model(items)
+
+    async def main():
+        batcher = IdleDispatchBatcher(two_at_a_time, max_batch_texts=64, max_wait_ms=5000, concurrent_batches=2)
+        first = asyncio.ensure_future(batcher([1]))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(batcher([2]))
+        return await asyncio.gather(first, second)
+
+    assert asyncio.run(main()) == [[2], [4]]
+    assert sorted(model.batches) == [[1], [2]]
+    assert len(model.threads) == 2

@@ -27,7 +27,7 @@ def test_defaults_and_overrides_from_the_environment():
         ({"TEXTSERVE_MAX_BATCH_TEXTS": "many"}, "TEXTSERVE_MAX_BATCH_TEXTS='many' is not an integer"),
         ({"TEXTSERVE_HTTP_WORKERS": "0"}, "TEXTSERVE_HTTP_WORKERS must be at least 1"),
         ({"TEXTSERVE_DEVICE": "tpu"}, "TEXTSERVE_DEVICE='tpu'"),
-        ({"TEXTSERVE_INFERENCE": "remote"}, "TEXTSERVE_INFERENCE='remote'; expected inline or runner"),
+        ({"TEXTSERVE_INFERENCE": "remote"}, "TEXTSERVE_INFERENCE='remote'; expected auto, inline or runner"),
         ({"TEXTSERVE_ACCESS_LOG": "yes"}, "TEXTSERVE_ACCESS_LOG='yes'; expected 0 or 1"),
         ({"TEXTSERVE_ORT_THREADS": "-1"}, "TEXTSERVE_ORT_THREADS"),
     ],
@@ -42,10 +42,22 @@ def test_session_threads_split_the_cores_between_the_processes_that_run_sessions
     # inline (the default): every HTTP worker runs sessions, one per core by default
     assert ServiceSettings().http_workers == 16 and ServiceSettings().session_threads() == 1
     assert ServiceSettings(http_workers=4).session_threads() == 4
-    # a separate runner: its workers share the cores, whatever the HTTP workers
-    assert ServiceSettings(inference="runner", http_workers=16, runner_workers=4).session_threads() == 4
-    assert ServiceSettings(inference="runner", runner_workers=32).session_threads() == 1
+    # the shared runner on a CPU: its workers share the cores, whatever the HTTP workers, and each
+    # runs one batch per core it has, one onnxruntime thread each
+    runner = ServiceSettings(inference="runner", device="cpu", http_workers=16, runner_workers=4)
+    assert runner.concurrent_batches() == 4 and runner.session_threads() == 1
+    assert ServiceSettings(inference="runner", device="cpu", runner_workers=32).session_threads() == 1
+    # one batch at a time (TEXTSERVE_RUNNER_BATCH_THREADS=1, or a GPU): it gets the worker's cores
+    assert ServiceSettings(inference="runner", device="cpu", runner_workers=4, runner_batch_threads=1).session_threads() == 4
+    assert ServiceSettings(inference="runner", device="cuda", runner_workers=2).concurrent_batches() == 1
     assert ServiceSettings(ort_threads=3).session_threads() == 3
+
+
+def test_the_inference_mode_follows_the_device_unless_it_is_set():
+    assert ServiceSettings(device="cpu").inference_mode == "inline"
+    assert ServiceSettings(device="cuda").inference_mode == "runner"  # one process owns the GPU
+    assert ServiceSettings(device="cuda", inference="inline").inference_mode == "inline"
+    assert ServiceSettings(device="cpu", inference="runner").inference_mode == "runner"
 
 
 def test_explicit_devices_are_kept():

@@ -1,0 +1,202 @@
+"""Where a request's CPU goes: py-spy on one HTTP worker of the service under wrk.
+
+    python -m loadtests.profile_service [--model kim-cnn-trec6] [--path /classify]
+                                        [--connections 64] [--seconds 20] [--texts-per-request 1]
+                                        [--env TEXTSERVE_X=Y ...] [--out loadtests/results/profile]
+
+Starts `bentoml serve services.service:TextService` (as `make serve` does: one HTTP worker per
+core), loads it with wrk for a warm-up and then for `--seconds`, and meanwhile samples one HTTP
+worker with `py-spy record --gil --format raw` (the thread holding the GIL, 200 times a second).
+Each sample is charged to one layer: the layer of its innermost frame that a rule in LAYERS
+names (a sample whose innermost frame is in prometheus_client is "metrics", whatever called
+it). Samples ÷ rate ÷ the requests that worker answered (the answered requests in proportion
+to its share of the HTTP workers' CPU) give microseconds of GIL-held CPU per request.
+
+Prints the table and writes profile.md, profile.json and the raw stacks (stacks.txt) under --out.
+py-spy comes from PyPI (`pip install py-spy`, in the bench extra); it needs ptrace, i.e. root or
+CAP_SYS_PTRACE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from loadtests.bench import READY_TIMEOUT_S, free_port, sample_questions, tree_cpu_seconds
+from loadtests.wrk import run_wrk
+from services.config import REPOSITORY_ROOT
+
+# (layer, substrings of a frame's "function (file:line)" that put a sample there), innermost
+# match wins. Order matters only between rules that could match the same frame.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("onnxruntime", ("onnxruntime/capi",)),
+    ("encoding (models/text_encoding.py)", ("models/text_encoding.py",)),
+    ("metrics (prometheus-client)", ("prometheus_client/",)),
+    ("parsing and validation (pydantic, json.loads, orjson)", ("pydantic/", "pydantic_core", "json/decoder.py", "json/__init__.py:loads",
+                                                                "loads (json", "parse_body", "model_validate_json")),
+    ("serialising (json.dumps, response building)", ("json/encoder.py", "dumps (json", "top_k_results", "json_response",
+                                                      "starlette/responses.py", "encode_response", "response_bytes")),
+    ("batching (services/batching.py, thread hop)", ("services/batching.py", "services/backends/batching.py", "anyio/", "concurrent/futures",
+                                                     "threading.py", "queue.py")),
+    ("inference glue (runner, in-process)", ("services/runner.py", "services/in_process.py", "services/inference.py",
+                                             "services/language_model.py", "services/backends/", "numpy/")),
+    ("our middlewares and front (services/http, services/*.py)", ("services/request_timing.py", "services/admission.py",
+                                                                   "services/body_limit.py", "services/keep_alive.py",
+                                                                   "services/bentoml_timeout.py", "services/errors.py",
+                                                                   "services/slow_clients.py", "services/http/")),
+    ("our routes (services/api, service.py)", ("services/http_api.py", "services/lm_api.py", "services/open_inference.py",
+                                               "services/oip.py", "services/service.py", "services/api/")),
+    ("BentoML's middlewares (traffic metrics, tracing, context)", ("bentoml/_internal/server/http/", "opentelemetry/",
+                                                                    "_bentoml_impl/server/app.py", "bentoml/_internal/context.py",
+                                                                    "bentoml/_internal/utils/")),
+    ("routing and dependency solving (Starlette, FastAPI)", ("starlette/routing.py", "fastapi/routing.py", "fastapi/dependencies",
+                                                             "starlette/middleware/", "starlette/_exception_handler.py",
+                                                             "starlette/applications.py", "fastapi/applications.py",
+                                                             "starlette/requests.py", "starlette/datastructures.py", "fastapi/")),
+    ("uvicorn (HTTP parsing and writing)", ("uvicorn/",)),
+    ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop/", "contextvars")),
+]
+OTHER = "other"
+SAMPLE_RATE = 200
+# Only the thread holding the GIL is sampled (--gil): that is the CPU the event loop and its
+# Python cost, the part a leaner front can cut. py-spy's idle detection does not work in this
+# machine's sandbox (threads waiting on a queue were sampled as busy), and the GIL is released
+# while a thread waits (epoll, a queue) and while onnxruntime runs, so --gil leaves out idle
+# time and the model's own time; onnxruntime's time per request is read from the service's
+# x-inference-time header instead. --nonblocking: the worker is not paused for each sample.
+SPY_OPTIONS = ("--gil", "--nonblocking")
+
+
+def layer_of(stack: list[str]) -> str:
+    """The layer of a sample: its innermost frame that a rule matches."""
+    for frame in reversed(stack):
+        for layer, needles in LAYERS:
+            if any(needle in frame for needle in needles):
+                return layer
+    return OTHER
+
+
+def read_raw_stacks(path: Path) -> collections.Counter:
+    """py-spy's raw format: one line per distinct stack, "frame;frame;...;frame COUNT",
+    outermost first (its first frame is the thread)."""
+    stacks: collections.Counter = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[stack] += int(count)
+    return stacks
+
+
+def workers_of(root: psutil.Process, service_name: str) -> list[psutil.Process]:
+    """The worker processes of one BentoML service: textserve (HTTP) or model_runner."""
+    return [p for p in root.children(recursive=True)
+            if "_bentoml_impl.worker.service" in (command := " ".join(p.cmdline())) and f"--service-name {service_name} " in command]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="kim-cnn-trec6")
+    parser.add_argument("--path", default="/classify")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warm-up", type=float, default=5.0)
+    parser.add_argument("--texts-per-request", type=int, default=1)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service, repeatable")
+    parser.add_argument("--process", default="textserve", choices=["textserve", "model_runner"],
+                        help="which service's worker to sample: an HTTP worker, or the shared runner (TEXTSERVE_INFERENCE=runner)")
+    parser.add_argument("--label", default="", help="a name for this profile in the report (e.g. before, after)")
+    parser.add_argument("--out", type=Path, default=REPOSITORY_ROOT / "loadtests" / "results" / "profile")
+    args = parser.parse_args(argv)
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    questions = sample_questions()
+    bodies = [json.dumps({"model": args.model, "texts": [questions[(i + j) % len(questions)] for j in range(args.texts_per_request)]})
+              for i in range(len(questions))]
+    port = free_port()
+    env = {**os.environ, "TEXTSERVE_MODELS": args.model, "BENTOML_DO_NOT_TRACK": "True",
+           **dict(item.split("=", 1) for item in args.env)}
+    log = open(args.out / "serve.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", "services.service:TextService",
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=REPOSITORY_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            try:
+                if requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the service did not start; see {args.out / 'serve.log'}")
+            time.sleep(0.5)
+        root = psutil.Process(server.pid)
+        run_wrk(url, args.path, bodies, connections=args.connections, seconds=args.warm_up)
+        workers = workers_of(root, args.process)
+        worker = workers[0]
+        raw = args.out / "stacks.txt"
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(worker.pid), "--format", "raw", "--rate", str(SAMPLE_RATE),
+                                "--duration", str(int(args.seconds)), "--output", str(raw), *SPY_OPTIONS],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cpu_before = tree_cpu_seconds(root)
+        worker_before = sum(worker.cpu_times()[:2])
+        workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
+        result_holder: dict = {}
+        load = threading.Thread(target=lambda: result_holder.update(
+            result=run_wrk(url, args.path, bodies, connections=args.connections, seconds=args.seconds)))
+        load.start()
+        load.join()
+        server_cpu = tree_cpu_seconds(root) - cpu_before
+        worker_cpu = sum(worker.cpu_times()[:2]) - worker_before
+        workers_cpu = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
+        spy.wait(timeout=60)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
+    result = result_holder["result"]
+    stacks = read_raw_stacks(raw)
+    by_layer: collections.Counter = collections.Counter()
+    for stack, count in stacks.items():
+        by_layer[layer_of(stack.split(";"))] += count
+    samples = sum(by_layer.values())
+    cpu_per_request_us = server_cpu / max(1, result.ok) * 1e6
+    worker_requests = result.ok * worker_cpu / max(1e-9, workers_cpu)
+    rows = [{"layer": layer, "share": count / samples, "us_per_request": count / SAMPLE_RATE / max(1.0, worker_requests) * 1e6}
+            for layer, count in by_layer.most_common()]
+    report = {"label": args.label, "model": args.model, "path": args.path, "connections": args.connections,
+              "texts_per_request": args.texts_per_request, "seconds": result.seconds, "requests_per_s": result.ok_per_s,
+              "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "non_2xx": result.requests - result.ok,
+              "server_cpu_share": server_cpu / result.seconds / os.cpu_count(), "profiled_worker_cpu_s": worker_cpu,
+              "server_cpu_us_per_request": cpu_per_request_us, "samples": samples, "env": args.env, "layers": rows,
+              "command": " ".join(["python -m loadtests.profile_service", *(argv if argv is not None else sys.argv[1:])])}
+    (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"`{report['command']}`: {result.ok_per_s:,.0f} requests/s at {args.connections} connections, "
+             f"p50 {result.p50_ms:.2f} ms, {report['non_2xx']} non-2xx; server CPU {report['server_cpu_share']:.0%} of the machine, "
+             f"{cpu_per_request_us:.0f} µs of CPU per request (all processes, onnxruntime included); server-side means: "
+             f"queue {result.server_queue_ms or 0:.2f} ms, inference {result.server_inference_ms or 0:.2f} ms (a batch's), "
+             f"total {result.server_total_ms or 0:.2f} ms; {samples:,} GIL samples of one of {len(workers)} {args.process} workers.", "",
+             "| layer (GIL held) | share of the samples | µs per request |", "|---|---|---|"]
+    lines += [f"| {row['layer']} | {row['share']:.1%} | {row['us_per_request']:.0f} |" for row in rows]
+    (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The shared runner's hop: every HTTP worker's texts to one inference process, over a Unix socket.
+
+TEXTSERVE_INFERENCE=runner (the default where TEXTSERVE_DEVICE resolves to cuda) runs the
+models in one separate process, ModelRunner (runner.py), started and supervised by BentoML
+through `bentoml.depends`: on a GPU one process must own the device (one CUDA context, one
+copy of each model) and one batcher must merge the texts of every HTTP worker.
+
+The batched calls (classify_batch, score_batch, classify_image_batch, and the readiness
+question) do not go through BentoML's HTTP client: `make bench` measured that hop, a pickled
+HTTP request through BentoML's whole stack on both sides, at 22-536 texts/s against 3,038
+inline, with 500 answers from its client reusing connections the runner had closed, and its
+CorkDispatcher keeping after a burst the wait it learnt during the burst (docs/performance.md).
+Here instead:
+
+    HTTP worker                      runner process
+    SharedRunnerClient  --frames-->  RunnerSocketServer -> IdleDispatchBatcher per API
+      one connection per runner      (batching.py: what queued while a batch ran is the next
+      worker, requests multiplexed   batch, across every HTTP worker) -> ModelRunner's methods
+      by id                 <--frames--  answers with their queue wait and inference time
+
+A frame is a 4-byte big-endian length and an orjson object. A request is one frame
+{"id", "api", "model", "items" (texts, or images as rows), "sent_at"}; its answer one frame
+{"id", "answers": [...], "queue_s", "inference_s"} or {"id", "status", "error"}.
+
+What happens when the runner dies: every request waiting on it fails at once with 503 ("the
+shared inference runner is unreachable...; retry shortly", Retry-After), BentoML's supervisor
+starts a new runner, and the next request connects to it (requests in the meantime fail fast
+the same way, without waiting). On SIGTERM the runner stops accepting connections, finishes the
+batches it holds, then BentoML stops it. The other runner APIs (explain, next words,
+generation, vectors, neighbours) are one call per request and keep BentoML's own client.
+
+The socket's path is derived from the process that started both (BentoML's arbiter, the
+parent of every worker), so that two servers on one machine never meet:
+TEXTSERVE_RUNNER_SOCKET_DIR (default: the temporary folder)/textserve-<parent pid>-runner-<worker>.sock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
+
+from services.batching import IdleDispatchBatcher
+from services.config import SETTINGS
+from services.errors import ApiError
+
+logger = logging.getLogger("bentoml.textserve")
+LENGTH = struct.Struct(">I")
+MAX_FRAME_BYTES = 256 * 1024 * 1024  # far above any request the HTTP limits admit
+BATCHED_APIS = ("classify_batch", "score_batch", "classify_image_batch")
+CONNECT_TIMEOUT_S = 1.0
+RETRY_AFTER_S = "1"
+
+
+def socket_path(worker_index: int, parent_pid: int | None = None, folder: str | None = None) -> Path:
+    """Where runner worker `worker_index` (1-based, BentoML's numbering) listens."""
+    folder = folder or SETTINGS.runner_socket_dir or tempfile.gettempdir()
+    return Path(folder) / f"textserve-{parent_pid or os.getppid()}-runner-{worker_index}.sock"
+
+
+def frame(message: dict) -> bytes:
+    body = orjson.dumps(message, option=orjson.OPT_SERIALIZE_NUMPY)
+    return LENGTH.pack(len(body)) + body
+
+
+class FrameProtocol(asyncio.Protocol):
+    """Length-prefixed frames over a stream; each whole frame goes to `on_message`."""
+
+    def __init__(self, on_message: Callable[[dict], None], on_lost: Callable[[Exception | None], None]) -> None:
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= LENGTH.size:
+            (size,) = LENGTH.unpack_from(self.buffer)
+            if size > MAX_FRAME_BYTES:
+                self.transport.close()
+                return
+            if len(self.buffer) < LENGTH.size + size:
+                return
+            body = bytes(self.buffer[LENGTH.size:LENGTH.size + size])
+            del self.buffer[:LENGTH.size + size]
+            self.on_message(orjson.loads(body))
+
+    def connection_lost(self, exc) -> None:
+        self.on_lost(exc)
+
+    def send(self, message: dict) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(message))
+
+
+# --------------------------------------------------------------------------- the runner's side
+
+@dataclass(frozen=True)
+class QueuedItem:
+    """One text (or image) of a request, as ModelRunner's batched methods read it."""
+
+    model: str
+    text: object  # a text, or an image's rows (run_by_model's payload picks the field)
+    sent_at: float
+
+    @property
+    def image(self):
+        return self.text
+
+
+class RunnerSocketServer:
+    """In the runner process: answers the batched APIs of every HTTP worker's connections
+    through one IdleDispatchBatcher per API (so texts from all workers share batches)."""
+
+    def __init__(self, runner, max_batch_texts: int, max_latency_ms: int, concurrent_batches: int) -> None:
+        self.runner = runner
+        self.batchers = {api: IdleDispatchBatcher(getattr(runner, api).local, max_batch_texts, max_latency_ms, concurrent_batches)
+                         for api in BATCHED_APIS}
+        self.server: asyncio.AbstractServer | None = None
+        self.in_flight: set[asyncio.Task] = set()
+        self.path: Path | None = None
+
+    async def start(self, path: Path) -> None:
+        path.unlink(missing_ok=True)  # a socket left by a runner that was killed
+        self.path = path
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(self.connection, str(path))
+        logger.info("shared runner listening on %s", path)
+
+    def connection(self) -> FrameProtocol:
+        protocol: FrameProtocol
+
+        def on_message(message: dict) -> None:
+            task = asyncio.get_running_loop().create_task(self.answer(protocol, message))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+
+        protocol = FrameProtocol(on_message, lambda exc: None)
+        return protocol
+
+    async def answer(self, protocol: FrameProtocol, message: dict) -> None:
+        request_id = message["id"]
+        api = message["api"]
+        try:
+            if api == "loaded_models":
+                protocol.send({"id": request_id, "answers": self.runner.loaded_models.local()})
+                return
+            model, sent_at = message["model"], message["sent_at"]
+            timed = await self.batchers[api]([QueuedItem(model, item, sent_at) for item in message["items"]])
+        except BentoMLException as error:
+            protocol.send({"id": request_id, "status": int(error.error_code), "error": str(error),
+                           "kind": type(error).__name__})
+            return
+        except Exception as error:  # a bug on the runner's side: the client hears of it, the runner goes on
+            logger.exception("shared runner failed on %s", api)
+            protocol.send({"id": request_id, "status": 500, "error": f"{type(error).__name__}: {error}", "kind": "Exception"})
+            return
+        protocol.send({"id": request_id, "answers": [t["answer"] for t in timed],
+                       "queue_s": [t["queue_s"] for t in timed], "inference_s": [t["inference_s"] for t in timed]})
+
+    async def drain(self) -> None:
+        """Stop accepting connections and finish what was asked (SIGTERM)."""
+        if self.server is not None:
+            self.server.close()
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=30)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the HTTP worker's side
+
+class RunnerConnection:
+    """One connection to one runner worker, requests multiplexed by id."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.protocol: FrameProtocol | None = None
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.ids = itertools.count()
+        self.connecting: asyncio.Future | None = None
+
+    async def connected(self) -> FrameProtocol:
+        if self.protocol is not None:
+            return self.protocol
+        if self.connecting is None:  # one connection attempt at a time, shared by the requests waiting for it
+            self.connecting = asyncio.get_running_loop().create_task(self.connect())
+        try:
+            return await asyncio.shield(self.connecting)
+        finally:
+            if self.connecting is not None and self.connecting.done():
+                self.connecting = None
+
+    async def connect(self) -> FrameProtocol:
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_unix_connection(lambda: FrameProtocol(self.on_message, self.on_lost), str(self.path)),
+                CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as error:
+            raise unreachable(f"{type(error).__name__}: {error}") from None
+        self.protocol = protocol
+        return protocol
+
+    def on_message(self, message: dict) -> None:
+        future = self.waiting.pop(message["id"], None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def on_lost(self, exc: Exception | None) -> None:
+        self.protocol = None
+        waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(unreachable("the connection was lost; it is being restarted"))
+
+    async def call(self, message: dict) -> dict:
+        protocol = await self.connected()
+        request_id = next(self.ids)
+        future = asyncio.get_running_loop().create_future()
+        self.waiting[request_id] = future
+        protocol.send({**message, "id": request_id})
+        try:
+            return await future
+        finally:
+            self.waiting.pop(request_id, None)
+
+
+def unreachable(reason: str) -> ApiError:
+    return ApiError(503, f"the shared inference runner is unreachable ({reason}); retry shortly", {"Retry-After": RETRY_AFTER_S})
+
+
+def refusal(answer: dict) -> BentoMLException:
+    """The runner's refusal as the BentoML exception the service already turns into a client
+    error (service.py runner_error)."""
+    from services.runner import InferenceFailed
+
+    kind = {"ServiceUnavailable": ServiceUnavailable, "NotFound": NotFound}.get(answer.get("kind"), InferenceFailed)
+    return kind(answer["error"])
+
+
+class SharedRunnerClient:
+    """In each HTTP worker: `batched(api, ...)` over the runner's socket, as the in-process
+    runner offers it; `to_async.<api>` (and loaded_models) for the other APIs through `fallback`
+    (BentoML's proxy of the runner service)."""
+
+    def __init__(self, fallback, runner_workers: int) -> None:
+        self.connections = [RunnerConnection(socket_path(index)) for index in range(1, runner_workers + 1)]
+        self.turn = itertools.cycle(range(len(self.connections)))
+        self.fallback = fallback
+        self.to_async = self
+
+    def __getattr__(self, api: str):
+        return getattr(self.fallback.to_async, api)  # explain, next_words, generate, word_vectors, neighbors
+
+    def connection(self) -> RunnerConnection:
+        return self.connections[next(self.turn)]
+
+    async def batched(self, api: str, model: str, payloads: list, sent_at: float) -> list[dict]:
+        """One request's texts (or image rows) through the runner's batcher for `api`: per
+        payload {"answer", "queue_s", "inference_s"}."""
+        answer = await self.connection().call({"api": api, "model": model, "items": payloads, "sent_at": sent_at})
+        if "error" in answer:
+            raise refusal(answer)
+        return [{"answer": a, "queue_s": q, "inference_s": i}
+                for a, q, i in zip(answer["answers"], answer["queue_s"], answer["inference_s"])]
+
+    async def loaded_models(self) -> list[str]:
+        """The models every runner worker has loaded (none until all of them answer)."""
+        loaded = None
+        for connection in self.connections:
+            answer = await connection.call({"api": "loaded_models"})
+            loaded = set(answer["answers"]) if loaded is None else loaded & set(answer["answers"])
+        return sorted(loaded or ())
+
