@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench loadtest bento bento-gpu deploy-check serving-requirements fuzz soak audit
+.PHONY: serve test install demo-zoo clean bench bench-peers loadtest bento bento-gpu deploy-check serving-requirements fuzz soak audit
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ demo-zoo: install
 	fi
 
 serve: demo-zoo
-	$(BIN)/python -m services.model_store
+	$(BIN)/python -m services.backends.model_store
 	@echo "textserve on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/ , metrics: /metrics)"
 	$(BIN)/bentoml serve services.service:TextService --host $(HOST) --port $(PORT) --timeout-keep-alive $(KEEP_ALIVE_S)
 
@@ -55,11 +55,11 @@ test: install $(TOOLS)/.installed
 # packages (deploy/bentofile.yaml), built offline. bentoml containerize turns it into an image
 # (docs/deploy.md). BENTOML_HOME=... builds into another store.
 bento: install
-	$(BIN)/python -m services.model_store
+	$(BIN)/python -m services.backends.model_store
 	$(BIN)/bentoml build -f deploy/bentofile.yaml .
 
 bento-gpu: install
-	$(BIN)/python -m services.model_store
+	$(BIN)/python -m services.backends.model_store
 	$(BIN)/bentoml build -f deploy/bentofile-gpu.yaml .
 
 # Only the deployment checks of make test: manifests, schemas, policy scan, rules, a real
@@ -77,7 +77,7 @@ fuzz: install
 # missing. Writes loadtests/results/soak/ (soak.csv, summary.json, soak.png). SOAK_ARGS=... for options.
 SOAK_MINUTES ?= 30
 soak: $(VENV)/.bench-installed
-	$(BIN)/python -m services.model_store
+	$(BIN)/python -m services.backends.model_store
 	$(BIN)/python -m loadtests.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 # Known vulnerabilities in the pinned dependencies (pip-audit over constraints.txt and the
@@ -90,24 +90,37 @@ audit: install
 serving-requirements: install
 	$(BIN)/python deploy/pin_serving_requirements.py > deploy/requirements-serving.txt
 
-# Side by side, one run: onnxruntime in process, torch eager, the service and a hand-rolled
-# FastAPI server over HTTP under wrk (docs/performance.md). BENCH_ARGS=... passes options, e.g.
-# BENCH_ARGS="--texts-per-request 16". The load generator is Debian's wrk; plots need matplotlib.
+# Side by side, one run: onnxruntime in process, torch eager, the service, a hand-rolled
+# FastAPI server and the peers (mosec, LitServe, PyTriton) over HTTP under wrk, two rounds
+# (docs/performance.md). BENCH_ARGS=... passes options, e.g. BENCH_ARGS="--systems service,mosec
+# --seconds 3 --rounds 1". The load generator is Debian's wrk; plots need matplotlib.
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[bench]'
 	touch $@
 
-bench: $(VENV)/.bench-installed
+# Each peer in a virtualenv of its own, from its pinned loadtests/peers/requirements-NAME.txt
+# (its pins are not the service's: PyTriton needs numpy < 2); the project's code reaches it
+# through PYTHONPATH, so nothing of the peers enters the service's dependencies.
+BENCH_PEERS := mosec litserve pytriton
+.venv-bench-%/.installed: loadtests/peers/requirements-%.txt
+	$(PYTHON) -m venv .venv-bench-$*
+	.venv-bench-$*/bin/python -m pip install --quiet --upgrade pip
+	.venv-bench-$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+bench-peers: $(foreach peer,$(BENCH_PEERS),.venv-bench-$(peer)/.installed)
+
+bench: $(VENV)/.bench-installed bench-peers
 	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk); \
 	  else sudo apt-get install -y -qq wrk; fi; }
-	$(BIN)/python -m services.model_store
+	$(BIN)/python -m services.backends.model_store
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
 # Locust's mixed workload against a fresh service, headless, gated on the SLO (exit code).
 # LOADTEST_ARGS=... passes options, e.g. LOADTEST_ARGS="--shape spike --users 128".
 loadtest: $(VENV)/.bench-installed
-	$(BIN)/python -m services.model_store
+	$(BIN)/python -m services.backends.model_store
 	$(BIN)/python -m loadtests.run_loadtest $(LOADTEST_ARGS)
 
 clean:

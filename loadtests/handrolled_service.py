@@ -1,7 +1,7 @@
 """The baseline that `make bench` compares the service with: the FastAPI + uvicorn +
 onnxruntime service a team would write by hand in an afternoon. No batching (each request runs
 its own texts), no admission control, no metrics; the same bundles and the same torch-free
-inference code (services/inference.py, services/language_model.py), so that the comparison
+inference code (services/backends/inference.py, services/backends/language_model.py), so that the comparison
 measures the serving layer and nothing else.
 
     HANDROLLED_MODELS=kim-cnn-trec6,char-lm-small-ptb uvicorn loadtests.handrolled_service:app --port 3200
@@ -19,8 +19,8 @@ import numpy as np
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from services.inference import LANGUAGE_MODEL_ARCHITECTURE, TextClassifier, read_bundle
-from services.language_model import CharLanguageModel
+from services.backends.inference import LANGUAGE_MODEL_ARCHITECTURE, TextClassifier, read_bundle
+from services.backends.language_model import CharLanguageModel
 from services.config import REPOSITORY_ROOT
 
 ZOO = REPOSITORY_ROOT / "models" / "zoo"

@@ -1,5 +1,5 @@
 """Images to model input, torch-free: shared by training (training/train_image.py) and serving
-(services/image_api.py), so the service sees an image exactly as the model was trained to.
+(services/api/image_api.py), so the service sees an image exactly as the model was trained to.
 
 The model's unit is scikit-learn's digits: an 8x8 grid of ink amounts from 0 (paper) to 16 (full
 ink), as the digits were made (32x32 bitmaps, on-pixels counted per 4x4 block). `encode` scales

@@ -24,7 +24,7 @@
 | TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
 | TEXTSERVE_HEADER_TIMEOUT_S       | 10           | a request's headers must arrive within this, from the connection's opening or the request's first byte, else 408 and the connection closes (slow_clients.py) |
 | TEXTSERVE_ACCESS_LOG             | 0            | 1: BentoML's access log line per request (method, path, status, time; never the body) |
-| TEXTSERVE_FAST_FRONT             | 1            | 1: POST /classify, /lm/score and /v2/models/{name}/infer are answered by services/fast_front.py ahead of BentoML's middleware stack (same checks, limits, headers and metrics in one pass); 0: every route goes through BentoML's stack. Access log or tracing on turns it off |
+| TEXTSERVE_FAST_FRONT             | 1            | 1: POST /classify, /lm/score and /v2/models/{name}/infer are answered by services/http/front.py ahead of BentoML's middleware stack (same checks, limits, headers and metrics in one pass); 0: every route goes through BentoML's stack. Access log or tracing on turns it off |
 | TEXTSERVE_TRACING                | 0            | 1: BentoML's OpenTelemetry span per request (configure an exporter in BentoML's config); 0: every path excluded, the middleware passes requests straight through |
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |

@@ -29,21 +29,22 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 
-from services import bentoml_timeout, fast_front, metrics, request_timing, slow_clients
-from services.admission import Admission, RefuseWhenFull
-from services.body_limit import LimitBodySize
-from services.keep_alive import RecycleConnections
+from services import metrics
+from services.api.http_api import router as json_api
+from services.api.image_api import router as image_api
+from services.api.lm_api import json_lines, router as language_model_api
+from services.api.open_inference import router as open_inference_api
+from services.backends.in_process import InProcessRunner
+from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
+from services.backends.model_store import served, served_names, store_tag, zoo_tags
+from services.backends.runner import InferenceFailed, ModelRunner
+from services.backends.shared_runner import SharedRunnerClient
 from services.config import SETTINGS, ServiceSettings
-from services.errors import ApiError, JsonNotFound, document_errors, install_error_handlers
-from services.http_api import router as json_api
-from services.image_api import router as image_api
-from services.in_process import InProcessRunner
-from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
-from services.lm_api import json_lines, router as language_model_api
-from services.model_store import served, served_names, store_tag, zoo_tags
-from services.open_inference import router as open_inference_api
-from services.runner import InferenceFailed, ModelRunner
-from services.shared_runner import SharedRunnerClient
+from services.http import bentoml_timeout, front, request_timing, slow_clients
+from services.http.admission import Admission, RefuseWhenFull
+from services.http.body_limit import LimitBodySize
+from services.http.errors import ApiError, JsonNotFound, document_errors, install_error_handlers
+from services.http.keep_alive import RecycleConnections
 
 logger = logging.getLogger("bentoml.textserve")
 bentoml_timeout.install()  # before BentoML builds this server's middleware stack
@@ -286,8 +287,8 @@ TextService.add_asgi_middleware(RecycleConnections, requests_per_connection=SETT
 TextService.add_asgi_middleware(RefuseWhenFull, admission=ADMISSION)
 TextService.add_asgi_middleware(LimitBodySize, limit=SETTINGS.max_body_bytes)
 TextService.add_asgi_middleware(JsonNotFound)
-# Outside all of that, and of BentoML's own middlewares: the hot routes in one pass (fast_front.py).
-fast_front.install(TextService, ADMISSION, lambda: SERVING)
+# Outside all of that, and of BentoML's own middlewares: the hot routes in one pass (http/front.py).
+front.install(TextService, ADMISSION, lambda: SERVING)
 
 
 def article(noun: str) -> str:

@@ -60,7 +60,7 @@ def start_server(home: Path, zoo: Path | None, target: str = SERVICE, cwd: Path 
     if zoo is not None:
         env["TEXTSERVE_ZOO"] = str(zoo)
         if import_zoo:
-            subprocess.run([sys.executable, "-m", "services.model_store"], cwd=REPOSITORY, env=env, check=True)
+            subprocess.run([sys.executable, "-m", "services.backends.model_store"], cwd=REPOSITORY, env=env, check=True)
     bentoml = str(Path(sys.executable).parent / "bentoml")
     log_path = home / "serve.log"
     with open(log_path, "w") as log:

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from services.admission import Admission, RefuseWhenFull, admitting_route
-from services.errors import ApiError
+from services.http.admission import Admission, RefuseWhenFull, admitting_route
+from services.http.errors import ApiError
 
 
 def test_reserve_counts_cost_up_to_the_limit_and_refuses_past_it():

@@ -12,7 +12,7 @@ from models.recipe import TrainingRecipe, with_overrides
 from models.registry import build_config, build_model, config_values
 from models.rnn_classifier import reverse_within_length
 from models.text_encoding import CharEncoder
-from services.inference import TextClassifier, read_bundle
+from services.backends.inference import TextClassifier, read_bundle
 from training.datasets import read_trec, split_dev
 from training.export_onnx import export_bundle, export_onnx
 from training.train_classifier import batch_tensors, train_classifier

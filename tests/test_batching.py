@@ -1,4 +1,4 @@
-"""services/batching.py on a real event loop with real worker threads: what runs together,
+"""services/backends/batching.py on a real event loop with real worker threads: what runs together,
 in what order the answers come back, and what is refused."""
 
 import asyncio
@@ -8,7 +8,7 @@ import time
 import pytest
 from bentoml.exceptions import ServiceUnavailable
 
-from services.batching import IdleDispatchBatcher
+from services.backends.batching import IdleDispatchBatcher
 
 
 class RecordingModel:

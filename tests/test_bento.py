@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from services.inference import TextClassifier, read_bundle, sha256_file
+from services.backends.inference import TextClassifier, read_bundle, sha256_file
 from tests.conftest import REPOSITORY, ZOO
 from tests.serving import start_server, stop_server
 

@@ -20,7 +20,7 @@ from models.text_encoding import tokenize
 from models.text_encoding import (
     CHAR_PAD_ID, UNKNOWN_CHAR_ID, WORD_END_ID, WORD_START_ID, LanguageModelVocab, WordCharEncoder,
 )
-from services.inference import read_bundle
+from services.backends.inference import read_bundle
 from tests.conftest import REPOSITORY, SAMPLE_DATA
 from training import export_lm as export_lm_module
 from training.export_lm import export_language_model
@@ -333,7 +333,7 @@ def test_float16_storage_halves_the_graphs_and_records_its_effect(tiny_run, ptb_
 
 def test_an_lm_bundle_gives_kims_cnn_a_vector_for_every_word(tiny_lm_bundle, trec_path):
     from models.text_encoding import WordVocab, tokenize
-    from services.language_model import CharLanguageModel
+    from services.backends.language_model import CharLanguageModel
     from training.datasets import read_trec
     from training.train_classifier import train_classifier
     from training.word_vectors import read_word_vectors
@@ -377,7 +377,7 @@ def test_results_table_has_a_language_model_section(tiny_lm_bundle, tmp_path):
 
 
 def test_served_text_is_read_with_penn_treebank_conventions():
-    from services.language_model import ptb_tokenize
+    from services.backends.language_model import ptb_tokenize
 
     vocab = LanguageModelVocab(("<unk>", "<eos>", "mr.", "the"))
     assert ptb_tokenize("Mr. Smith's company didn't pay $5,000 (about 3.5%) in 1990s, the end.", vocab) == [
@@ -387,7 +387,7 @@ def test_served_text_is_read_with_penn_treebank_conventions():
 
 
 def test_asking_for_cuda_without_a_gpu_is_an_error_not_a_fallback(tiny_lm_bundle, ptb_slice, tmp_path):
-    from services.inference import BundleError
+    from services.backends.inference import BundleError
     from training.evaluate import evaluate_language_model
 
     if torch.cuda.is_available():

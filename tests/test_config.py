@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from services.config import ServiceSettings, resolve_device
-from services.inference import BundleError
-from services.model_store import zoo_bundles
+from services.backends.inference import BundleError
+from services.backends.model_store import zoo_bundles
 
 from tests.conftest import ZOO
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from services.inference import read_bundle
+from services.backends.inference import read_bundle
 from tests.conftest import REPOSITORY, SAMPLE_DATA
 
 # Kim CNN, one epoch per fold on the 1,500 committed MR sentences: seconds per run.

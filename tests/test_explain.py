@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models.kim_cnn import KimCNN, kim_cnn_config
-from services.explain import explain_texts
-from services.inference import BundleError, TextClassifier, read_bundle
+from services.backends.explain import explain_texts
+from services.backends.inference import BundleError, TextClassifier, read_bundle
 from training.export_onnx import export_bundle
 
 VOCAB = ("<pad>", "<unk>", "it", "was", "not", "very", "good", "a", "movie")

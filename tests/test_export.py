@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from services.inference import BundleError, TextClassifier, read_bundle
+from services.backends.inference import BundleError, TextClassifier, read_bundle
 from training import export_onnx as export_module
 from training.datasets import read_trec, split_dev
 from training.evaluate import evaluate_classifier

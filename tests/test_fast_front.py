@@ -1,4 +1,4 @@
-"""The fast front (services/fast_front.py) answers exactly as BentoML's stack does.
+"""The fast front (services/http/front.py) answers exactly as BentoML's stack does.
 
 Two real servers, one with the front (the default) and one with TEXTSERVE_FAST_FRONT=0, get
 the same requests: every bad input of docs/errors.md (tests/test_errors.py's table, but for the
@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.fast_front import CLASSIFY, INFER, SCORE, hot_route
+from services.http.front import CLASSIFY, INFER, SCORE, hot_route
 from tests.conftest import ZOO
 from tests.serving import running_server
 from tests.test_errors import CASES, C, L

@@ -25,8 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 import numpy as np
 
 from models.text_encoding import WordVocab, encoder_from_config
-from services.inference import sha256_file
-from services.runner import WARM_UP_TEXTS
+from services.backends.inference import sha256_file
+from services.backends.runner import WARM_UP_TEXTS
 from tests.conftest import REPOSITORY, ZOO
 from tests.serving import running_server
 

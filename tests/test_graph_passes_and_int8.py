@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from services.inference import TextClassifier, read_bundle
-from services.language_model import CharLanguageModel
+from services.backends.inference import TextClassifier, read_bundle
+from services.backends.language_model import CharLanguageModel
 from training import export_onnx as export_module
 from training import quantize as quantize_module
 from training.datasets import read_trec, split_dev

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from services.http_api import top_k_results
+from services.api.http_api import top_k_results
 
 
 def test_top_k_results_orders_labels_and_keeps_label_order_on_ties():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.image_encoding import ImageEncoder, ImageError, grid_from_grey, grid_from_picture
-from services.inference import ImageClassifier, read_bundle
+from services.backends.inference import ImageClassifier, read_bundle
 from tests.conftest import ZOO
 from tests.serving import running_server
 from training import image_data

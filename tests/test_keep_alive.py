@@ -3,7 +3,7 @@
 import asyncio
 import random
 
-from services.keep_alive import RecycleConnections
+from services.http.keep_alive import RecycleConnections
 
 
 def test_about_one_response_in_n_closes_and_replaces_any_connection_header():

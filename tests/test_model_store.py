@@ -14,7 +14,7 @@ from tests.conftest import REPOSITORY, ZOO
 LOAD = """
 import json
 from services.config import ServiceSettings
-from services.model_store import load_served
+from services.backends.model_store import load_served
 bundles, failures = load_served(ServiceSettings.from_environment())
 print(json.dumps({"loaded": sorted(b.name for b in bundles), "failures": failures}))
 """
@@ -67,7 +67,7 @@ def test_the_service_serves_the_good_models_and_reports_the_bad_one(tmp_path):
         shutil.copytree(ZOO / name, zoo / name)
     with open(zoo / "lstm-mr" / "model.onnx", "ab") as graph:
         graph.write(b"\0")
-    # Straight to `bentoml serve`: `python -m services.model_store` (make serve's first step)
+    # Straight to `bentoml serve`: `python -m services.backends.model_store` (make serve's first step)
     # would stop at the bad bundle, as it should before a build.
     with running_server(tmp_path / "home", zoo, import_zoo=False, http_workers="1") as url:
         ready = requests.get(f"{url}/v2/health/ready", timeout=5)

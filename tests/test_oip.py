@@ -1,4 +1,4 @@
-"""Tests for services.oip, driven by the real tritonclient encoder and decoder.
+"""Tests for services.api.oip, driven by the real tritonclient encoder and decoder.
 
 Requests are built with ``tritonclient.http.InferInput`` /
 ``InferRequestedOutput`` and serialised by the client's own
@@ -21,7 +21,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.http._utils import _get_inference_request
 
-from services.oip import (
+from services.api.oip import (
     InferRequest,
     OIPError,
     OutputTensor,
@@ -582,5 +582,5 @@ def test_services_do_not_import_torch():
     import sys
     from pathlib import Path
 
-    code = "import sys, services.oip; assert 'torch' not in sys.modules"
+    code = "import sys, services.api.oip; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

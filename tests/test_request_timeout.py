@@ -1,4 +1,4 @@
-"""services/bentoml_timeout.py against real ASGI apps on a real event loop: a handler that does
+"""services/http/bentoml_timeout.py against real ASGI apps on a real event loop: a handler that does
 not start its answer in time gets 504, a started stream is never cut, and a finished request's
 context is let go at once (BentoML's own middleware keeps it for the whole timeout)."""
 
@@ -10,7 +10,7 @@ import weakref
 
 from bentoml._internal.server.http.traffic import TimeoutMiddleware as BentoMLTimeoutMiddleware
 
-from services.bentoml_timeout import TimeoutMiddleware
+from services.http.bentoml_timeout import TimeoutMiddleware
 
 REQUEST_CONTEXT = contextvars.ContextVar("request_context")  # what an outer middleware (tracing) would set
 

@@ -29,7 +29,7 @@ def test_bundles_hold_only_json_and_onnx_and_the_loaders_unpickle_nothing():
     for manifest in ZOO.glob("*/manifest.json"):
         files = json.loads(manifest.read_text())["files"]
         assert {Path(name).suffix for name in files} <= {".json", ".onnx"}, manifest
-    for path in [*(REPOSITORY / "services").glob("*.py"), REPOSITORY / "models" / "text_encoding.py"]:
+    for path in [*(REPOSITORY / "services").rglob("*.py"), REPOSITORY / "models" / "text_encoding.py"]:
         tree = ast.parse(path.read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}

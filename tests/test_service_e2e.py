@@ -83,7 +83,7 @@ def test_classifies_questions_and_reviews_with_both_released_models(server):
     assert [r["label"] for r in trec.json()["results"]] == ["HUM", "LOC"]
     assert len(trec.json()["results"][0]["top_k"]) == 6
     # The body is built without the response model; it must still be exactly that shape.
-    from services.schemas import ClassifyResponse
+    from services.api.schemas import ClassifyResponse
 
     parsed = ClassifyResponse.model_validate_json(trec.content, strict=True)
     assert parsed.model_dump() == trec.json() and trec.headers["content-type"] == "application/json"
@@ -331,8 +331,8 @@ def lm(url, route, body, **kwargs):
 @pytest.fixture(scope="module")
 def tiny_lm(test_zoo):
     """The same bundle in this process, to check the server's numbers against."""
-    from services.inference import read_bundle
-    from services.language_model import CharLanguageModel
+    from services.backends.inference import read_bundle
+    from services.backends.language_model import CharLanguageModel
 
     return CharLanguageModel(read_bundle(test_zoo / TINY_LM))
 

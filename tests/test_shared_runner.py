@@ -1,5 +1,5 @@
 """TEXTSERVE_INFERENCE=runner: one inference process fed by every HTTP worker over its socket
-(services/shared_runner.py). It must answer every request under load (no 500 from a reused
+(services/backends/shared_runner.py). It must answer every request under load (no 500 from a reused
 connection, as BentoML's client gave), batch the workers' texts together, give the inline
 mode's numbers, fail fast with a 503 that says why while a killed runner restarts, and drain
 on SIGTERM."""
@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.bench import sample_questions
 from loadtests.wrk import run_wrk
-from services.inference import TextClassifier, read_bundle
+from services.backends.inference import TextClassifier, read_bundle
 from tests.conftest import ZOO
 from tests.serving import running_server, start_server
 

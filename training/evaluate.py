@@ -1,5 +1,5 @@
 """Score a released bundle on a labelled file through onnxruntime: the service's own code path
-(services.inference), so a figure printed here is what the service would answer."""
+(services.backends.inference), so a figure printed here is what the service would answer."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import math
 import numpy as np
 
 from models.text_encoding import scoring_stream
-from services.inference import TextClassifier, read_bundle
-from services.language_model import CharLanguageModel
+from services.backends.inference import TextClassifier, read_bundle
+from services.backends.language_model import CharLanguageModel
 from training.datasets import LabelledText
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.inference import IMAGE_ARCHITECTURE, ImageClassifier, read_bundle
+from services.backends.inference import IMAGE_ARCHITECTURE, ImageClassifier, read_bundle
 from training.export_onnx import OPSET, PARITY_ATOL, ExportRefused, staged_bundle, write_json, write_manifest
 from training.train_image import load_image_model
 

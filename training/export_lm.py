@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from models.text_encoding import LanguageModelVocab, WordCharEncoder, scoring_stream
-from services.inference import read_bundle
-from services.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
+from services.backends.inference import read_bundle
+from services.backends.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
 from training.export_onnx import (
     OPSET, STORAGE_TYPES, ExportRefused, check_exported_graph, round_weights_to_half, staged_bundle,
     store_initializers_as_half, write_json, write_manifest,

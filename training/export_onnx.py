@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import torch
 
-from services.inference import MANIFEST, TextClassifier, read_bundle, sha256_file
+from services.backends.inference import MANIFEST, TextClassifier, read_bundle, sha256_file
 from training.graph_passes import PASS_NAME as GRAPH_PASS
 from training.graph_passes import ROUND_TRIPS_PASS_NAME as ROUND_TRIPS_PASS
 from training.graph_passes import conv1d_as_conv2d, drop_height_round_trips

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from services.inference import TextClassifier, read_bundle
+from services.backends.inference import TextClassifier, read_bundle
 
 QUESTION = "what is the name of the longest river in the world and how long is it ?"
 

@@ -39,8 +39,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from services.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle, TextClassifier, read_bundle
-from services.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH
+from services.backends.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle, TextClassifier, read_bundle
+from services.backends.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH
 from training.datasets import read_labelled, read_ptb, split_dev
 from training.evaluate import evaluate_classifier, evaluate_language_model
 from training.export_onnx import staged_bundle, write_json, write_manifest

@@ -2,7 +2,7 @@
 
 Accuracy comes from each bundle's metrics.json (written by the train/cv/export commands it
 names); parameters and size are read from model.onnx; latency and throughput are measured
-here, through services.inference (the service's own onnxruntime path, encoding included),
+here, through services.backends.inference (the service's own onnxruntime path, encoding included),
 on the machine that runs the command.
 """
 
@@ -20,8 +20,8 @@ import onnxruntime as ort
 
 from models.dilated_cnn import receptive_field_table
 from models.text_encoding import scoring_stream, tokenize
-from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, TextClassifier, read_bundle
-from services.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
+from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, TextClassifier, read_bundle
+from services.backends.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
 from training.datasets import read_mr_dir, read_trec
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
@@ -208,7 +208,7 @@ def cpu_name() -> str:
 
 def image_row(path: Path) -> dict:
     """An image classifier: its held-out accuracy re-measured through onnxruntime, and its speed."""
-    from services.inference import ImageClassifier
+    from services.backends.inference import ImageClassifier
     from training.image_data import digits
 
     bundle = read_bundle(path)
@@ -241,7 +241,7 @@ def render_images(rows: list[dict]) -> list[str]:
     lines = ["", "## Image classifiers (the lecture notes' CNN example)", "",
              "scikit-learn's 8x8 digits (1,797 images shipped inside the package): the last 360 are the held-out",
              "test set, the first 1,437 train (10 % of them dev, seed 3435). Test accuracy re-measured here through",
-             "onnxruntime (`services/inference.py` ImageClassifier), next to the figure the training recorded.", "",
+             "onnxruntime (`services/backends/inference.py` ImageClassifier), next to the figure the training recorded.", "",
              "| bundle | preset | test accuracy (re-measured / recorded) | dev accuracy | parameters | ONNX KB | ms per image, batch 1 (median) | images/s, batch 64 (median) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -66,8 +66,8 @@ def read_word_vectors(path: str | Path, vocab: WordVocab, vector_format: str = "
 
 def read_language_model_vectors(bundle_path: Path, words: list[str]) -> tuple[dict[str, np.ndarray], int]:
     """Every word's vector from a character-aware LM bundle's word encoder (onnxruntime)."""
-    from services.inference import read_bundle
-    from services.language_model import CharLanguageModel
+    from services.backends.inference import read_bundle
+    from services.backends.language_model import CharLanguageModel
 
     language_model = CharLanguageModel(read_bundle(bundle_path))
     found: dict[str, np.ndarray] = {}

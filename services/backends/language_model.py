@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.text_encoding import EOS_TOKEN, UNK_TOKEN, LanguageModelVocab, WordCharEncoder
-from services.inference import Bundle, BundleError, make_session
+from services.backends.inference import Bundle, BundleError, make_session
 
 STEP_GRAPH = "step.onnx"
 WORD_ENCODER_GRAPH = "word_encoder.onnx"

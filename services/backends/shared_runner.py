@@ -49,9 +49,9 @@ from pathlib import Path
 import orjson
 from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
 
-from services.batching import IdleDispatchBatcher
+from services.backends.batching import IdleDispatchBatcher
 from services.config import SETTINGS
-from services.errors import ApiError
+from services.http.errors import ApiError
 
 logger = logging.getLogger("bentoml.textserve")
 LENGTH = struct.Struct(">I")
@@ -245,7 +245,7 @@ def unreachable(reason: str) -> ApiError:
 def refusal(answer: dict) -> BentoMLException:
     """The runner's refusal as the BentoML exception the service already turns into a client
     error (service.py runner_error)."""
-    from services.runner import InferenceFailed
+    from services.backends.runner import InferenceFailed
 
     kind = {"ServiceUnavailable": ServiceUnavailable, "NotFound": NotFound}.get(answer.get("kind"), InferenceFailed)
     return kind(answer["error"])

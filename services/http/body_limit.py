@@ -13,7 +13,7 @@ import json
 import time
 
 from services import metrics
-from services.admission import admitting_route
+from services.http.admission import admitting_route
 
 
 def too_large_message(limit: int, size: int | None) -> str:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from services.batching import IdleDispatchBatcher
+from services.backends.batching import IdleDispatchBatcher
 from services.config import SETTINGS
-from services.runner import ModelRunner
-from services.shared_runner import BATCHED_APIS, QueuedItem
+from services.backends.runner import ModelRunner
+from services.backends.shared_runner import BATCHED_APIS, QueuedItem
 
 
 class InProcessRunner:

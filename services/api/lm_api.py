@@ -11,9 +11,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 import bentoml
-from services.errors import ApiError
-from services.http_api import json_body, json_bytes, parse_body, parsed, requested_bundle, top_k_or_default
-from services.schemas import (
+from services.http.errors import ApiError
+from services.api.http_api import json_body, json_bytes, parse_body, parsed, requested_bundle, top_k_or_default
+from services.api.schemas import (
     GenerateRequest,
     GenerateResponse,
     NeighborsRequest,
@@ -47,7 +47,7 @@ async def score(request: Request, service=Depends(bentoml.get_current_service)) 
 
 async def score_answer(request, service, raw: bytes) -> bytes:
     """POST /lm/score from the body's bytes to the answer's (a ScoreResponse, built as plain
-    dicts): the route above and the fast front (services/fast_front.py) both run it."""
+    dicts): the route above and the fast front (services/http/front.py) both run it."""
     body = parsed(raw, ScoreRequest)
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     results = []

@@ -2,7 +2,7 @@
 
 A bundle becomes the store model `NAME:VERSION`, where VERSION is the start of the bundle's
 manifest sha256: re-importing an unchanged bundle does nothing, a retrained one gets a new
-version. `python -m services.model_store` imports the whole zoo (make serve runs it first).
+version. `python -m services.backends.model_store` imports the whole zoo (make serve runs it first).
 
 Where the served models come from:
 - from a checkout (`make serve`, the tests): the zoo folder, imported into the store first;
@@ -22,7 +22,7 @@ import bentoml
 from bentoml.exceptions import BentoMLException, NotFound
 
 from services.config import ServiceSettings
-from services.inference import MANIFEST, Bundle, BundleError, read_bundle, sha256_file
+from services.backends.inference import MANIFEST, Bundle, BundleError, read_bundle, sha256_file
 
 
 def zoo_bundles(settings: ServiceSettings) -> list[Path]:

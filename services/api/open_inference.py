@@ -15,9 +15,9 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 import bentoml
-from services.errors import ApiError
-from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
-from services.oip import OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
+from services.http.errors import ApiError
+from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
+from services.api.oip import OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
@@ -115,7 +115,7 @@ async def infer_answer(request, service, raw: bytes, name: str, version: str | N
                        content_encoding: str | None) -> tuple[bytes, dict[str, str]]:
     """POST /v2/models/{name}[/versions/{version}]/infer from the body's bytes (and the two
     headers the binary extension reads) to the answer's bytes and headers: the route above and
-    the fast front (services/fast_front.py) both run it."""
+    the fast front (services/http/front.py) both run it."""
     bundle = checked_bundle(service, name, version)
     request.state.model = bundle.name
     try:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from models.text_encoding import tokenize
-from services.inference import TextClassifier
+from services.backends.inference import TextClassifier
 
 
 def explain_texts(classifier: TextClassifier, texts: Sequence[str], top_k: int) -> list[dict]:

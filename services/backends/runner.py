@@ -21,11 +21,11 @@ from pydantic import BaseModel
 
 from services import metrics
 from services.config import SETTINGS, resolve_device
-from services.explain import explain_texts
-from services.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
-from services.language_model import CharLanguageModel
-from services.model_store import served
-from services.shared_runner import RunnerSocketServer, socket_path
+from services.backends.explain import explain_texts
+from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
+from services.backends.language_model import CharLanguageModel
+from services.backends.model_store import served
+from services.backends.shared_runner import RunnerSocketServer, socket_path
 
 WARM_UP_TEXTS = ["Warm-up text one .", "a second , somewhat longer warm-up text for the batch ?"]
 logger = logging.getLogger("bentoml.textserve")

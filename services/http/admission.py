@@ -19,8 +19,8 @@ import re
 import time
 
 from services import metrics
-from services.errors import ApiError
-from services.request_timing import INFERENCE_HEADER, QUEUE_HEADER, TOTAL_HEADER, milliseconds
+from services.http.errors import ApiError
+from services.http.request_timing import INFERENCE_HEADER, QUEUE_HEADER, TOTAL_HEADER, milliseconds
 
 RETRY_AFTER_S = "1"
 # The routes that admit work, as their templates (the metrics' bounded endpoint label).

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ValidationError
 
 import bentoml
-from services.errors import ApiError, validation_message
-from services.schemas import (
+from services.http.errors import ApiError, validation_message
+from services.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     ExplainRequest,
@@ -86,7 +86,7 @@ def json_response(content: dict) -> Response:
 
 async def classify_answer(request, service, raw: bytes) -> bytes:
     """POST /classify, from the body's bytes to the answer's: what the FastAPI route below and
-    the fast front (services/fast_front.py) both run. `request` has a `.state` for the model label."""
+    the fast front (services/http/front.py) both run. `request` has a `.state` for the model label."""
     body = parsed(raw, ClassifyRequest)
     bundle = requested_bundle(request, service, body.model)
     k = top_k_or_default(body.top_k, min(service.settings.default_top_k, len(bundle.labels)),

@@ -37,14 +37,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from services import metrics, request_timing
-from services.admission import RETRY_AFTER_S, Admission
-from services.body_limit import too_large_message
+from services import metrics
+from services.http import request_timing
+from services.http.admission import RETRY_AFTER_S, Admission
+from services.http.body_limit import too_large_message
 from services.config import SETTINGS, ServiceSettings
-from services.errors import ApiError, error_body
-from services.http_api import classify_answer
-from services.lm_api import score_answer
-from services.open_inference import infer_answer
+from services.http.errors import ApiError, error_body
+from services.api.http_api import classify_answer
+from services.api.lm_api import score_answer
+from services.api.open_inference import infer_answer
 
 logger = logging.getLogger("bentoml.textserve")
 JSON = b"application/json"

@@ -1,0 +1,1 @@
+"""What runs models: bundles and onnxruntime sessions, batching, the in-process and shared runners, the model store, explanations."""
