@@ -38,31 +38,39 @@ from services.config import REPOSITORY_ROOT
 
 # (layer, substrings of a frame's "function (file:line)" that put a sample there), innermost
 # match wins. Order matters only between rules that could match the same frame.
+ROUTING_LAYER = "routing and dependency solving (Starlette, FastAPI)"
+# Files of services/ by name, so that a profile taken before the layout of issue 17 (one flat
+# folder) is charged as one taken now (services/http, api, backends).
+FRONT_AND_MIDDLEWARES = ("request_timing", "admission", "body_limit", "keep_alive", "bentoml_timeout", "errors", "slow_clients",
+                         "fast_front", "front")
+ROUTES = ("http_api", "lm_api", "image_api", "open_inference", "oip", "service")
+BACKENDS = ("runner", "in_process", "shared_runner", "inference", "language_model", "explain")
+
+
+def in_services(*names: str) -> tuple[str, ...]:
+    return tuple(f"{name}.py" for name in names)  # matched as "/<name>.py" below
+
+
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("onnxruntime", ("onnxruntime/capi",)),
     ("encoding (models/text_encoding.py)", ("models/text_encoding.py",)),
     ("metrics (prometheus-client)", ("prometheus_client/",)),
     ("parsing and validation (pydantic, json.loads, orjson)", ("pydantic/", "pydantic_core", "json/decoder.py", "json/__init__.py:loads",
                                                                 "loads (json", "parse_body", "model_validate_json")),
-    ("serialising (json.dumps, response building)", ("json/encoder.py", "dumps (json", "top_k_results", "json_response",
-                                                      "starlette/responses.py", "encode_response", "response_bytes")),
-    ("batching (services/backends/batching.py, thread hop)", ("services/backends/batching.py", "services/backends/batching.py", "anyio/", "concurrent/futures",
-                                                     "threading.py", "queue.py")),
-    ("inference glue (runner, in-process)", ("services/backends/runner.py", "services/backends/in_process.py", "services/backends/inference.py",
-                                             "services/backends/language_model.py", "services/backends/", "numpy/")),
-    ("our middlewares and front (services/http, services/*.py)", ("services/http/request_timing.py", "services/http/admission.py",
-                                                                   "services/http/body_limit.py", "services/http/keep_alive.py",
-                                                                   "services/http/bentoml_timeout.py", "services/http/errors.py",
-                                                                   "services/http/slow_clients.py", "services/http/")),
-    ("our routes (services/api, service.py)", ("services/api/http_api.py", "services/api/lm_api.py", "services/api/open_inference.py",
-                                               "services/api/oip.py", "services/service.py", "services/api/")),
+    ("serialising (json.dumps, response building)", ("json/encoder.py", "dumps (json", "top_k_results", "json_response", "json_bytes",
+                                                      "starlette/responses.py", "encode_response")),
+    ("batching (services/backends/batching.py, thread hop)", ("services/batching.py", "services/backends/batching.py", "anyio/",
+                                                              "concurrent/futures", "threading.py", "queue.py")),
+    ("inference glue (runner, in-process)", (*(f"services/{n}" for n in in_services(*BACKENDS)),
+                                             *(f"services/backends/{n}" for n in in_services(*BACKENDS)), "numpy/")),
+    ("our middlewares and front (services/http)", (*(f"services/{n}" for n in in_services(*FRONT_AND_MIDDLEWARES)), "services/http/")),
+    ("our routes (services/api, service.py)", (*(f"services/{n}" for n in in_services(*ROUTES)), "services/api/")),
     ("BentoML's middlewares (traffic metrics, tracing, context)", ("bentoml/_internal/server/http/", "opentelemetry/",
                                                                     "_bentoml_impl/server/app.py", "bentoml/_internal/context.py",
                                                                     "bentoml/_internal/utils/")),
-    ("routing and dependency solving (Starlette, FastAPI)", ("starlette/routing.py", "fastapi/routing.py", "fastapi/dependencies",
-                                                             "starlette/middleware/", "starlette/_exception_handler.py",
-                                                             "starlette/applications.py", "fastapi/applications.py",
-                                                             "starlette/requests.py", "starlette/datastructures.py", "fastapi/")),
+    (ROUTING_LAYER, ("starlette/routing.py", "fastapi/routing.py", "fastapi/dependencies", "starlette/middleware/",
+                     "starlette/_exception_handler.py", "starlette/applications.py", "fastapi/applications.py",
+                     "starlette/requests.py", "starlette/datastructures.py", "fastapi/")),
     ("uvicorn (HTTP parsing and writing)", ("uvicorn/",)),
     ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop/", "contextvars")),
 ]
@@ -77,8 +85,15 @@ SAMPLE_RATE = 200
 SPY_OPTIONS = ("--gil", "--nonblocking")
 
 
+ROUTING = ROUTING_LAYER
+
+
 def layer_of(stack: list[str]) -> str:
-    """The layer of a sample: its innermost frame that a rule matches."""
+    """The layer of a sample: its innermost frame that a rule matches; but a sample inside
+    FastAPI's hand-over of a sync dependency (bentoml.get_current_service) to a thread is
+    routing, whatever the hand-over calls (anyio, threading)."""
+    if any("run_in_threadpool" in frame for frame in stack):
+        return ROUTING
     for frame in reversed(stack):
         for layer, needles in LAYERS:
             if any(needle in frame for needle in needles):
@@ -116,7 +131,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="which service's worker to sample: an HTTP worker, or the shared runner (TEXTSERVE_INFERENCE=runner)")
     parser.add_argument("--label", default="", help="a name for this profile in the report (e.g. before, after)")
     parser.add_argument("--out", type=Path, default=REPOSITORY_ROOT / "loadtests" / "results" / "profile")
+    parser.add_argument("--reclassify", action="store_true",
+                        help="no run: charge the samples of --out's stacks.txt to the layers again (after a change to LAYERS)")
     args = parser.parse_args(argv)
+    if args.reclassify:
+        return reclassify(args.out)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
@@ -195,6 +214,22 @@ def main(argv: list[str] | None = None) -> None:
              "| layer (GIL held) | share of the samples | µs per request |", "|---|---|---|"]
     lines += [f"| {row['layer']} | {row['share']:.1%} | {row['us_per_request']:.0f} |" for row in rows]
     (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def reclassify(folder: Path) -> None:
+    """profile.json and profile.md of an earlier run, with its samples charged by today's LAYERS."""
+    report = json.loads((folder / "profile.json").read_text())
+    us_per_sample = sum(row["us_per_request"] for row in report["layers"]) / report["samples"]
+    by_layer: collections.Counter = collections.Counter()
+    for stack, count in read_raw_stacks(folder / "stacks.txt").items():
+        by_layer[layer_of(stack.split(";"))] += count
+    report["layers"] = [{"layer": layer, "share": count / report["samples"], "us_per_request": count * us_per_sample}
+                        for layer, count in by_layer.most_common()]
+    (folder / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = (folder / "profile.md").read_text().splitlines()[:4]
+    lines += [f"| {row['layer']} | {row['share']:.1%} | {row['us_per_request']:.0f} |" for row in report["layers"]]
+    (folder / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
