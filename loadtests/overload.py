@@ -89,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts-per-request", type=int, default=16)
     parser.add_argument("--max-pending-texts", type=int, default=128, help="the service's admission limit per HTTP worker")
     parser.add_argument("--ignore-retry-after", action="store_true", help="refused clients post again at once (a retry storm)")
+    parser.add_argument("--inference", choices=["inline", "runner"], default=None,
+                        help="TEXTSERVE_INFERENCE for the service (default: as it ships, auto)")
     parser.add_argument("--out", type=Path, default=REPOSITORY_ROOT / "loadtests" / "results" / "overload")
     args = parser.parse_args(argv)
 
     service = next(s for s in servers([args.model]) if s.label == "service")
     service.env["TEXTSERVE_MAX_PENDING_TEXTS"] = str(args.max_pending_texts)
+    if args.inference:
+        service.env["TEXTSERVE_INFERENCE"] = args.inference
     port = free_port()
     with running(service, port, args.out):
         cpu_before, wall_before = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
