@@ -63,6 +63,7 @@ class TextItem(BaseModel):
 )
 class ModelRunner:
     def __init__(self) -> None:
+        self.socket_server: RunnerSocketServer | None = None  # listening only as BentoML's runner process
         device = resolve_device(SETTINGS.device)
         threads = SETTINGS.session_threads()
         self.classifiers: dict[str, TextClassifier] = {}
@@ -199,7 +200,7 @@ class ModelRunner:
 
     @bentoml.on_shutdown
     async def finish_what_was_asked(self) -> None:
-        if getattr(self, "socket_server", None) is not None:
+        if self.socket_server is not None:
             await self.socket_server.drain()
 
     @bentoml.api

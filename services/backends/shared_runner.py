@@ -51,6 +51,7 @@ from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
 
 from services.backends.batching import IdleDispatchBatcher
 from services.config import SETTINGS
+from services.http.admission import RETRY_AFTER_S
 from services.http.errors import ApiError
 
 logger = logging.getLogger("bentoml.textserve")
@@ -58,7 +59,6 @@ LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # far above any request the HTTP limits admit
 BATCHED_APIS = ("classify_batch", "score_batch", "classify_image_batch")
 CONNECT_TIMEOUT_S = 1.0
-RETRY_AFTER_S = "1"
 
 
 def socket_path(worker_index: int, parent_pid: int | None = None, folder: str | None = None) -> Path:

@@ -43,6 +43,7 @@ from services.http.admission import RETRY_AFTER_S, Admission
 from services.http.body_limit import too_large_message
 from services.config import SETTINGS, ServiceSettings
 from services.http.errors import ApiError, error_body
+from services.http.keep_alive import close_probability
 from services.api.http_api import classify_answer
 from services.api.lm_api import score_answer
 from services.api.open_inference import infer_answer
@@ -89,7 +90,7 @@ class FastFront:
         self.admission = admission
         self.settings = settings
         self.service = service  # the TextService instance once BentoML has built it, else None
-        self.close_probability = 1 / settings.requests_per_connection if settings.requests_per_connection > 0 else 0.0
+        self.close_probability = close_probability(settings.requests_per_connection)
         self.rng = rng or random.Random()
 
     async def __call__(self, scope, receive, send) -> None:

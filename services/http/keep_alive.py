@@ -18,13 +18,18 @@ from __future__ import annotations
 import random
 
 
+def close_probability(requests_per_connection: int) -> float:
+    """1 / N, or 0 (never) when N is 0."""
+    return 1 / requests_per_connection if requests_per_connection > 0 else 0.0
+
+
 class RecycleConnections:
     """ASGI middleware: `Connection: close` on a response with probability 1 / requests_per_connection
     (never when it is 0). uvicorn closes the connection after such a response."""
 
     def __init__(self, app, requests_per_connection: int, rng: random.Random | None = None) -> None:
         self.app = app
-        self.close_probability = 1 / requests_per_connection if requests_per_connection > 0 else 0.0
+        self.close_probability = close_probability(requests_per_connection)
         self.rng = rng or random.Random()
 
     async def __call__(self, scope, receive, send) -> None:
