@@ -34,10 +34,13 @@ demo-zoo: install
 	  $(BIN)/python -m training export --checkpoint checkpoints/demo-mr.pt --data $(SAMPLE)/mr --format mr --bundle models/zoo/kim-cnn-mr; \
 	fi
 
+GRPC_PORT ?= 8001
 serve: demo-zoo
 	$(BIN)/python -m services.backends.model_store
-	@echo "textserve on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/ , metrics: /metrics)"
-	$(BIN)/bentoml serve services.service:TextService --host $(HOST) --port $(PORT) --timeout-keep-alive $(KEEP_ALIVE_S)
+	@echo "textserve on http://$(HOST):$(PORT)  (API docs: http://$(HOST):$(PORT)/ , metrics: /metrics; OIP v2 gRPC on $(HOST):$(GRPC_PORT))"
+	@if [ -z "$$TEXTSERVE_API_KEYS$$TEXTSERVE_ADMIN_KEYS" ]; then echo "unauthenticated: no TEXTSERVE_API_KEYS set, every route is open to anyone who can reach the port"; fi
+	TEXTSERVE_GRPC_HOST=$(HOST) TEXTSERVE_GRPC_PORT=$${TEXTSERVE_GRPC_PORT:-$(GRPC_PORT)} \
+	  $(BIN)/bentoml serve services.service:TextService --host $(HOST) --port $(PORT) --timeout-keep-alive $(KEEP_ALIVE_S)
 
 # checkov (the Kubernetes policy scan of tests/test_deploy.py) lives in its own venv: its pins
 # are not the service's. Debian's prometheus (promtool, the server) and wrk come from apt

@@ -18,7 +18,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 # What services/ imports (directly or through BentoML), as in pyproject.toml's dependencies.
-SERVING_ROOTS = ("bentoml", "onnxruntime-gpu", "numpy", "fastapi", "uvloop", "httptools", "prometheus-client", "pillow", "orjson")
+SERVING_ROOTS = ("bentoml", "onnxruntime-gpu", "numpy", "fastapi", "uvloop", "httptools", "prometheus-client", "pillow", "orjson",
+                 "grpcio", "tritonclient[grpc]")
 NEVER = {"torch", "onnx", "onnxscript", "locust"}  # training and load generation only
 # The image's platform: Linux, CPython 3.11 (deploy/bentofile.yaml's docker.python_version).
 TARGET = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
@@ -29,7 +30,7 @@ def closure(roots: tuple[str, ...]) -> dict[str, str]:
     """Canonical name -> installed version of every package the roots need on TARGET."""
     pinned: dict[str, str] = {}
     expanded: set[tuple[str, str]] = set()  # (package, extra); "" is the package itself
-    pending = [(root, ()) for root in roots]
+    pending = [(Requirement(root).name, tuple(Requirement(root).extras)) for root in roots]
     while pending:
         name, extras = pending.pop()
         key = canonicalize_name(name)

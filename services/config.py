@@ -29,6 +29,14 @@
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
 | TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
+| TEXTSERVE_MODEL_CONTROL          | none         | none: the model set is fixed at start (the repository index stays readable, load and unload answer 403); explicit: POST /v2/repository/models/{name}/load and /unload change it while the server runs (backends/model_control.py) |
+| TEXTSERVE_MODEL_STATE_DIR        | (temp dir)   | with model control: the folder where the server's processes agree on the model set |
+| TEXTSERVE_MODEL_LOAD_TIMEOUT_S   | 120          | a load or unload that every process has not confirmed within this gets 504 |
+| TEXTSERVE_API_KEYS               | (none)       | comma-separated keys, or @FILE (one per line or comma-separated, e.g. a mounted Secret): every inference and model-information route then needs `Authorization: Bearer KEY` (http/access.py) |
+| TEXTSERVE_ADMIN_KEYS             | (none)       | the same form: keys that may also load and unload models; with keys configured, load and unload need one of these |
+| TEXTSERVE_PROTECT_METRICS        | 0            | 1: /metrics needs a key too (probes stay open for the kubelet) |
+| TEXTSERVE_GRPC_PORT              | 8001         | OIP v2 over gRPC (Triton's port); 0 turns it off           |
+| TEXTSERVE_GRPC_HOST              | 0.0.0.0      | the address gRPC listens on (make serve passes its HOST)   |
 
 "cores" are the CPUs this process may use: its cgroup's CPU limit when it has one (a Kubernetes
 pod's `resources.limits.cpu`, rounded up), else the CPUs it is allowed to run on. os.cpu_count()
@@ -74,6 +82,14 @@ class ServiceSettings:
     max_generate_words: int = 200
     max_neighbors: int = 100
     max_word_chars: int = 100
+    model_control: str = "none"
+    model_state_dir: str = ""  # empty: the temporary folder
+    model_load_timeout_s: int = 120
+    api_keys: str = ""  # as written: comma-separated keys or @FILE (read by http/access.py, never logged)
+    admin_keys: str = ""
+    protect_metrics: bool = False
+    grpc_port: int = 8001
+    grpc_host: str = "0.0.0.0"
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -85,15 +101,15 @@ class ServiceSettings:
                 continue
             if field.name == "zoo":
                 values[field.name] = Path(raw)
-            elif field.name == "runner_socket_dir":
+            elif field.name in ("runner_socket_dir", "model_state_dir", "api_keys", "admin_keys", "grpc_host"):
                 values[field.name] = raw
             elif field.name == "models":
                 values[field.name] = tuple(name.strip() for name in raw.split(",") if name.strip())
-            elif field.name in ("access_log", "tracing", "fast_front"):
+            elif field.name in ("access_log", "tracing", "fast_front", "protect_metrics"):
                 if raw.strip().lower() not in ("0", "1", "true", "false"):
                     raise ValueError(f"TEXTSERVE_{field.name.upper()}={raw!r}; expected 0 or 1")
                 values[field.name] = raw.strip().lower() in ("1", "true")
-            elif field.name in ("device", "inference"):
+            elif field.name in ("device", "inference", "model_control"):
                 values[field.name] = raw.strip().lower()
             else:
                 try:
@@ -109,9 +125,13 @@ class ServiceSettings:
             raise ValueError(f"TEXTSERVE_DEVICE={self.device!r}; expected auto, cpu or cuda")
         if self.inference not in ("auto", "inline", "runner"):
             raise ValueError(f"TEXTSERVE_INFERENCE={self.inference!r}; expected auto, inline or runner")
+        if self.model_control not in ("none", "explicit"):
+            raise ValueError(f"TEXTSERVE_MODEL_CONTROL={self.model_control!r}; expected none or explicit")
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"TEXTSERVE_GRPC_PORT={self.grpc_port}; expected a port number, or 0 to turn gRPC off")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
                      "max_text_chars", "max_images_per_request", "max_image_pixels", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_generate_words", "max_neighbors",
-                     "max_word_chars"):
+                     "max_word_chars", "model_load_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")
         for name in ("ort_threads", "requests_per_connection", "runner_batch_threads"):

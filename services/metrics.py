@@ -52,3 +52,8 @@ model_loaded = bentoml.metrics.Gauge(
     labelnames=["model"],
     multiprocess_mode="livemin",
 )
+auth_refusals_total = bentoml.metrics.Counter(
+    name=f"{NAMESPACE}_auth_refusals_total",
+    documentation="Requests refused for want of a good key: 401 (none, malformed, unknown) or 403 (not an admin key)",
+    labelnames=["status"],
+)

@@ -36,11 +36,13 @@ from services.api.lm_api import json_lines, router as language_model_api
 from services.api.open_inference import router as open_inference_api
 from services.backends.in_process import InProcessRunner
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
-from services.backends.model_store import served, served_names, store_tag, zoo_tags
+from services.backends.inference import BundleError
+from services.backends.model_control import Desired, ModelState, Repository, ServedModels, participants, state_folder, watch
+from services.backends.model_store import served, zoo_tags
 from services.backends.runner import InferenceFailed, ModelRunner
 from services.backends.shared_runner import SharedRunnerClient
 from services.config import SETTINGS, ServiceSettings
-from services.http import bentoml_timeout, front, request_timing, slow_clients
+from services.http import access, bentoml_timeout, front, request_timing, slow_clients
 from services.http.admission import Admission, RefuseWhenFull
 from services.http.body_limit import LimitBodySize
 from services.http.errors import ApiError, JsonNotFound, document_errors, install_error_handlers
@@ -59,6 +61,7 @@ READY_CHECK_SECONDS = 2.0
 ADMISSION = Admission(SETTINGS.max_pending_texts)  # this worker's texts in flight
 SERVING: TextService | None = None  # this worker's instance, once BentoML has built it
 RUNNER_CONNECTION_ATTEMPTS = 3
+GRPC_GRACE_S = 10
 
 app = FastAPI(
     title="textserve",
@@ -72,7 +75,7 @@ app.include_router(image_api)
 app.include_router(language_model_api)
 app.include_router(open_inference_api)
 app.add_middleware(request_timing.RequestTiming)
-document_errors(app, served_names)  # after the routes: each one's error statuses, the loaded model names
+document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else [])  # after the routes: each one's error statuses, the loaded model names
 
 
 @bentoml.service(
@@ -96,30 +99,103 @@ class TextService:
         self.settings: ServiceSettings = SETTINGS
         # Read here first (TextService.bento is set when BentoML serves a bento), so that the
         # in-process runner serves the same bundles.
-        to_serve = served(SETTINGS, TextService.bento)
+        to_serve = served(SETTINGS, TextService.bento)  # what the other processes agreed on, with model control
         if SETTINGS.inference_mode == "inline":
             self.runner = InProcessRunner()  # adds to to_serve.failures a model whose session failed
         else:  # batched calls over the runner's socket, the others through BentoML's proxy
             self.runner = SharedRunnerClient(self.runner_service, SETTINGS.runner_workers)
-        self.failed_models: dict[str, str] = to_serve.failures
-        self.bundles: dict[str, Bundle] = {b.name: b for b in to_serve.bundles if b.name not in self.failed_models}
+        bundles = {b.name: b for b in to_serve.bundles if b.name not in to_serve.failures}
+        # The models by name, the tag (name:version) each serves and the requests in flight on
+        # each tag; changed while serving by the repository API (backends/model_control.py).
+        self.model_set = ServedModels(bundles, to_serve.failures, set(to_serve.unloaded), generation=to_serve.generation)
         for name in self.bundles:
             metrics.model_loaded.labels(model=name).set(1)
         for name, reason in self.failed_models.items():
             metrics.model_loaded.labels(model=name).set(0)
             logger.error("model %s failed to load and is not served: %s", name, reason)
-        self.store_tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
         self.admission = ADMISSION
-        self.ready_models: set[str] = set()
+        self.ready_models: set[str] = set()  # tags the runner has said are loaded and warm
+        control = SETTINGS.model_control != "none"
+        self.model_state = ModelState(state_folder(SETTINGS)) if control else None
+        self.model_change = asyncio.Event()  # set by this worker's own load or unload: apply it at once
+        self.repository = Repository(SETTINGS, self.model_state, self.model_change, TextService.bento)
+        self.control: asyncio.Task | None = None
+        self.grpc_server = self.grpc_port_lock = None
+        access.announce(SETTINGS)
         global SERVING
         SERVING = self  # the fast front answers through this instance from now on
         freeze_what_lives()
+
+    @property
+    def bundles(self) -> dict[str, Bundle]:
+        return self.model_set.bundles
+
+    @property
+    def failed_models(self) -> dict[str, str]:
+        return self.model_set.failed
+
+    @property
+    def store_tags(self) -> dict[str, str]:
+        return self.model_set.tags
+
+    @bentoml.on_startup
+    async def follow_model_changes(self) -> None:
+        """With model control: apply every load and unload, this worker's own and the others'."""
+        if self.model_state is None:
+            return
+        from bentoml._internal.context import server_context
+
+        me = f"http-{server_context.worker_index or 1}"
+        self.model_state.acknowledge(me, self.model_set.generation, self.model_set.generation, {})
+        self.control = asyncio.get_running_loop().create_task(
+            watch(self.model_state, lambda: self.model_set.generation, lambda desired: self.apply_models(me, desired), self.model_change))
+
+    @bentoml.on_startup
+    async def listen_for_grpc(self) -> None:
+        """OIP v2 over gRPC in this worker, beside HTTP (api/grpc_inference.py)."""
+        if SETTINGS.grpc_port:
+            from services.api import grpc_inference
+
+            self.grpc_server, self.grpc_port_lock = await grpc_inference.start(self, SETTINGS)
+
+    @bentoml.on_shutdown
+    async def stop_following(self) -> None:
+        if self.control is not None:
+            self.control.cancel()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(GRPC_GRACE_S)  # the calls in flight finish, new ones are refused
+
+    async def apply_models(self, me: str, desired: Desired) -> None:
+        """This worker's part of a model change: inline, build the new sessions here; with the
+        shared runner, wait until every runner process has them. Then swap and confirm."""
+        runners = [name for name in participants(SETTINGS) if name.startswith("runner-")]
+
+        async def prepare(name: str, tag: str, bundle: Bundle) -> None:
+            if SETTINGS.inference_mode == "inline":
+                return await asyncio.to_thread(self.runner.instance.add_model, tag, bundle)
+            acks = await self.model_state.wait_for(runners, desired.generation, SETTINGS.model_load_timeout_s, "loaded")
+            refused = [acks[runner]["failures"][name] for runner in runners if name in acks[runner].get("failures", {})]
+            if refused:
+                raise BundleError(refused[0])
+
+        def release(tag: str) -> None:
+            if SETTINGS.inference_mode == "inline":
+                self.runner.instance.remove_model(tag)
+
+        failures = await self.model_set.apply(desired, prepare, release, SETTINGS.request_timeout_s)
+        for name in desired.models:
+            metrics.model_loaded.labels(model=name).set(1 if name in self.bundles else 0)
+        app.openapi_schema = None  # the document lists the loaded models: built again on its next request
+        self.model_state.acknowledge(me, desired.generation, desired.generation, failures)
 
     def bundle(self, name: str, kind: str | None = None) -> Bundle:
         """The named bundle; 404 if unknown, 400 if it is not of `kind` ("classifier" or "language model")."""
         if name in self.failed_models:
             raise ApiError(503, f"model {name!r} failed to load when the server started ({self.failed_models[name]}); "
                                 "the other models are served")
+        if name in self.model_set.unloaded:
+            raise ApiError(404, f"model {name!r} is unloaded; loaded models: {sorted(self.bundles)} "
+                                f"(POST /v2/repository/models/{name}/load serves it again)")
         if name not in self.bundles:
             raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}")
         bundle = self.bundles[name]
@@ -168,11 +244,12 @@ class TextService:
         """Admit encoded images (B, 1, S, S) and run them through the runner's adaptive batcher,
         with other requests' images: (B, K)."""
         rows = images[:, 0].tolist()
+        tag = self.store_tags[model]  # before any await: the version the route resolved
 
         async def send() -> list:
-            return await self.runner.batched("classify_image_batch", model, rows, time.time())
+            return await self.runner.batched("classify_image_batch", tag, rows, time.time())
 
-        with self.admitted(len(rows)), runner_errors():
+        with self.admitted(len(rows)), self.model_set.holding(tag), runner_errors():
             timed_answers = await with_connection_retry(send)
         for timed in timed_answers:
             request_timing.record(timed["queue_s"], timed["inference_s"])
@@ -185,8 +262,9 @@ class TextService:
     async def batched(self, runner_api: str, model: str, texts: list[str]) -> list:
         """Validate, admit and send `texts` to one of the runner's batchable APIs."""
         self.check_texts(texts)
-        with self.admitted(len(texts)), runner_errors():
-            return await self.call_runner(runner_api, model, texts)
+        tag = self.store_tags[model]  # before any await: the version the route resolved
+        with self.admitted(len(texts)), self.model_set.holding(tag), runner_errors():
+            return await self.call_runner(runner_api, tag, texts)
 
     async def explanations(self, model: str, texts: list[str], top_k: int) -> list[dict]:
         """Validate and run `texts` through the runner's (unbatched) explain API."""
@@ -196,7 +274,8 @@ class TextService:
     async def unbatched(self, api: str, cost: int, **arguments):
         """One call of a runner API that is not batched, admitted at `cost` (texts or words it
         handles) and its failures reworded for the client."""
-        with self.admitted(cost), runner_errors():
+        arguments["model"] = tag = self.store_tags[arguments["model"]]  # the runner's sessions are by tag
+        with self.admitted(cost), self.model_set.holding(tag), runner_errors():
             started = time.perf_counter()
             answer = await with_connection_retry(lambda: getattr(self.runner.to_async, api)(**arguments))
             request_timing.record(0.0, time.perf_counter() - started)
@@ -207,7 +286,10 @@ class TextService:
         the stream ends. Returns once its first line (the prefix's tokens) has arrived, so a
         refusal is still an HTTP error, with the rest of the lines (one word each) as an async
         iterator."""
+        arguments["model"] = tag = self.store_tags[arguments["model"]]
         self.reserve(cost)
+        holding = self.model_set.holding(tag)
+        holding.__enter__()  # until the stream ends
         started = time.perf_counter()
         lines: AsyncIterator[dict] | None = None
 
@@ -221,6 +303,7 @@ class TextService:
                 first = await with_connection_retry(start)
         except BaseException:
             self.release(cost)
+            holding.__exit__(None, None, None)
             raise
 
         async def rest() -> AsyncIterator[dict]:
@@ -230,6 +313,7 @@ class TextService:
                         yield line
             finally:
                 self.release(cost)
+                holding.__exit__(None, None, None)
                 request_timing.record(0.0, time.perf_counter() - started)  # seen when not streamed
 
         return first, rest()
@@ -264,15 +348,16 @@ class TextService:
 
     async def models_not_ready(self) -> list[str]:
         """Models whose runner session is not built and warmed up yet (asks the runner once)."""
-        if self.ready_models != set(self.bundles):
+        tags = self.store_tags
+        if not self.ready_models >= set(tags.values()):
             try:
                 # A probe must answer fast: a runner still starting counts as not ready.
                 self.ready_models = set(await asyncio.wait_for(self.runner.to_async.loaded_models(), READY_CHECK_SECONDS))
             except (ApiError, BentoMLException, httpx.HTTPError, aiohttp.ClientError, asyncio.TimeoutError):
                 return sorted(self.bundles)
-            if self.ready_models == set(self.bundles):
+            if self.ready_models >= set(tags.values()):
                 freeze_what_lives()  # the server is built now: what exists will live as long as it
-        return sorted(set(self.bundles) - self.ready_models)
+        return sorted(name for name, tag in tags.items() if tag not in self.ready_models)
 
 
 # What `bentoml build` packs into the bento (deploy/bentofile.yaml): the store versions of the

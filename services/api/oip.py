@@ -556,6 +556,27 @@ def decode_infer_request(
 # --------------------------------------------------------------------------
 
 
+def decode_raw_tensor(raw: bytes, datatype: str, shape: tuple[int, ...], label: str) -> np.ndarray:
+    """One tensor from its raw bytes, as the binary extension and gRPC's raw_input_contents
+    carry them (BYTES: a 4-byte little-endian length before each element)."""
+    if datatype not in DATATYPES:
+        raise OIPError(f"{label}: unsupported datatype {datatype!r}; expected one of {_DATATYPES_LISTED}")
+    return _binary_to_array(memoryview(raw), datatype, math.prod(shape), label).reshape(shape)
+
+
+def numpy_dtype(datatype: str) -> np.dtype:
+    """The numpy dtype of a numeric v2 datatype (little-endian)."""
+    return _NUMERIC_DTYPES[datatype]
+
+
+def encode_raw_tensor(out: OutputTensor) -> bytes:
+    """An output's raw bytes (the binary extension's blob, gRPC's raw_output_contents)."""
+    array = np.asarray(out.array)
+    if out.datatype == "BYTES":
+        return b"".join(_LEN_PREFIX.pack(len(e)) + e for e in _bytes_elements(array, out.name))
+    return np.ascontiguousarray(array, dtype=_NUMERIC_DTYPES[out.datatype]).tobytes(order="C")
+
+
 def select_outputs(request: InferRequest, available: list[str]) -> list[str]:
     """Return the output names to compute/send, in the order the client asked.
 
@@ -627,7 +648,7 @@ def encode_infer_response(
         if out.datatype == "BYTES":
             elements = _bytes_elements(array, out.name)
             if out.name in binary_outputs:
-                blob = b"".join(_LEN_PREFIX.pack(len(e)) + e for e in elements)
+                blob = encode_raw_tensor(out)
             else:
                 try:
                     entry["data"] = [e.decode("utf-8") for e in elements]
@@ -639,10 +660,10 @@ def encode_infer_response(
         else:
             # Cast to the declared type so the bytes match what the client
             # will np.frombuffer() them as (e.g. a float64 array for FP32).
-            typed = np.ascontiguousarray(array, dtype=_NUMERIC_DTYPES[out.datatype])
             if out.name in binary_outputs:
-                blob = typed.tobytes(order="C")
+                blob = encode_raw_tensor(out)
             else:
+                typed = np.ascontiguousarray(array, dtype=_NUMERIC_DTYPES[out.datatype])
                 entry["data"] = typed.ravel(order="C").tolist()
         if out.name in binary_outputs:
             entry["parameters"] = {"binary_data_size": len(blob)}

@@ -11,13 +11,16 @@ and `token_log_probs` FP32 [N, T], row i's first token_count[i] entries real and
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 import bentoml
+from services.api.http_api import json_response
 from services.http.errors import ApiError
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
-from services.api.oip import OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
+from services.api.oip import InferRequest, OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
@@ -36,7 +39,7 @@ def model_version(bundle: Bundle) -> str:
 def checked_bundle(service, name: str, version: str | None) -> Bundle:
     bundle = service.bundle(name)
     if version is not None and version != model_version(bundle):
-        raise ApiError(404, f"model {name!r} has version {model_version(bundle)!r}, not {version!r}")
+        raise ApiError(404, f"model {name!r} version {version!r} is not loaded; the version served is {model_version(bundle)!r}")
     return bundle
 
 
@@ -63,7 +66,11 @@ async def ready(service=Depends(bentoml.get_current_service)) -> dict:
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata")
 async def model_metadata(name: str, version: str | None = None, service=Depends(bentoml.get_current_service)) -> dict:
-    bundle = checked_bundle(service, name, version)
+    return metadata_of(checked_bundle(service, name, version))
+
+
+def metadata_of(bundle: Bundle) -> dict:
+    """A model's OIP v2 metadata (HTTP above, gRPC's ModelMetadata)."""
     if is_language_model(bundle):
         outputs = [
             {"name": "log_prob", "datatype": "FP32", "shape": [-1]},
@@ -120,6 +127,17 @@ async def infer_answer(request, service, raw: bytes, name: str, version: str | N
     request.state.model = bundle.name
     try:
         inference = decode_infer_request(raw, parse_header_length(header_length), content_encoding)
+    except OIPError as error:
+        raise ApiError(400, str(error)) from None
+    outputs = await infer_outputs(service, bundle, inference)
+    return encode_infer_response(bundle.name, model_version(bundle), inference.id, outputs,
+                                 inference.binary_output_names([output.name for output in outputs]))
+
+
+async def infer_outputs(service, bundle: Bundle, inference: InferRequest) -> list[OutputTensor]:
+    """The outputs a decoded infer request selected, in its order, from its inputs run through
+    the batched path: what HTTP (above) and gRPC (grpc_inference.py) answer."""
+    try:
         if is_image_model(bundle):
             images = images_from_request(inference.inputs, image_side(bundle))
         else:
@@ -132,18 +150,14 @@ async def infer_answer(request, service, raw: bytes, name: str, version: str | N
         probabilities = await service.image_probabilities(bundle.name, images)
     elif is_language_model(bundle):
         tensors = language_model_tensors(await service.scores(bundle.name, texts))
-        return encode_infer_response(
-            bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
-        )
+        return [tensors[name] for name in selected]
     else:
         probabilities = await service.probabilities(bundle.name, texts)  # (N, K)
     tensors = {
         "probabilities": OutputTensor("probabilities", "FP32", probabilities.astype(np.float32)),
         "label": OutputTensor("label", "BYTES", np.array([bundle.labels[i] for i in probabilities.argmax(axis=1)], dtype=object)),
     }
-    return encode_infer_response(
-        bundle.name, model_version(bundle), inference.id, [tensors[n] for n in selected], inference.binary_output_names(selected)
-    )
+    return [tensors[name] for name in selected]
 
 
 def is_image_model(bundle: Bundle) -> bool:
@@ -204,3 +218,52 @@ def texts_from_request(inputs: dict[str, np.ndarray]) -> list[str]:
         except UnicodeDecodeError as error:
             raise OIPError(f"input {INPUT_NAME!r} element {index} is not valid UTF-8: {error.reason} at byte {error.start}") from None
     return texts
+
+
+# --------------------------------------------------------------------------- model repository
+
+def repository_body(raw: bytes, allowed: tuple[str, ...], what: str) -> dict:
+    """A repository call's optional JSON body: {} when empty; its parameters checked."""
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as error:
+        raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body of {what} must be a JSON object")
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ApiError(400, "parameters must be a JSON object")
+    unsupported = sorted(set(parameters) - set(allowed))
+    if unsupported:
+        raise ApiError(400, f"{what}: parameters {unsupported} are not supported (a bundle is loaded as exported, "
+                            "from the zoo folder; no config or files can be sent with the call)")
+    return body
+
+
+@router.post("/repository/index", summary="Every bundle the server can serve, with its state (Triton's repository index)")
+async def repository_index(request: Request, service=Depends(bentoml.get_current_service)) -> Response:
+    body = repository_body(await request.body(), (), "the repository index")
+    ready_only = body.get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise ApiError(400, f"ready must be true or false, got {ready_only!r}")
+    return json_response(service.repository.index(service.model_set, ready_only))
+
+
+@router.post("/repository/models/{name}/load", summary="Load or reload a bundle from the zoo folder, in every worker")
+async def repository_load(name: str, request: Request, service=Depends(bentoml.get_current_service)) -> Response:
+    repository_body(await request.body(), (), "load")
+    await service.repository.load(name)
+    return json_response(loaded_entry(service, name))
+
+
+@router.post("/repository/models/{name}/unload", summary="Stop serving a model, in every worker, once its requests in flight finish")
+async def repository_unload(name: str, request: Request, service=Depends(bentoml.get_current_service)) -> Response:
+    repository_body(await request.body(), ("unload_dependents",), "unload")
+    await service.repository.unload(name, service.model_set)
+    return json_response({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
+
+
+def loaded_entry(service, name: str) -> dict:
+    return next(entry for entry in service.repository.index(service.model_set) if entry["name"] == name)

@@ -8,6 +8,8 @@ Next words, generation and word vectors are per-request calls (generation stream
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -24,6 +26,9 @@ from services.config import SETTINGS, resolve_device
 from services.backends.explain import explain_texts
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
 from services.backends.language_model import CharLanguageModel
+from services.backends.inference import Bundle
+from services.backends.model_control import Desired, ModelState, ServedModels, participants, reason_of, state_folder, watch
+from services.http.errors import ApiError
 from services.backends.model_store import served
 from services.backends.shared_runner import RunnerSocketServer, socket_path
 
@@ -69,29 +74,44 @@ class ModelRunner:
         self.classifiers: dict[str, TextClassifier] = {}
         self.language_models: dict[str, CharLanguageModel] = {}
         self.image_classifiers: dict[str, ImageClassifier] = {}
+        self.device, self.threads = device, threads
+        # Sessions by store tag (name:version): while a model is reloaded, its old version's
+        # requests still in flight finish on the old sessions (model_control.py).
         to_serve = served(SETTINGS, ModelRunner.bento)  # inline: the HTTP service's answer
-        for bundle in to_serve.bundles:
-            # The first run allocates; readiness waits for it.
+        self.model_set = ServedModels({b.name: b for b in to_serve.bundles}, to_serve.failures, set(to_serve.unloaded),
+                                   generation=to_serve.generation)
+        for name, bundle in list(self.model_set.bundles.items()):
             try:
-                if bundle.architecture == IMAGE_ARCHITECTURE:
-                    image_classifier = ImageClassifier(bundle, device=device, threads=threads)
-                    image_classifier.probabilities(np.zeros((2, 8, 8), dtype=np.float32))
-                    self.image_classifiers[bundle.name] = image_classifier
-                elif bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
-                    language_model = CharLanguageModel(bundle, device=device, threads=threads)
-                    language_model.score(WARM_UP_TEXTS)
-                    self.language_models[bundle.name] = language_model
-                else:
-                    classifier = TextClassifier(bundle, device=device, threads=threads)
-                    classifier.probabilities(WARM_UP_TEXTS)
-                    self.classifiers[bundle.name] = classifier
+                self.add_model(self.model_set.tags[name], bundle)
             except Exception as error:  # an unreadable graph, a vocabulary that does not fit it, ...
                 if device == "cuda":
                     raise  # on a GPU the cause may be the device: the whole server must say so, not serve a part
-                to_serve.failures[bundle.name] = f"{type(error).__name__}: {error}"
-                logger.error("model %s failed to load: %s", bundle.name, error)
-                continue
-            logger.info("loaded %s (sha256 %s) on %s, %d threads", bundle.name, bundle.sha256[:12], device, threads)
+                to_serve.failures[name] = reason_of(error)
+                del self.model_set.bundles[name], self.model_set.tags[name]
+                logger.error("model %s failed to load: %s", name, error)
+        self.control: asyncio.Task | None = None
+
+    def add_model(self, tag: str, bundle: Bundle) -> None:
+        """Build `bundle`'s sessions and warm them up (the first run allocates), then serve them
+        as `tag`; raises if any of that fails, with nothing changed."""
+        if bundle.architecture == IMAGE_ARCHITECTURE:
+            image_classifier = ImageClassifier(bundle, device=self.device, threads=self.threads)
+            image_classifier.probabilities(np.zeros((2, 8, 8), dtype=np.float32))
+            self.image_classifiers[tag] = image_classifier
+        elif bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
+            language_model = CharLanguageModel(bundle, device=self.device, threads=self.threads)
+            language_model.score(WARM_UP_TEXTS)
+            self.language_models[tag] = language_model
+        else:
+            classifier = TextClassifier(bundle, device=self.device, threads=self.threads)
+            classifier.probabilities(WARM_UP_TEXTS)
+            self.classifiers[tag] = classifier
+        logger.info("loaded %s on %s, %d threads", tag, self.device, self.threads)
+
+    def remove_model(self, tag: str) -> None:
+        """Stop serving `tag`; its sessions are freed once the last call using them returns."""
+        for table in (self.classifiers, self.language_models, self.image_classifiers):
+            table.pop(tag, None)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
     def classify_batch(self, items: list[TextItem]) -> list[dict]:
@@ -101,7 +121,7 @@ class ModelRunner:
         def classify(model: str, texts: list[str]) -> list[list[float]]:
             classifier = self.classifiers.get(model)
             if classifier is None:  # the HTTP worker checks names first; this guards direct calls
-                raise bentoml.exceptions.NotFound(f"model {model!r} is not loaded")
+                raise bentoml.exceptions.NotFound(f"model {model_name(model)!r} is not loaded")
             return np.asarray(classifier.probabilities(texts), dtype=np.float64).tolist()  # (len(texts), K)
 
         return run_by_model(items, classify)
@@ -111,13 +131,13 @@ class ModelRunner:
         """Per text: the predicted label and the n-grams that added most to its logit."""
         classifier = self.classifiers.get(model)
         if classifier is None:
-            raise bentoml.exceptions.NotFound(f"model {model!r} is not loaded")
+            raise bentoml.exceptions.NotFound(f"model {model_name(model)!r} is not loaded")
         started = time.perf_counter()
         try:
             explanations = explain_texts(classifier, texts, top_k)
         except Exception as error:
-            raise inference_failure(model, error) from error
-        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
+            raise inference_failure(model_name(model), error) from error
+        metrics.inference_duration_seconds.labels(model=model_name(model)).observe(time.perf_counter() - started)
         return explanations
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
@@ -128,7 +148,7 @@ class ModelRunner:
         def classify(model: str, images: list) -> list[list[float]]:
             classifier = self.image_classifiers.get(model)
             if classifier is None:
-                raise bentoml.exceptions.NotFound(f"image model {model!r} is not loaded")
+                raise bentoml.exceptions.NotFound(f"image model {model_name(model)!r} is not loaded")
             batch = np.asarray(images, dtype=np.float32)[:, None, :, :]  # (B, 1, S, S)
             return softmax(classifier.logits_of_images(batch)).astype(np.float64).tolist()
 
@@ -138,7 +158,7 @@ class ModelRunner:
 
     def language_model(self, name: str) -> CharLanguageModel:
         if name not in self.language_models:  # the HTTP worker checks names first; this guards direct calls
-            raise bentoml.exceptions.NotFound(f"language model {name!r} is not loaded")
+            raise bentoml.exceptions.NotFound(f"language model {model_name(name)!r} is not loaded")
         return self.language_models[name]
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
@@ -167,7 +187,7 @@ class ModelRunner:
         yield json.dumps({"prefix_tokens": language_model.tokenize(prefix)}) + "\n"
         for word, probability in language_model.generate(prefix, max_words, temperature, top_k, seed, stop_at_eos):
             yield json.dumps({"word": word, "probability": probability}) + "\n"
-        metrics.inference_duration_seconds.labels(model=model).observe(time.perf_counter() - started)
+        metrics.inference_duration_seconds.labels(model=model_name(model)).observe(time.perf_counter() - started)
 
     @bentoml.api
     def word_vectors(self, model: str, words: list[str], layer: str) -> list[dict]:
@@ -185,7 +205,7 @@ class ModelRunner:
                  "neighbors": [{"word": n, "cosine": c} for n, c in row]} for w, row in zip(words, found)]
 
     def timed(self, model: str):
-        return metrics.inference_duration_seconds.labels(model=model).time()
+        return metrics.inference_duration_seconds.labels(model=model_name(model)).time()
 
     # ------------------------------------------------------------------ the shared runner's socket
 
@@ -195,18 +215,52 @@ class ModelRunner:
         batched calls on this worker's socket (shared_runner.py). Not called in process."""
         from bentoml._internal.context import server_context
 
+        index = server_context.worker_index or 1
         self.socket_server = RunnerSocketServer(self, SETTINGS.max_batch_texts, SETTINGS.max_latency_ms, SETTINGS.concurrent_batches())
-        await self.socket_server.start(socket_path(server_context.worker_index or 1))
+        await self.socket_server.start(socket_path(index))
+        if SETTINGS.model_control != "none":
+            self.control = asyncio.get_running_loop().create_task(self.follow_model_changes(f"runner-{index}"))
+
+    async def follow_model_changes(self, me: str) -> None:
+        """As a runner process: apply each model change (model_control.py). Sessions are in
+        place first ("loaded", which the HTTP workers wait for before they send the new tag);
+        the old version's are freed once every HTTP worker has moved on to the new one."""
+        state = ModelState(state_folder(SETTINGS))
+        http_workers = [name for name in participants(SETTINGS) if name.startswith("http-")]
+        state.acknowledge(me, self.model_set.generation, self.model_set.generation, {})
+
+        async def apply(desired: Desired) -> None:
+            previous = self.model_set.generation
+
+            async def prepare(name: str, tag: str, bundle: Bundle) -> None:
+                await asyncio.to_thread(self.add_model, tag, bundle)
+
+            async def loaded(failures: dict[str, str]) -> None:
+                state.acknowledge(me, previous, desired.generation, failures)
+                with contextlib.suppress(ApiError):  # a worker not running: free the old sessions anyway
+                    await state.wait_for(http_workers, desired.generation, SETTINGS.model_load_timeout_s)
+
+            failures = await self.model_set.apply(desired, prepare, self.remove_model, SETTINGS.request_timeout_s, loaded)
+            state.acknowledge(me, desired.generation, desired.generation, failures)
+
+        await watch(state, lambda: self.model_set.generation, apply, asyncio.Event())
 
     @bentoml.on_shutdown
     async def finish_what_was_asked(self) -> None:
+        if self.control is not None:
+            self.control.cancel()
         if self.socket_server is not None:
             await self.socket_server.drain()
 
     @bentoml.api
     def loaded_models(self) -> list[str]:
-        """Names of the models whose sessions are built and warmed up."""
+        """Session keys (store tags, name:version) of the models whose sessions are built and warmed up."""
         return sorted([*self.classifiers, *self.language_models, *self.image_classifiers])
+
+
+def model_name(key: str) -> str:
+    """The model name of a session key (a store tag, name:version), for metrics and messages."""
+    return key.partition(":")[0]
 
 
 def run_by_model(items: list, run: Callable[[str, list], list], payload: Callable = lambda item: item.text) -> list[dict]:
@@ -227,10 +281,10 @@ def run_by_model(items: list, run: Callable[[str, list], list], payload: Callabl
         except bentoml.exceptions.BentoMLException:
             raise
         except Exception as error:  # onnxruntime's own exception types, a failing encoder, ...
-            raise inference_failure(model, error) from error
+            raise inference_failure(model_name(model), error) from error
         inference_s = time.perf_counter() - model_started
-        metrics.inference_duration_seconds.labels(model=model).observe(inference_s)
-        metrics.texts_total.labels(model=model).inc(len(rows))
+        metrics.inference_duration_seconds.labels(model=model_name(model)).observe(inference_s)
+        metrics.texts_total.labels(model=model_name(model)).inc(len(rows))
         for row, answer in zip(rows, model_answers):
             answers[row] = {"answer": answer, "queue_s": max(0.0, started - items[row].sent_at), "inference_s": inference_s}
     return answers

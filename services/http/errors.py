@@ -77,12 +77,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "description": "what was wrong"}}}
 ERROR_DESCRIPTIONS = {
-    400: "malformed input; the message names the field",
+    400: "malformed input; the message names the field (repository calls: a bundle that failed its checks, and why)",
+    401: "an API key is needed (TEXTSERVE_API_KEYS): send Authorization: Bearer KEY",
+    403: "load and unload: model control is off (TEXTSERVE_MODEL_CONTROL=none), or the key is not an admin key",
     404: "unknown model or version",
     413: "too many texts, too long a text or too large a body; the message names the limit and its variable",
     429: "overloaded: this worker holds its limit of pending texts; retry after Retry-After",
     503: "overloaded (the batch cannot start in time), not ready, or the model failed to load; the message says which",
-    504: "no answer within TEXTSERVE_REQUEST_TIMEOUT_S",
+    504: "no answer within TEXTSERVE_REQUEST_TIMEOUT_S (repository calls: TEXTSERVE_MODEL_LOAD_TIMEOUT_S)",
 }
 # OIP v2 inference request, JSON form (the binary tensor extension sends the same header as
 # JSON, followed by the tensors' bytes: application/octet-stream with Inference-Header-Content-Length).
@@ -102,14 +104,19 @@ INFER_REQUEST_SCHEMA = {
 
 
 def error_statuses(method: str, path: str) -> list[int]:
-    """The error statuses an operation can answer, as the service's code raises them."""
+    """The error statuses an operation can answer, as the service's code raises them (401 on
+    every route that needs a key once keys are configured: services/http/access.py)."""
+    if path == "/v2/repository/index":
+        return [400, 401]
+    if path.startswith("/v2/repository/"):  # load, unload
+        return [400, 401, 403, 404, 504]
     if method == "post":  # validation, limits, admission, batching, timeout; models by name
-        return [400, 404, 413, 429, 503, 504]
+        return [400, 401, 404, 413, 429, 503, 504]
     if "{name}" in path:
-        return [404, 503] if path.endswith("/ready") else [404]
+        return [401, 404, 503] if path.endswith("/ready") else [401, 404]
     if path == "/v2/health/ready":
         return [503]
-    return []
+    return [] if path in ("/v2/health/live",) else [401]
 
 
 def document_errors(app: FastAPI, model_names=None) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services import metrics
-from services.http import request_timing
+from services.http import access, request_timing
 from services.http.admission import RETRY_AFTER_S, Admission
 from services.http.body_limit import too_large_message
 from services.config import SETTINGS, ServiceSettings
@@ -217,11 +217,12 @@ def enabled(settings: ServiceSettings) -> bool:
 
 def install(service_definition, admission: Admission, current_instance: Callable[[], object | None],
             settings: ServiceSettings = SETTINGS) -> None:
-    """Make BentoML's app factory return FastFront(its app) for `service_definition` (the
-    decorated TextService) when the front is enabled. Idempotent."""
+    """Make BentoML's app factory return, for `service_definition` (the decorated TextService),
+    its app behind FastFront when the front is enabled, and behind access.RequireKeys when keys
+    are configured (outermost: no route is answered before the key is checked). Idempotent."""
     from _bentoml_impl.server.app import ServiceAppFactory
 
-    if not enabled(settings) or getattr(ServiceAppFactory, "_textserve_front", False):
+    if getattr(ServiceAppFactory, "_textserve_front", False):
         return
     build = ServiceAppFactory.__call__
 
@@ -229,7 +230,9 @@ def install(service_definition, admission: Admission, current_instance: Callable
         app = build(factory)
         if factory.service is not service_definition:
             return app  # another service (the runner) keeps BentoML's app as it is
-        return FastFront(app, admission, settings, current_instance)
+        if enabled(settings):
+            app = FastFront(app, admission, settings, current_instance)
+        return access.wrap(app, settings)
 
     ServiceAppFactory.__call__ = build_with_front
     ServiceAppFactory._textserve_front = True

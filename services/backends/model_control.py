@@ -1,0 +1,385 @@
+"""Models loaded, reloaded and unloaded while the server runs (TEXTSERVE_MODEL_CONTROL=explicit).
+
+Several processes serve: the HTTP workers (each with its own sessions when inline) and, with
+TEXTSERVE_INFERENCE=runner, the runner processes that own the sessions. A load answered 200
+must mean that every one of them serves the new version, so they agree through files in one
+folder per server (TEXTSERVE_MODEL_STATE_DIR, default the temporary folder, then
+textserve-<arbiter pid>-models/; the arbiter is BentoML's parent of every worker):
+
+    desired.json       {"generation": g, "models": {name: store tag, or null when unloaded}}
+                       written by the process that answers a load or unload, one at a time
+                       (an flock on `lock`); created at start-up from the startup model set by
+                       the first process to start, so that a worker BentoML restarts later
+                       serves what the others serve, not what the zoo held at start
+    acks/<who>.json    each process's answer: {"generation": the last one it has applied,
+                       "loaded": the last whose sessions are in place, "failures": {name: reason}}
+
+Each process watches desired.json (a stat every WATCH_INTERVAL_S) and applies a new generation
+(ServedModels.apply): a new version's bundle is read from the BentoML store by its tag,
+sha256-checked, its sessions built and warmed up, and only then swapped in under its name; the
+old version's sessions are freed once the requests in flight on it have finished (they finish
+on it: a request picks its model's tag once, when it starts). A bundle that fails any of that
+is reported in the process's ack and the version already serving keeps serving; the process
+that asked then puts the previous version back everywhere and answers 400 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+
+from services.backends.inference import MANIFEST, Bundle, BundleError, read_bundle
+from services.backends.model_store import import_bundle, store_tag
+from services.config import ServiceSettings
+from services.http.errors import ApiError
+
+logger = logging.getLogger("bentoml.textserve")
+WATCH_INTERVAL_S = 0.1
+DRAIN_POLL_S = 0.01
+
+
+@dataclass(frozen=True)
+class Desired:
+    generation: int
+    models: dict[str, str | None]  # name -> store tag; None: unloaded
+
+
+def state_folder(settings: ServiceSettings, parent_pid: int | None = None) -> Path:
+    folder = settings.model_state_dir or tempfile.gettempdir()
+    return Path(folder) / f"textserve-{parent_pid or os.getppid()}-models"
+
+
+def participants(settings: ServiceSettings) -> list[str]:
+    """Every process that serves models, as named in acks/: http-1..N, runner-1..R."""
+    names = [f"http-{index}" for index in range(1, settings.http_workers + 1)]
+    if settings.inference_mode == "runner":
+        names += [f"runner-{index}" for index in range(1, settings.runner_workers + 1)]
+    return names
+
+
+def write_atomically(path: Path, content: dict) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(content))
+    os.replace(temporary, path)  # readers see the old file or the new one, never half of one
+
+
+class ModelState:
+    """The files through which one server's processes agree on its model set."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.desired_path = folder / "desired.json"
+        self.acks_folder = folder / "acks"
+        self.seen: tuple[int, int] | None = None
+
+    def initialise(self, startup: dict[str, str]) -> Desired:
+        """The model set to serve: the one already agreed on, or `startup` (name -> tag) if this
+        is the server's first process to get here."""
+        self.acks_folder.mkdir(parents=True, exist_ok=True)
+        with self.locked_sync():
+            if not self.desired_path.is_file():
+                write_atomically(self.desired_path, {"generation": 0, "models": startup})
+        return self.read()
+
+    def read(self) -> Desired:
+        content = json.loads(self.desired_path.read_text())
+        return Desired(int(content["generation"]), dict(content["models"]))
+
+    def write(self, desired: Desired) -> None:
+        write_atomically(self.desired_path, {"generation": desired.generation, "models": desired.models})
+
+    def changed(self) -> bool:
+        """Whether desired.json changed since the last call (one stat)."""
+        try:
+            status = os.stat(self.desired_path)
+        except FileNotFoundError:
+            return False
+        signature = (status.st_mtime_ns, status.st_ino)
+        if signature == self.seen:
+            return False
+        self.seen = signature
+        return True
+
+    @contextlib.contextmanager
+    def locked_sync(self) -> Iterator[None]:
+        with open(self.folder / "lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.asynccontextmanager
+    async def locked(self):
+        """One change at a time across every process (and every request in this one)."""
+        lock = open(self.folder / "lock", "a")
+        try:
+            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+    def acknowledge(self, participant: str, generation: int, loaded: int, failures: dict[str, str]) -> None:
+        write_atomically(self.acks_folder / f"{participant}.json",
+                         {"generation": generation, "loaded": loaded, "failures": failures, "pid": os.getpid()})
+
+    def acks(self) -> dict[str, dict]:
+        found = {}
+        for path in self.acks_folder.glob("*.json"):
+            try:
+                found[path.stem] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced right now: read again on the next poll
+        return found
+
+    async def wait_for(self, who: list[str], generation: int, timeout_s: float, field_name: str = "generation") -> dict[str, dict]:
+        """The acks of `who` once each has reached `generation` in `field_name`; 504 naming
+        the processes that have not after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            acks = self.acks()
+            behind = [name for name in who if acks.get(name, {}).get(field_name, -1) < generation]
+            if not behind:
+                return acks
+            if time.monotonic() > deadline:
+                raise ApiError(504, f"processes {behind} did not confirm the model change within {timeout_s:g} s "
+                                    "(TEXTSERVE_MODEL_LOAD_TIMEOUT_S); they are still loading or not running")
+            await asyncio.sleep(WATCH_INTERVAL_S / 2)
+
+
+async def watch(state: ModelState, applied: Callable[[], int], apply: Callable[[Desired], Awaitable[None]],
+                wake: asyncio.Event) -> None:
+    """Apply each new generation of desired.json as it appears (every WATCH_INTERVAL_S, or at
+    once when `wake` is set by this process's own change). Runs until cancelled."""
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wake.wait(), WATCH_INTERVAL_S)
+        wake.clear()
+        if not state.changed():
+            continue
+        try:
+            desired = state.read()
+            if desired.generation > applied():
+                await apply(desired)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not stop this process from following later changes
+            logger.exception("applying the model set failed")
+
+
+def agreed(settings: ServiceSettings, bundles: list[Bundle], failures: dict[str, str]) -> tuple[list[Bundle], dict[str, str], int, frozenset[str]]:
+    """At a process's start: the model set the server's processes agreed on (this process's
+    startup set if it is the first), as (bundles, failures, generation, unloaded names)."""
+    state = ModelState(state_folder(settings))
+    desired = state.initialise({bundle.name: store_tag(bundle) for bundle in bundles})
+    by_name = {bundle.name: bundle for bundle in bundles}
+    unloaded = set()
+    for name, tag in desired.models.items():
+        if tag is None:
+            by_name.pop(name, None)
+            unloaded.add(name)
+        elif name not in by_name or store_tag(by_name[name]) != tag:
+            try:
+                by_name[name] = stored_bundle(tag)
+                failures.pop(name, None)
+            except (BundleError, BentoMLException, OSError, ValueError, KeyError) as error:
+                failures[name] = reason_of(error)
+    return list(by_name.values()), failures, desired.generation, frozenset(unloaded)
+
+
+def stored_bundle(tag: str) -> Bundle:
+    """The bundle of a BentoML store tag, every file checked against its manifest."""
+    return read_bundle(bentoml.models.get(tag).path)
+
+
+def reason_of(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class ServedModels:
+    """One process's models by name: the bundle and store tag each name serves now, those that
+    failed or were unloaded, and the requests in flight on each tag."""
+
+    bundles: dict[str, Bundle]
+    failed: dict[str, str]  # name -> why it is not served
+    unloaded: set[str] = field(default_factory=set)
+    tags: dict[str, str] = field(default_factory=dict)
+    in_flight: Counter = field(default_factory=Counter)
+    generation: int = 0
+
+    def __post_init__(self) -> None:
+        self.tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
+
+    @contextlib.contextmanager
+    def holding(self, tag: str) -> Iterator[None]:
+        """Count a request on `tag` until it is answered: its sessions stay until then."""
+        self.in_flight[tag] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[tag] -= 1
+            if not self.in_flight[tag]:
+                del self.in_flight[tag]
+
+    async def drained(self, tags: list[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while any(self.in_flight.get(tag) for tag in tags) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def apply(self, desired: Desired, prepare: Callable[[str, str, Bundle], Awaitable[None]],
+                    release: Callable[[str], None], drain_timeout_s: float,
+                    loaded: Callable[[dict[str, str]], Awaitable[None]] | None = None) -> dict[str, str]:
+        """Move to `desired`: for each name whose tag differs, read and check the new bundle,
+        `prepare(name, tag, bundle)` (build and warm up its sessions, or wait for the runner's),
+        then swap it in; a name set to None stops taking requests. Then `loaded(failures)` if
+        given, the requests in flight on the versions replaced finish, and `release(tag)` frees
+        each. A name whose new bundle fails keeps its old version; returns name -> reason."""
+        failures: dict[str, str] = {}
+        retired: list[str] = []
+        for name, tag in desired.models.items():
+            current = self.tags.get(name)
+            if tag == current:
+                continue
+            if tag is None:
+                self.bundles.pop(name, None)
+                self.tags.pop(name, None)
+                self.unloaded.add(name)
+                retired.append(current)
+                logger.info("model %s unloaded (was %s)", name, current)
+                continue
+            try:
+                bundle = await asyncio.to_thread(stored_bundle, tag)
+                await prepare(name, tag, bundle)
+            except Exception as error:  # BundleError, onnxruntime's, a runner's refusal, ...
+                failures[name] = reason_of(error)
+                logger.error("model %s: version %s refused, %s keeps serving: %s", name, tag, current or "nothing", error)
+                continue
+            self.bundles[name], self.tags[name] = bundle, tag
+            self.failed.pop(name, None)
+            self.unloaded.discard(name)
+            if current is not None:
+                retired.append(current)
+            logger.info("model %s now serves %s (was %s)", name, tag, current or "not loaded")
+        self.generation = desired.generation
+        if loaded is not None:
+            await loaded(failures)
+        await self.drained(retired, drain_timeout_s)
+        for tag in retired:
+            release(tag)
+        return failures
+
+
+# --------------------------------------------------------------------------- the repository API
+
+class Repository:
+    """What POST /v2/repository/... (HTTP and gRPC) do, in the process that answers the call."""
+
+    def __init__(self, settings: ServiceSettings, state: ModelState | None, wake: asyncio.Event | None, bento=None) -> None:
+        self.settings = settings
+        self.state = state  # None with TEXTSERVE_MODEL_CONTROL=none
+        self.wake = wake
+        self.bento = bento
+        self.loading: set[str] = set()
+
+    def check_enabled(self, action: str) -> None:
+        if self.state is None:
+            raise ApiError(403, f"model control is off: {action} is refused while TEXTSERVE_MODEL_CONTROL=none; "
+                                "start the server with TEXTSERVE_MODEL_CONTROL=explicit to load and unload models")
+
+    def available(self) -> dict[str, Path | str]:
+        """Every bundle this server can serve: name -> its zoo folder, or its store tag in the bento."""
+        found: dict[str, Path | str] = {}
+        if self.bento is not None:
+            found.update({model.tag.name: str(model.tag) for model in self.bento.info.all_models})
+        zoo = self.settings.zoo
+        if zoo.is_dir():
+            found.update({path.name: path for path in sorted(zoo.iterdir())
+                          if not path.name.startswith(".") and (path / MANIFEST).is_file()})
+        return found
+
+    def index(self, models: ServedModels, ready_only: bool = False) -> list[dict]:
+        """Triton's repository index: every servable bundle, with its state and reason."""
+        entries = []
+        for name in sorted(set(self.available()) | set(models.bundles) | set(models.failed) | models.unloaded):
+            if name in self.loading:
+                entry = {"name": name, "state": "LOADING"}
+            elif name in models.bundles:
+                entry = {"name": name, "version": models.tags[name].partition(":")[2], "state": "READY"}
+            elif name in models.failed:
+                entry = {"name": name, "state": "UNAVAILABLE", "reason": models.failed[name]}
+            else:
+                entry = {"name": name, "state": "UNAVAILABLE", "reason": "unloaded" if name in models.unloaded else "not loaded"}
+            if not ready_only or entry["state"] == "READY":
+                entries.append(entry)
+        return entries
+
+    async def source_tag(self, name: str) -> str:
+        """The store tag to load `name` from: its zoo folder imported into the store (which
+        checks every sha256), or the bento's model of that name."""
+        source = self.available().get(name)
+        if source is None:
+            raise ApiError(404, f"no bundle named {name!r} to load: the zoo {self.settings.zoo} and the bento hold "
+                                f"{sorted(self.available())}; put the bundle in the zoo folder (TEXTSERVE_ZOO) first")
+        if isinstance(source, str):
+            return source
+        try:
+            await asyncio.to_thread(read_bundle, source)  # the zoo's files as they are now, against its manifest
+            tag = await asyncio.to_thread(import_bundle, source)
+            bundle = await asyncio.to_thread(stored_bundle, tag)
+        except (BundleError, BentoMLException, OSError, ValueError, KeyError) as error:
+            raise ApiError(400, f"bundle {name!r} refused: {reason_of(error)}; the version already serving, if any, "
+                                "keeps serving") from None
+        if bundle.name != name:
+            raise ApiError(400, f"bundle folder {name!r} holds model {bundle.name!r} (config.json's name); "
+                                "rename one so that they agree")
+        return tag
+
+    async def load(self, name: str) -> None:
+        self.check_enabled("load")
+        self.loading.add(name)
+        try:
+            tag = await self.source_tag(name)
+            await self.change(name, tag)
+        finally:
+            self.loading.discard(name)
+
+    async def unload(self, name: str, models: ServedModels) -> None:
+        self.check_enabled("unload")
+        if name not in models.bundles and name not in self.available():
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(models.bundles)}")
+        await self.change(name, None)
+
+    async def change(self, name: str, tag: str | None) -> None:
+        """Set `name` to `tag` in every process; back to what it was if any of them refused."""
+        who = participants(self.settings)
+        async with self.state.locked():
+            desired = self.state.read()
+            previous = desired.models.get(name)
+            failures = await self.publish(Desired(desired.generation + 1, {**desired.models, name: tag}), who, name)
+            if not failures:
+                return
+            await self.publish(Desired(desired.generation + 2, {**desired.models, name: previous}), who, name)
+        first = next(iter(failures.values()))
+        serving = f"version {previous.partition(':')[2]} keeps serving" if previous else "it stays unloaded"
+        raise ApiError(400, f"model {name!r} refused by {sorted(failures)}: {first}; {serving}")
+
+    async def publish(self, desired: Desired, who: list[str], name: str) -> dict[str, str]:
+        self.state.write(desired)
+        self.wake.set()  # this process applies it at once; the others within WATCH_INTERVAL_S
+        acks = await self.state.wait_for(who, desired.generation, self.settings.model_load_timeout_s)
+        return {process: acks[process]["failures"][name] for process in who if name in acks[process].get("failures", {})}
