@@ -54,6 +54,8 @@ def start_server(home: Path, zoo: Path | None, target: str = SERVICE, cwd: Path 
         "BENTOML_HOME": str(home),
         "TEXTSERVE_DEVICE": "cpu",
         "BENTOML_DO_NOT_TRACK": "True",
+        "TEXTSERVE_GRPC_HOST": "127.0.0.1",
+        "TEXTSERVE_GRPC_PORT": str(free_port()),  # never Triton's 8001: servers of the suite may overlap
         **{f"TEXTSERVE_{name.upper()}": value for name, value in settings.items()},
     }
     env.pop("TEXTSERVE_ZOO", None)

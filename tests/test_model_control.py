@@ -1,0 +1,344 @@
+"""Model management while serving, API keys and OIP v2 over gRPC, end to end with the real
+clients (tritonclient.http and tritonclient.grpc) against `bentoml serve` with two HTTP
+workers: a bundle exported during the test is loaded, served by both workers, reloaded with
+other weights while requests keep arriving (none lost, each answered by the version it says),
+refused when broken with the old version still serving, and unloaded; keys give 401 and 403
+over HTTP and gRPC; gRPC answers as HTTP does and its errors carry the right status."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from services.backends.inference import TextClassifier, read_bundle, sha256_file
+from training.datasets import read_trec, split_dev
+from training.export_onnx import export_bundle
+from training.train_classifier import train_classifier
+from tests.conftest import ZOO
+from tests.serving import free_port, running_server
+
+OWN = "own-trec6"
+API_KEYS, ADMIN_KEY = ("reader-key-1", "reader-key-2"), "admin-key-1"
+QUESTIONS = ["What is the capital of France ?", "Who wrote Hamlet ?", "How many legs does a spider have ?",
+             "When did the Berlin Wall fall ?"]
+MAX_PENDING_TEXTS = 64  # small, so that one gRPC request can pass it: RESOURCE_EXHAUSTED
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def grpc_auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}  # gRPC metadata keys are lower-case
+
+
+def export_own(zoo: Path, work: Path, trec_path: Path, seed: int, epochs: int) -> Path:
+    """Train a small Kim CNN on the committed TREC sample and export it as zoo/own-trec6 (a
+    different seed or epoch count gives different weights)."""
+    train, dev = split_dev(read_trec(trec_path)[:600], dev_fraction=0.25, seed=2)
+    checkpoint = train_classifier(train, dev, epochs=epochs, seed=seed, show_progress=False)
+    staged = work / f"{OWN}-{seed}-{epochs}"
+    export_bundle(checkpoint, staged, OWN, [e.text for e in dev])
+    shutil.rmtree(zoo / OWN, ignore_errors=True)
+    shutil.copytree(staged, zoo / OWN)
+    return staged
+
+
+def expected(bundle_dir: Path, texts: list[str]) -> np.ndarray:
+    return TextClassifier(read_bundle(bundle_dir)).probabilities(texts)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, tiny_lm_bundle):
+    folder = tmp_path_factory.mktemp("zoo")
+    for name in ("kim-cnn-trec6", "digits-cnn"):
+        shutil.copytree(ZOO / name, folder / name)
+    shutil.copytree(tiny_lm_bundle, folder / tiny_lm_bundle.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, zoo):
+    home = tmp_path_factory.mktemp("control")
+    key_file = home / "api-keys"
+    key_file.write_text("\n".join(API_KEYS) + "\n")
+    grpc_port = str(free_port())
+    with running_server(home, zoo, http_workers="2", model_control="explicit", api_keys=f"@{key_file}",
+                        admin_keys=ADMIN_KEY, max_pending_texts=str(MAX_PENDING_TEXTS), grpc_port=grpc_port) as url:
+        yield {"url": url, "grpc": f"127.0.0.1:{grpc_port}", "home": home}
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    return triton_http.InferenceServerClient(server["url"].removeprefix("http://"), connection_timeout=60, network_timeout=120)
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    return triton_grpc.InferenceServerClient(server["grpc"])
+
+
+def http_infer(url: str, model: str, texts: list[str], key: str = API_KEYS[0]) -> tuple[int, dict]:
+    """OIP v2 infer in JSON over a fresh connection (so that requests spread over the workers)."""
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]}
+    response = requests.post(f"{url}/v2/models/{model}/infer", json=body, timeout=60,
+                             headers={**auth(key), "Connection": "close"})
+    return response.status_code, response.json()
+
+
+def probabilities_of(answer: dict) -> np.ndarray:
+    output = next(o for o in answer["outputs"] if o["name"] == "probabilities")
+    return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+
+
+def index_of(http_client) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in http_client.get_model_repository_index(headers=auth(API_KEYS[0]))}
+
+
+def test_index_lists_every_bundle_with_its_state(http, zoo):
+    index = index_of(http)
+    assert {name: entry["state"] for name, entry in index.items()} == {
+        "kim-cnn-trec6": "READY", "digits-cnn": "READY", "char-lm-tiny": "READY"}
+    assert index["kim-cnn-trec6"]["version"] == read_bundle(zoo / "kim-cnn-trec6").sha256[:16]
+
+
+def test_a_bundle_exported_while_serving_is_loaded_and_served_by_both_workers(server, http, zoo, tmp_path_factory, trec_path):
+    staged = export_own(zoo, tmp_path_factory.mktemp("own"), trec_path, seed=1, epochs=2)
+    assert index_of(http)[OWN] == {"name": OWN, "state": "UNAVAILABLE", "reason": "not loaded"}
+    started = time.monotonic()
+    http.load_model(OWN, headers=auth(ADMIN_KEY))
+    print(f"load took {time.monotonic() - started:.2f} s")
+    assert index_of(http)[OWN]["state"] == "READY"
+    want = expected(staged, QUESTIONS)
+    # 24 requests on fresh connections: the two workers take them in turn; each must answer it
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: http_infer(server["url"], OWN, QUESTIONS), range(24)))
+    assert [status for status, _ in answers] == [200] * 24
+    for _, answer in answers:
+        assert answer["model_version"] == read_bundle(staged).sha256[:16]
+        np.testing.assert_allclose(probabilities_of(answer), want, atol=1e-5)
+    metadata = http.get_model_metadata(OWN, headers=auth(API_KEYS[1]))
+    assert metadata["versions"] == [read_bundle(staged).sha256[:16]]
+    listed = requests.get(f"{server['url']}/models", headers=auth(API_KEYS[0]), timeout=30).json()["models"]
+    assert OWN in {model["name"] for model in listed}
+    document = requests.get(f"{server['url']}/openapi.json", timeout=30).json()
+    body = document["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert OWN in body["properties"]["model"]["enum"]
+
+
+def test_a_reload_with_new_weights_loses_no_request_in_flight(server, http, zoo, tmp_path_factory, trec_path):
+    old_version = index_of(http)[OWN]["version"]
+    old_staged = next(p for p in tmp_path_factory.getbasetemp().glob("own*/own-trec6-1-2"))
+    new_staged = export_own(zoo, tmp_path_factory.mktemp("own2"), trec_path, seed=7, epochs=3)
+    new_version = read_bundle(new_staged).sha256[:16]
+    assert new_version != old_version
+    by_version = {old_version: expected(old_staged, QUESTIONS), new_version: expected(new_staged, QUESTIONS)}
+    assert not np.allclose(by_version[old_version], by_version[new_version], atol=1e-3)  # the weights differ
+
+    answers: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set():
+            answers.append(http_infer(server["url"], OWN, QUESTIONS))
+
+    askers = [threading.Thread(target=keep_asking) for _ in range(3)]
+    for asker in askers:
+        asker.start()
+    time.sleep(1.0)
+    http.load_model(OWN, headers=auth(ADMIN_KEY))
+    after_load = len(answers)
+    time.sleep(1.0)
+    stop.set()
+    for asker in askers:
+        asker.join()
+    assert len(answers) > after_load > 5
+    assert [status for status, _ in answers] == [200] * len(answers), [a for a in answers if a[0] != 200][:3]
+    for _, answer in answers:  # each answered by the version it names
+        np.testing.assert_allclose(probabilities_of(answer), by_version[answer["model_version"]], atol=1e-5)
+    assert {answer["model_version"] for _, answer in answers[after_load:]} == {new_version}
+    assert index_of(http)[OWN]["version"] == new_version
+    with pytest.raises(InferenceServerException, match="not loaded") as refused:
+        http.get_model_metadata(OWN, model_version=old_version, headers=auth(API_KEYS[0]))
+    assert refused.value.status() == "404"
+
+
+def test_a_broken_bundle_is_refused_and_the_old_version_keeps_serving(server, http, zoo):
+    serving = index_of(http)[OWN]["version"]
+    before = http_infer(server["url"], OWN, QUESTIONS)[1]
+    # A file changed behind the manifest's back: its sha256 check refuses it
+    onnx_path = zoo / OWN / "model.onnx"
+    original = onnx_path.read_bytes()
+    onnx_path.write_bytes(original[:-10] + b"0123456789")
+    with pytest.raises(InferenceServerException, match="sha256") as tampered:
+        http.load_model(OWN, headers=auth(ADMIN_KEY))
+    assert tampered.value.status() == "400"
+    # A graph onnxruntime cannot read, with a manifest that agrees: every worker's session fails
+    onnx_path.write_bytes(b"not an onnx graph")
+    manifest = json.loads((zoo / OWN / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(onnx_path)
+    (zoo / OWN / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InferenceServerException, match=f"version {serving} keeps serving") as broken:
+        http.load_model(OWN, headers=auth(ADMIN_KEY))
+    assert broken.value.status() == "400"
+    assert "http-1" in broken.value.message() and "http-2" in broken.value.message()
+    assert index_of(http)[OWN] == {"name": OWN, "version": serving, "state": "READY"}
+    for _ in range(6):
+        status, answer = http_infer(server["url"], OWN, QUESTIONS)
+        assert status == 200 and answer["model_version"] == serving
+        np.testing.assert_allclose(probabilities_of(answer), probabilities_of(before), atol=1e-6)
+
+
+def test_unload_stops_the_model_everywhere(server, http, grpc_client):
+    http.unload_model(OWN, headers=auth(ADMIN_KEY))
+    assert index_of(http)[OWN] == {"name": OWN, "state": "UNAVAILABLE", "reason": "unloaded"}
+    for _ in range(6):  # both workers
+        status, answer = http_infer(server["url"], OWN, QUESTIONS)
+        assert status == 404 and "unloaded" in answer["error"] and "/load" in answer["error"]
+    with pytest.raises(InferenceServerException) as refused:
+        grpc_client.infer(OWN, [text_input(QUESTIONS)], headers=grpc_auth(API_KEYS[0]))
+    assert refused.value.status() == "StatusCode.NOT_FOUND"
+    loaded = {sample.labels["model"]: sample.value
+              for family in text_string_to_metric_families(requests.get(f"{server['url']}/metrics", timeout=30).text)
+              for sample in family.samples if sample.name == "textserve_model_loaded"}
+    assert loaded[OWN] == 0 and loaded["kim-cnn-trec6"] == 1
+    assert requests.get(f"{server['url']}/v2/health/ready", timeout=30).status_code == 200
+    with pytest.raises(InferenceServerException, match="no bundle named 'nope'") as unknown:
+        http.load_model("nope", headers=auth(ADMIN_KEY))
+    assert unknown.value.status() == "404"
+
+
+# --------------------------------------------------------------------------- keys
+
+@pytest.mark.parametrize("method, path", [("GET", "/models"), ("POST", "/classify"), ("GET", "/v2/models/kim-cnn-trec6"),
+                                          ("POST", "/v2/models/kim-cnn-trec6/infer"), ("POST", "/v2/repository/index")])
+def test_a_protected_route_without_a_good_key_is_401(server, method, path):
+    body = {"model": "kim-cnn-trec6", "texts": QUESTIONS}
+    for headers, message in [({}, "needs an API key"), (auth("wrong"), "not valid"), ({"Authorization": "Basic x"}, "Bearer KEY")]:
+        response = requests.request(method, server["url"] + path, json=body, headers=headers, timeout=30)
+        assert response.status_code == 401, (path, headers)
+        assert message in response.json()["error"]
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_keys_open_their_routes_and_probes_stay_open(server):
+    url = server["url"]
+    for key in (*API_KEYS, ADMIN_KEY):
+        answer = requests.post(f"{url}/classify", json={"model": "kim-cnn-trec6", "texts": QUESTIONS}, headers=auth(key), timeout=30)
+        assert answer.status_code == 200 and answer.json()["results"][0]["label"] == "LOC"
+    for path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/livez"):
+        assert requests.get(url + path, timeout=30).status_code == 200, path
+
+
+def test_an_api_key_may_not_load_or_unload(server, http):
+    for call in (http.load_model, http.unload_model):
+        with pytest.raises(InferenceServerException, match="TEXTSERVE_ADMIN_KEYS") as refused:
+            call("kim-cnn-trec6", headers=auth(API_KEYS[0]))
+        assert refused.value.status() == "403"
+    assert index_of(http)["kim-cnn-trec6"]["state"] == "READY"
+
+
+# --------------------------------------------------------------------------- gRPC
+
+def text_input(texts: list[str]) -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    return tensor
+
+
+def test_grpc_answers_what_http_answers(server, grpc_client):
+    key = grpc_auth(API_KEYS[0])
+    assert grpc_client.is_server_live() and grpc_client.is_server_ready()  # probes need no key
+    assert grpc_client.is_model_ready("kim-cnn-trec6", headers=key)
+    metadata = grpc_client.get_model_metadata("kim-cnn-trec6", headers=key, as_json=True)
+    assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
+    result = grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)], headers=key)
+    status, over_http = http_infer(server["url"], "kim-cnn-trec6", QUESTIONS)
+    assert status == 200
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities_of(over_http), atol=1e-6)
+    http_labels = next(o for o in over_http["outputs"] if o["name"] == "label")["data"]
+    assert [label.decode() for label in result.as_numpy("label").tolist()] == http_labels
+    assert http_labels[:2] == ["LOC", "HUM"]
+    assert result.get_response().model_version == over_http["model_version"]
+
+
+def test_grpc_typed_contents_give_the_raw_contents_answer(server, grpc_client):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server["grpc"]))
+    request = service_pb2.ModelInferRequest(model_name="kim-cnn-trec6", inputs=[service_pb2.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[len(QUESTIONS)],
+        contents=service_pb2.InferTensorContents(bytes_contents=[t.encode() for t in QUESTIONS]))])
+    answer = stub.ModelInfer(request, metadata=[("authorization", f"Bearer {API_KEYS[1]}")], timeout=60)
+    names = [output.name for output in answer.outputs]
+    probabilities = np.frombuffer(answer.raw_output_contents[names.index("probabilities")], dtype="<f4").reshape(len(QUESTIONS), 6)
+    raw = grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)], headers=grpc_auth(API_KEYS[0])).as_numpy("probabilities")
+    np.testing.assert_allclose(probabilities, raw, atol=1e-6)
+
+
+def test_grpc_scores_with_the_language_model_and_classifies_images(server, grpc_client):
+    key = grpc_auth(API_KEYS[0])
+    scored = grpc_client.infer("char-lm-tiny", [text_input(["the market fell", "a good film"])], headers=key)
+    over_http = requests.post(f"{server['url']}/lm/score", json={"model": "char-lm-tiny", "texts": ["the market fell", "a good film"]},
+                              headers=key, timeout=60).json()
+    np.testing.assert_allclose(scored.as_numpy("log_prob"), [r["log_prob"] for r in over_http["results"]], rtol=1e-5)
+    assert scored.as_numpy("token_count").tolist() == [len(r["tokens"]) for r in over_http["results"]]
+    side = grpc_client.get_model_metadata("digits-cnn", headers=key, as_json=True)["inputs"][0]["shape"][-1]
+    images = np.zeros((2, 1, int(side), int(side)), dtype=np.float32)
+    images[1, 0, 1:-1, int(side) // 2] = 1.0  # a vertical stroke: a one
+    tensor = triton_grpc.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    classified = grpc_client.infer("digits-cnn", [tensor], headers=key)
+    http_result = triton_http.InferenceServerClient(server["url"].removeprefix("http://"))
+    http_tensor = triton_http.InferInput("images", list(images.shape), "FP32")
+    http_tensor.set_data_from_numpy(images)
+    np.testing.assert_allclose(classified.as_numpy("probabilities"),
+                               http_result.infer("digits-cnn", [http_tensor], headers=key).as_numpy("probabilities"), atol=1e-6)
+
+
+def grpc_status(call) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as raised:
+        call()
+    return raised.value.status(), raised.value.message()
+
+
+def test_grpc_errors_carry_the_right_status_and_message(server, grpc_client):
+    key = grpc_auth(API_KEYS[0])
+    wrong_type = triton_grpc.InferInput("text", [2], "INT32")
+    wrong_type.set_data_from_numpy(np.array([1, 2], dtype=np.int32))
+    cases = [
+        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)]), "StatusCode.UNAUTHENTICATED", "needs an API key"),
+        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)], headers=grpc_auth("wrong")), "StatusCode.UNAUTHENTICATED", "not valid"),
+        (lambda: grpc_client.load_model("kim-cnn-trec6", headers=key), "StatusCode.PERMISSION_DENIED", "TEXTSERVE_ADMIN_KEYS"),
+        (lambda: grpc_client.infer("kim-cnn-trec6", [wrong_type], headers=key), "StatusCode.INVALID_ARGUMENT", "must have datatype BYTES"),
+        (lambda: grpc_client.infer("nope", [text_input(QUESTIONS)], headers=key), "StatusCode.NOT_FOUND", "unknown model 'nope'"),
+        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)], model_version="0", headers=key), "StatusCode.NOT_FOUND", "not loaded"),
+        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input([""])], headers=key), "StatusCode.INVALID_ARGUMENT", "empty"),
+        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(["why ?"] * (MAX_PENDING_TEXTS + 1))], headers=key),
+         "StatusCode.RESOURCE_EXHAUSTED", "TEXTSERVE_MAX_PENDING_TEXTS"),
+        (lambda: grpc_client.get_model_config("kim-cnn-trec6", headers=key), "StatusCode.UNIMPLEMENTED", ""),
+    ]
+    for call, status, message in cases:
+        assert grpc_status(call)[0] == status, message
+        assert message in grpc_status(call)[1]
+
+
+def test_grpc_loads_and_unloads_with_an_admin_key(server, grpc_client, http):
+    admin = grpc_auth(ADMIN_KEY)
+    grpc_client.unload_model("digits-cnn", headers=admin)
+    assert {m["name"]: m["state"] for m in grpc_client.get_model_repository_index(headers=admin, as_json=True)["models"]}["digits-cnn"] == "UNAVAILABLE"
+    grpc_client.load_model("digits-cnn", headers=admin)
+    assert grpc_client.is_model_ready("digits-cnn", headers=admin)
+    assert index_of(http)["digits-cnn"]["state"] == "READY"
