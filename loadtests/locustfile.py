@@ -55,6 +55,22 @@ SENTENCES = [
     "analysts said the results were better than expected",
 ]
 REFUSED = (429, 503)
+# A server with keys on (TEXTSERVE_API_KEYS) needs one: TEXTSERVE_API_KEY=KEY, or @FILE (the
+# in-cluster Locust mounts locust-key of the Secret textserve-keys; no file there: no key).
+
+
+def api_key(value: str) -> str:
+    if not value.startswith("@"):
+        return value.strip()
+    try:
+        with open(value[1:]) as file:
+            return file.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+API_KEY = api_key(os.environ.get("TEXTSERVE_API_KEY", ""))
+KEY_HEADERS = {"Authorization": f"Bearer {API_KEY}"} if API_KEY else None
 
 
 def long_text() -> str:
@@ -81,6 +97,7 @@ def judge(response, check) -> None:
 
 class ClassifierUser(FastHttpUser):
     weight = 3
+    default_headers = KEY_HEADERS
     wait_time = between(0.0, 0.05)
 
     @task(4)
@@ -108,6 +125,7 @@ class ClassifierUser(FastHttpUser):
 
 class LanguageModelUser(FastHttpUser):
     weight = 1
+    default_headers = KEY_HEADERS
     wait_time = between(0.0, 0.05)
 
     def on_start(self) -> None:

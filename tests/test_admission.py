@@ -24,6 +24,14 @@ def test_reserve_counts_cost_up_to_the_limit_and_refuses_past_it():
     admission.reserve(7)
 
 
+def test_a_request_larger_than_the_limit_is_413_not_429():
+    admission = Admission(limit=10)
+    with pytest.raises(ApiError) as refused:
+        admission.reserve(11)
+    assert refused.value.status == 413 and "send fewer" in refused.value.message
+    assert admission.pending == 0
+
+
 @pytest.mark.parametrize(("method", "path", "route"), [
     ("POST", "/classify", "/classify"),
     ("POST", "/lm/generate", "/lm/{api}"),

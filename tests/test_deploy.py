@@ -184,6 +184,25 @@ def test_termination_drains_and_the_pod_runs_locked_down(rendered):
         assert server["resources"]["limits"]["cpu"] == server["resources"]["requests"]["cpu"]  # workers follow the limit
 
 
+def test_grpc_has_its_named_port_service_port_and_network_policy_and_keys_come_from_a_secret(rendered):
+    for overlay in ("cpu", "gpu"):
+        objects, server = rendered[overlay], container(rendered[overlay])
+        ports = {port["name"]: port["containerPort"] for port in server["ports"]}
+        assert ports["grpc"] == int(environment(server)["TEXTSERVE_GRPC_PORT"])
+        service_ports = {port["name"]: port for port in one(objects, "Service", "textserve")["spec"]["ports"]}
+        assert service_ports["grpc"]["targetPort"] == "grpc" and service_ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+        admitted = {port["port"] for rule in one(objects, "NetworkPolicy", "textserve")["spec"]["ingress"] for port in rule["ports"]}
+        assert {"http", "grpc"} <= admitted
+        mounts = {mount["name"]: mount["mountPath"] for mount in server["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in pod_spec(objects)["volumes"]}
+        assert volumes["keys"]["secret"]["secretName"] == "textserve-keys"
+        for variable, file_name in (("TEXTSERVE_API_KEYS", "api-keys"), ("TEXTSERVE_ADMIN_KEYS", "admin-keys")):
+            assert environment(server)[variable] == f"@{mounts['keys']}/{file_name}"
+        # The kubelet's probes need no key (services/http/access.py keeps /v2/health/* open).
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert server[probe]["httpGet"]["path"].startswith("/v2/health/")
+
+
 def test_kserve_runs_the_same_image_and_protocol(rendered):
     (service,) = rendered["kserve"]
     (predictor,) = service["spec"]["predictor"]["containers"]

@@ -218,6 +218,7 @@ def test_the_server_still_answers_from_every_worker_after_the_table(server):
 
 
 def test_docs_errors_md_has_one_row_per_case_with_its_status():
-    rows = re.findall(r"^\| `([a-z0-9-]+)` \|.*\| (\d{3}) \|", ERRORS_DOC.read_text(), re.M)
+    first_table = ERRORS_DOC.read_text().partition("## Model management, keys and gRPC")[0]  # the rest: test_model_control.py
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|.*\| (\d{3}) \|", first_table, re.M)
     assert dict(rows) == {case.id: str(case.status) for case in CASES}
     assert len(rows) == len(CASES)

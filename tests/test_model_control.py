@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import shutil
 import threading
 import time
@@ -28,7 +29,7 @@ from services.backends.inference import TextClassifier, read_bundle, sha256_file
 from training.datasets import read_trec, split_dev
 from training.export_onnx import export_bundle
 from training.train_classifier import train_classifier
-from tests.conftest import ZOO
+from tests.conftest import REPOSITORY, ZOO
 from tests.serving import free_port, running_server
 
 OWN = "own-trec6"
@@ -224,15 +225,51 @@ def test_unload_stops_the_model_everywhere(server, http, grpc_client):
 
 # --------------------------------------------------------------------------- keys
 
-@pytest.mark.parametrize("method, path", [("GET", "/models"), ("POST", "/classify"), ("GET", "/v2/models/kim-cnn-trec6"),
-                                          ("POST", "/v2/models/kim-cnn-trec6/infer"), ("POST", "/v2/repository/index")])
-def test_a_protected_route_without_a_good_key_is_401(server, method, path):
-    body = {"model": "kim-cnn-trec6", "texts": QUESTIONS}
-    for headers, message in [({}, "needs an API key"), (auth("wrong"), "not valid"), ({"Authorization": "Basic x"}, "Bearer KEY")]:
-        response = requests.request(method, server["url"] + path, json=body, headers=headers, timeout=30)
-        assert response.status_code == 401, (path, headers)
-        assert message in response.json()["error"]
+def send(method: str, path: str, body=None, headers: dict | None = None):
+    def sent(url: str) -> requests.Response:
+        return requests.request(method, url + path, json=body, headers=headers or {}, timeout=60)
+    return sent
+
+
+CLASSIFY = {"model": "kim-cnn-trec6", "texts": QUESTIONS}
+# (docs/errors.md id, request, status, a fragment of the "error" message)
+HTTP_CASES = [
+    ("no-key", send("POST", "/classify", CLASSIFY), 401, "this route needs an API key"),
+    ("no-key-model-information", send("GET", "/v2/models/kim-cnn-trec6"), 401, "this route needs an API key"),
+    ("malformed-authorization", send("GET", "/models", headers={"Authorization": "Basic eDp5"}), 401, "must be 'Bearer KEY'"),
+    ("unknown-key", send("POST", "/v2/repository/index", headers=auth("wrong")), 401, "the API key is not valid"),
+    ("api-key-on-load", send("POST", "/v2/repository/models/kim-cnn-trec6/load", headers=auth(API_KEYS[0])), 403,
+     "may not load or unload models"),
+    ("load-unknown-bundle", send("POST", "/v2/repository/models/kim-cnn-imdb/load", headers=auth(ADMIN_KEY)), 404,
+     "no bundle named 'kim-cnn-imdb' to load"),
+    ("load-with-config", send("POST", "/v2/repository/models/kim-cnn-trec6/load", {"parameters": {"config": "{}"}},
+                              auth(ADMIN_KEY)), 400, "parameters ['config'] are not supported"),
+    ("index-ready-not-boolean", send("POST", "/v2/repository/index", {"ready": "yes"}, auth(API_KEYS[0])), 400,
+     "ready must be true or false"),
+    ("version-not-loaded", send("GET", "/v2/models/kim-cnn-trec6/versions/0", headers=auth(API_KEYS[0])), 404,
+     "version '0' is not loaded"),
+]
+
+
+@pytest.mark.parametrize("case", HTTP_CASES, ids=[case[0] for case in HTTP_CASES])
+def test_keys_and_repository_errors_say_what_was_wrong(server, case):
+    _, request, status, message = case
+    response = request(server["url"])
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    if status == 401:
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+# Rows of docs/errors.md checked by the scenario tests above (and test_service_e2e.py's model control off).
+SCENARIO_ROWS = {"tampered-bundle": "400", "unreadable-graph": "400", "unloaded-model": "404", "model-control-off": "403",
+                 "grpc-overload": "RESOURCE_EXHAUSTED"}
+
+
+def test_docs_errors_md_has_a_row_per_case_of_this_file():
+    section = (REPOSITORY / "docs" / "errors.md").read_text().partition("## Model management, keys and gRPC")[2]
+    rows = dict(re.findall(r"^\| `([a-z0-9-]+)` \|.*\| ([0-9]{3}|[A-Z_]+) \|", section, re.M))
+    assert rows == {**{case[0]: str(case[2]) for case in HTTP_CASES}, **{case[0]: case[2] for case in GRPC_CASES}, **SCENARIO_ROWS}
 
 
 def test_keys_open_their_routes_and_probes_stay_open(server):
@@ -314,25 +351,64 @@ def grpc_status(call) -> tuple[str, str]:
     return raised.value.status(), raised.value.message()
 
 
-def test_grpc_errors_carry_the_right_status_and_message(server, grpc_client):
-    key = grpc_auth(API_KEYS[0])
-    wrong_type = triton_grpc.InferInput("text", [2], "INT32")
-    wrong_type.set_data_from_numpy(np.array([1, 2], dtype=np.int32))
-    cases = [
-        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)]), "StatusCode.UNAUTHENTICATED", "needs an API key"),
-        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)], headers=grpc_auth("wrong")), "StatusCode.UNAUTHENTICATED", "not valid"),
-        (lambda: grpc_client.load_model("kim-cnn-trec6", headers=key), "StatusCode.PERMISSION_DENIED", "TEXTSERVE_ADMIN_KEYS"),
-        (lambda: grpc_client.infer("kim-cnn-trec6", [wrong_type], headers=key), "StatusCode.INVALID_ARGUMENT", "must have datatype BYTES"),
-        (lambda: grpc_client.infer("nope", [text_input(QUESTIONS)], headers=key), "StatusCode.NOT_FOUND", "unknown model 'nope'"),
-        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)], model_version="0", headers=key), "StatusCode.NOT_FOUND", "not loaded"),
-        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input([""])], headers=key), "StatusCode.INVALID_ARGUMENT", "empty"),
-        (lambda: grpc_client.infer("kim-cnn-trec6", [text_input(["why ?"] * (MAX_PENDING_TEXTS + 1))], headers=key),
-         "StatusCode.RESOURCE_EXHAUSTED", "TEXTSERVE_MAX_PENDING_TEXTS"),
-        (lambda: grpc_client.get_model_config("kim-cnn-trec6", headers=key), "StatusCode.UNIMPLEMENTED", ""),
-    ]
-    for call, status, message in cases:
-        assert grpc_status(call)[0] == status, message
-        assert message in grpc_status(call)[1]
+def wrong_datatype() -> triton_grpc.InferInput:
+    tensor = triton_grpc.InferInput("text", [2], "INT32")
+    tensor.set_data_from_numpy(np.array([1, 2], dtype=np.int32))
+    return tensor
+
+
+# (docs/errors.md id, call on a client, gRPC status, a fragment of the message)
+GRPC_CASES = [
+    ("grpc-no-key", lambda c: c.infer("kim-cnn-trec6", [text_input(QUESTIONS)]), "UNAUTHENTICATED", "needs an API key"),
+    ("grpc-unknown-key", lambda c: c.infer("kim-cnn-trec6", [text_input(QUESTIONS)], headers=grpc_auth("wrong")),
+     "UNAUTHENTICATED", "not valid"),
+    ("grpc-api-key-on-load", lambda c: c.load_model("kim-cnn-trec6", headers=grpc_auth(API_KEYS[0])),
+     "PERMISSION_DENIED", "TEXTSERVE_ADMIN_KEYS"),
+    ("grpc-wrong-datatype", lambda c: c.infer("kim-cnn-trec6", [wrong_datatype()], headers=grpc_auth(API_KEYS[0])),
+     "INVALID_ARGUMENT", "must have datatype BYTES"),
+    ("grpc-empty-text", lambda c: c.infer("kim-cnn-trec6", [text_input([" "])], headers=grpc_auth(API_KEYS[0])),
+     "INVALID_ARGUMENT", "texts[0] is empty"),
+    ("grpc-unknown-model", lambda c: c.infer("nope", [text_input(QUESTIONS)], headers=grpc_auth(API_KEYS[0])),
+     "NOT_FOUND", "unknown model 'nope'"),
+    ("grpc-version-not-loaded", lambda c: c.infer("kim-cnn-trec6", [text_input(QUESTIONS)], model_version="0",
+                                                  headers=grpc_auth(API_KEYS[0])), "NOT_FOUND", "version '0' is not loaded"),
+    ("grpc-more-than-a-worker-holds", lambda c: c.infer("kim-cnn-trec6", [text_input(["why ?"] * (MAX_PENDING_TEXTS + 1))],
+                                                        headers=grpc_auth(API_KEYS[0])), "INVALID_ARGUMENT", "send fewer"),
+    ("grpc-unimplemented", lambda c: c.get_model_config("kim-cnn-trec6", headers=grpc_auth(API_KEYS[0])),
+     "UNIMPLEMENTED", "not implemented"),
+]
+
+
+@pytest.mark.parametrize("case", GRPC_CASES, ids=[case[0] for case in GRPC_CASES])
+def test_grpc_errors_carry_the_right_status_and_message(grpc_client, case):
+    _, call, status, message = case
+    got_status, got_message = grpc_status(lambda: call(grpc_client))
+    assert got_status == f"StatusCode.{status}"
+    assert message in got_message
+
+
+def test_grpc_overload_is_resource_exhausted_and_the_rest_are_answered(server):
+    """Requests of 40 texts sent at once on one connection (one worker, whose limit is 64): the
+    worker admits one at a time and refuses the others that arrive meanwhile at once."""
+    client = triton_grpc.InferenceServerClient(server["grpc"])
+    outcomes: list = []
+    done = threading.Semaphore(0)
+
+    def finished(result, error) -> None:
+        outcomes.append(error if error is not None else result)
+        done.release()
+
+    for _ in range(16):
+        client.async_infer("kim-cnn-trec6", [text_input(["Who wrote Hamlet ?"] * 40)], finished, headers=grpc_auth(API_KEYS[0]))
+    for _ in range(16):
+        assert done.acquire(timeout=60)
+    refused = [o for o in outcomes if isinstance(o, InferenceServerException)]
+    answered = [o for o in outcomes if not isinstance(o, InferenceServerException)]
+    assert refused and answered
+    for error in refused:
+        assert error.status() == "StatusCode.RESOURCE_EXHAUSTED" and "TEXTSERVE_MAX_PENDING_TEXTS" in error.message()
+    for result in answered:
+        assert result.as_numpy("label").tolist() == [b"HUM"] * 40
 
 
 def test_grpc_loads_and_unloads_with_an_admin_key(server, grpc_client, http):
@@ -342,3 +418,54 @@ def test_grpc_loads_and_unloads_with_an_admin_key(server, grpc_client, http):
     grpc_client.load_model("digits-cnn", headers=admin)
     assert grpc_client.is_model_ready("digits-cnn", headers=admin)
     assert index_of(http)["digits-cnn"]["state"] == "READY"
+
+
+# --------------------------------------------------------------------------- with the shared runner
+
+@pytest.fixture(scope="module")
+def runner_zoo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runner_zoo")
+    shutil.copytree(ZOO / "kim-cnn-trec6", folder / "kim-cnn-trec6")
+    return folder
+
+
+def test_the_shared_runner_follows_loads_reloads_and_unloads(tmp_path_factory, runner_zoo, trec_path):
+    """TEXTSERVE_INFERENCE=runner: the runner process owns the sessions; the HTTP workers switch
+    to a new version only once it has it, and it frees the old one once they have switched."""
+    work = tmp_path_factory.mktemp("runner_own")
+    with running_server(tmp_path_factory.mktemp("runner_control"), runner_zoo, inference="runner", http_workers="2",
+                        model_control="explicit") as url:
+        client = triton_http.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+        first = export_own(runner_zoo, work, trec_path, seed=1, epochs=2)
+        client.load_model(OWN)
+        answers = [http_infer(url, OWN, QUESTIONS) for _ in range(8)]
+        assert [status for status, _ in answers] == [200] * 8
+        for _, answer in answers:
+            np.testing.assert_allclose(probabilities_of(answer), expected(first, QUESTIONS), atol=1e-5)
+
+        second = export_own(runner_zoo, work, trec_path, seed=7, epochs=3)
+        versions = {read_bundle(first).sha256[:16]: expected(first, QUESTIONS), read_bundle(second).sha256[:16]: expected(second, QUESTIONS)}
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            during = [pool.submit(lambda: [http_infer(url, OWN, QUESTIONS) for _ in range(15)]) for _ in range(3)]
+            time.sleep(0.3)
+            client.load_model(OWN)
+            answered = [answer for future in during for answer in future.result()]
+        assert [status for status, _ in answered] == [200] * len(answered)
+        for _, answer in answered:
+            np.testing.assert_allclose(probabilities_of(answer), versions[answer["model_version"]], atol=1e-5)
+        for _ in range(6):
+            status, answer = http_infer(url, OWN, QUESTIONS)
+            assert status == 200 and answer["model_version"] == read_bundle(second).sha256[:16]
+
+        (runner_zoo / OWN / "model.onnx").write_bytes(b"not an onnx graph")
+        manifest = json.loads((runner_zoo / OWN / "manifest.json").read_text())
+        manifest["files"]["model.onnx"] = sha256_file(runner_zoo / OWN / "model.onnx")
+        (runner_zoo / OWN / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(InferenceServerException, match="runner-1") as broken:
+            client.load_model(OWN)
+        assert broken.value.status() == "400"
+        assert http_infer(url, OWN, QUESTIONS)[1]["model_version"] == read_bundle(second).sha256[:16]
+
+        client.unload_model(OWN)
+        assert all(http_infer(url, OWN, QUESTIONS)[0] == 404 for _ in range(4))
+        assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200

@@ -174,7 +174,18 @@ def test_oip_v2_errors_reach_the_client_with_a_message(server):
     assert requests.get(f"{server}/v2/models/no-such-model/ready", timeout=10).status_code == 404
     response = requests.post(f"{server}/v2/models/kim-cnn-trec6/infer", data=b"{}", timeout=10)
     assert response.status_code == 400 and "inputs" in response.json()["error"]
-    assert requests.get(f"{server}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data"]
+    assert requests.get(f"{server}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data", "model_repository"]
+
+
+def test_without_model_control_the_index_is_readable_and_load_is_403(server):
+    client = triton.InferenceServerClient(server.removeprefix("http://"))
+    index = {entry["name"]: entry["state"] for entry in client.get_model_repository_index()}
+    assert index["kim-cnn-trec6"] == "READY"
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException, match="TEXTSERVE_MODEL_CONTROL=explicit") as refused:
+            call("kim-cnn-trec6")
+        assert refused.value.status() == "403"
+    assert classify(server, {"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?"]}).status_code == 200
 
 
 def test_concurrent_requests_are_batched_and_counted_across_workers(server):

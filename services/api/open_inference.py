@@ -45,7 +45,7 @@ def checked_bundle(service, name: str, version: str | None) -> Bundle:
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "model_repository"]}
 
 
 @router.get("/health/live", summary="200 while the server process runs")

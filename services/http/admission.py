@@ -49,7 +49,10 @@ class Admission:
                 f"(limit {self.limit}, TEXTSERVE_MAX_PENDING_TEXTS); retry shortly")
 
     def reserve(self, cost: int) -> None:
-        """Count `cost` against the limit, or refuse: 429."""
+        """Count `cost` against the limit, or refuse: 429, or 413 for a request that could never fit."""
+        if cost > self.limit:  # retrying would not help: say so
+            raise ApiError(413, f"{cost} texts (or words to generate) in one request; a worker holds at most {self.limit} "
+                                "at once (TEXTSERVE_MAX_PENDING_TEXTS): send fewer per request")
         if self.pending + cost > self.limit:
             raise ApiError(429, self.refusal_message(), {"Retry-After": RETRY_AFTER_S})
         self.pending += cost
