@@ -113,12 +113,14 @@ BENCH_PEERS := mosec litserve pytriton
 
 bench-peers: $(foreach peer,$(BENCH_PEERS),.venv-bench-$(peer)/.installed)
 
+# Then gRPC beside HTTP on the service (loadtests/bench_grpc.py; h2load from Debian's nghttp2-client).
 bench: $(VENV)/.bench-installed bench-peers
-	@command -v wrk >/dev/null || { echo "installing wrk (Debian package)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk || (apt-get update -qq && apt-get install -y -qq wrk); \
-	  else sudo apt-get install -y -qq wrk; fi; }
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || { echo "installing wrk and h2load (Debian packages)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk nghttp2-client || (apt-get update -qq && apt-get install -y -qq wrk nghttp2-client); \
+	  else sudo apt-get install -y -qq wrk nghttp2-client; fi; }
 	$(BIN)/python -m services.backends.model_store
 	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
+	$(BIN)/python -m loadtests.bench_grpc $(BENCH_GRPC_ARGS)
 
 # Locust's mixed workload against a fresh service, headless, gated on the SLO (exit code).
 # LOADTEST_ARGS=... passes options, e.g. LOADTEST_ARGS="--shape spike --users 128".

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as triton_grpc
 import yaml
 
 from services.backends.inference import TextClassifier, read_bundle, sha256_file
 from tests.conftest import REPOSITORY, ZOO
-from tests.serving import start_server, stop_server
+from tests.serving import free_port, start_server, stop_server
 
 SERVING_REQUIREMENTS = REPOSITORY / "deploy" / "requirements-serving.txt"
 TRAINING_ONLY = ("torch", "onnx", "onnxscript", "locust", "tqdm")
@@ -100,8 +101,9 @@ def test_exported_bento_serves_without_the_zoo_and_answers_as_the_bundle_does(bu
     assert not (bento / "src" / "models" / "zoo").exists()
     runtime_home = tmp_path / "runtime_home"
     runtime_home.mkdir()
+    grpc_port = free_port()
     process, url = start_server(runtime_home, None, target=str(bento), cwd=tmp_path, http_workers="1",
-                                models="kim-cnn-trec6,lstm-mr")
+                                models="kim-cnn-trec6,lstm-mr", grpc_port=str(grpc_port), model_control="explicit")
     try:
         texts = ["How far is the moon from the earth ?", "Who wrote Hamlet ?"]
         answer = requests.post(f"{url}/classify", json={"model": "kim-cnn-trec6", "texts": texts}, timeout=30)
@@ -116,6 +118,15 @@ def test_exported_bento_serves_without_the_zoo_and_answers_as_the_bundle_does(bu
         assert requests.get(f"{url}/v2/models/lstm-mr/ready", timeout=10).status_code == 200
         unknown = requests.post(f"{url}/classify", json={"model": "gru-mr", "texts": ["x"]}, timeout=10)
         assert unknown.status_code == 404 and "kim-cnn-trec6" in unknown.json()["error"]  # TEXTSERVE_MODELS limits the bento's models
+        # The bento serves gRPC too, and its repository index is the bento's models
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        text = triton_grpc.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+        np.testing.assert_allclose(client.infer("kim-cnn-trec6", [text]).as_numpy("probabilities"), expected, atol=1e-6)
+        index = {m["name"]: m["state"] for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert index["kim-cnn-trec6"] == "READY" and index["gru-mr"] == "UNAVAILABLE"
+        client.load_model("gru-mr")  # from the bento's own store copy
+        assert requests.post(f"{url}/classify", json={"model": "gru-mr", "texts": ["a fine film"]}, timeout=30).status_code == 200
     finally:
         stop_server(process)
     assert not (runtime_home / "models").exists() or not any((runtime_home / "models").iterdir()), \

@@ -38,6 +38,7 @@ from services.api.open_inference import (SERVER_NAME, SERVER_VERSION, checked_bu
 from services.config import ServiceSettings
 from services.http import request_timing
 from services.http.access import Keys
+from services.http.bentoml_timeout import within_timeout
 from services.http.errors import ApiError
 
 logger = logging.getLogger("bentoml.textserve")
@@ -120,10 +121,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 authorization = dict(context.invocation_metadata()).get("authorization")
                 self.keys.check(authorization, call in ADMIN_CALLS)
             timeout = self.settings.model_load_timeout_s + 5 if call in ADMIN_CALLS else self.settings.request_timeout_s
-            try:
-                return await asyncio.wait_for(work(), timeout)
-            except asyncio.TimeoutError:
-                raise ApiError(504, f"no answer within {timeout:g} s (TEXTSERVE_REQUEST_TIMEOUT_S); the request was cancelled") from None
+            return await within_timeout(work(), timeout)
         except ApiError as error:
             status = error.status
             await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)

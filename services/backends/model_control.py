@@ -295,6 +295,7 @@ class Repository:
         self.wake = wake
         self.bento = bento
         self.loading: set[str] = set()
+        self.changes: set[asyncio.Task] = set()  # kept referenced until done
 
     def check_enabled(self, action: str) -> None:
         if self.state is None:
@@ -354,7 +355,7 @@ class Repository:
         self.loading.add(name)
         try:
             tag = await self.source_tag(name)
-            await self.change(name, tag)
+            await self.change_to_the_end(name, tag)
         finally:
             self.loading.discard(name)
 
@@ -362,7 +363,15 @@ class Repository:
         self.check_enabled("unload")
         if name not in models.bundles and name not in self.available():
             raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(models.bundles)}")
-        await self.change(name, None)
+        await self.change_to_the_end(name, None)
+
+    async def change_to_the_end(self, name: str, tag: str | None) -> None:
+        """`change`, which a cancelled call (a client that left, the request timeout) does not
+        stop half-way: the processes must not be left with a change published and not confirmed."""
+        change = asyncio.get_running_loop().create_task(self.change(name, tag))
+        self.changes.add(change)
+        change.add_done_callback(self.changes.discard)
+        await asyncio.shield(change)
 
     async def change(self, name: str, tag: str | None) -> None:
         """Set `name` to `tag` in every process; back to what it was if any of them refused."""

@@ -20,6 +20,32 @@ from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
 
 
+async def within_timeout(work, timeout_s: float):
+    """Await `work` in the current task, or cancel it and raise 504 once `timeout_s` has
+    passed: one timer, cancelled as soon as the work ends, and no extra task (asyncio.wait_for
+    starts one per call). The fast front and gRPC calls use it."""
+    from services.http.errors import ApiError
+
+    task = asyncio.current_task()
+    timed_out = False
+
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not timed_out:
+            raise
+        task.uncancel()
+        raise ApiError(504, f"no answer within {timeout_s:g} s (TEXTSERVE_REQUEST_TIMEOUT_S); the request was cancelled") from None
+    finally:
+        timer.cancel()
+
+
 class TimeoutMiddleware:
     """No response started within `timeout` seconds -> the handler is cancelled and the client
     gets 504 {"error": ...}; a response that has started (a stream) is never cut."""

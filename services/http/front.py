@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from services import metrics
 from services.http import access, request_timing
+from services.http.bentoml_timeout import within_timeout
 from services.http.admission import RETRY_AFTER_S, Admission
 from services.http.body_limit import too_large_message
 from services.config import SETTINGS, ServiceSettings
@@ -187,26 +188,8 @@ class FastFront:
 
     async def within_timeout(self, work: Awaitable):
         """`work`, or 504 once TEXTSERVE_REQUEST_TIMEOUT_S has passed (BentoML's traffic timeout
-        for the other routes); one timer per request, cancelled as soon as the work ends."""
-        task = asyncio.current_task()
-        timed_out = False
-
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(self.settings.request_timeout_s, expire)
-        try:
-            return await work
-        except asyncio.CancelledError:
-            if not timed_out:
-                raise
-            task.uncancel()
-            raise ApiError(504, f"no answer within {self.settings.request_timeout_s:g} s (TEXTSERVE_REQUEST_TIMEOUT_S); "
-                                "the request was cancelled") from None
-        finally:
-            timer.cancel()
+        for the other routes)."""
+        return await within_timeout(work, self.settings.request_timeout_s)
 
 
 def enabled(settings: ServiceSettings) -> bool:
