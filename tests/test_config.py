@@ -19,6 +19,10 @@ def test_defaults_and_overrides_from_the_environment():
     )
     assert settings.models == ("kim-cnn-mr", "kim-cnn-trec6")
     assert settings.max_texts_per_request == 10 and settings.zoo == Path("/z") and settings.device == "cpu"
+    control = ServiceSettings.from_environment({"TEXTSERVE_MODEL_CONTROL": "Explicit", "TEXTSERVE_GRPC_PORT": "0",
+                                                "TEXTSERVE_API_KEYS": "@/run/keys", "TEXTSERVE_PROTECT_METRICS": "1"})
+    assert control.model_control == "explicit" and control.grpc_port == 0 and control.api_keys == "@/run/keys"
+    assert control.protect_metrics and ServiceSettings().grpc_port == 8001 and ServiceSettings().model_control == "none"
 
 
 @pytest.mark.parametrize(
@@ -28,6 +32,10 @@ def test_defaults_and_overrides_from_the_environment():
         ({"TEXTSERVE_HTTP_WORKERS": "0"}, "TEXTSERVE_HTTP_WORKERS must be at least 1"),
         ({"TEXTSERVE_DEVICE": "tpu"}, "TEXTSERVE_DEVICE='tpu'"),
         ({"TEXTSERVE_INFERENCE": "remote"}, "TEXTSERVE_INFERENCE='remote'; expected auto, inline or runner"),
+        ({"TEXTSERVE_MODEL_CONTROL": "sometimes"}, "TEXTSERVE_MODEL_CONTROL='sometimes'; expected none or explicit"),
+        ({"TEXTSERVE_GRPC_PORT": "70000"}, "TEXTSERVE_GRPC_PORT=70000; expected a port number, or 0"),
+        ({"TEXTSERVE_PROTECT_METRICS": "yes"}, "TEXTSERVE_PROTECT_METRICS='yes'; expected 0 or 1"),
+        ({"TEXTSERVE_MODEL_LOAD_TIMEOUT_S": "0"}, "TEXTSERVE_MODEL_LOAD_TIMEOUT_S must be at least 1"),
         ({"TEXTSERVE_ACCESS_LOG": "yes"}, "TEXTSERVE_ACCESS_LOG='yes'; expected 0 or 1"),
         ({"TEXTSERVE_ORT_THREADS": "-1"}, "TEXTSERVE_ORT_THREADS"),
     ],

@@ -4,7 +4,7 @@ Several processes serve: the HTTP workers (each with its own sessions when inlin
 TEXTSERVE_INFERENCE=runner, the runner processes that own the sessions. A load answered 200
 must mean that every one of them serves the new version, so they agree through files in one
 folder per server (TEXTSERVE_MODEL_STATE_DIR, default the temporary folder, then
-textserve-<arbiter pid>-models/; the arbiter is BentoML's parent of every worker):
+textserve-<arbiter pid>-<its start time>-models/; the arbiter is BentoML's parent of every worker):
 
     desired.json       {"generation": g, "models": {name: store tag, or null when unloaded}}
                        written by the process that answers a load or unload, one at a time
@@ -58,8 +58,19 @@ class Desired:
 
 
 def state_folder(settings: ServiceSettings, parent_pid: int | None = None) -> Path:
+    """This server's folder: named by its arbiter's pid and start time, so that a server started
+    later with the same pid (a container restarted in the same pod keeps /tmp) starts afresh."""
+    parent_pid = parent_pid or os.getppid()
     folder = settings.model_state_dir or tempfile.gettempdir()
-    return Path(folder) / f"textserve-{parent_pid or os.getppid()}-models"
+    return Path(folder) / f"textserve-{parent_pid}-{process_start(parent_pid)}-models"
+
+
+def process_start(pid: int) -> str:
+    """When `pid` started, in clock ticks since boot (Linux /proc), or "" where unknown."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def participants(settings: ServiceSettings) -> list[str]:
