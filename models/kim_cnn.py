@@ -89,17 +89,24 @@ class KimCNN(nn.Module):
         for channel in frozen:
             self.embeddings[channel].weight.requires_grad_(False)
 
-    def pooled_features(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Max-over-time features (B, F * len(widths)) and where each window starts (same shape)."""
+    def window_scores(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Per filter width, every filter's score of every window: (B, F, T - width + 1), 0 for
+        a window that does not end inside its row's length."""
         vectors = torch.cat([embedding(token_ids) for embedding in self.embeddings], dim=2)  # (B, T, C*E)
         vectors = vectors.transpose(1, 2)  # (B, C*E, T): Conv1d slides over the last axis
-        pooled, starts = [], []
+        scores = []
         for convolution, width in zip(self.convolutions, self.config.filter_widths):
             feature_maps = torch.relu(convolution(vectors))  # (B, F, T - width + 1)
             window_starts = torch.arange(feature_maps.shape[2], device=token_ids.device)  # (T - width + 1,)
             # A window is real when it ends inside the row's own length.
             inside = window_starts.unsqueeze(0) <= (lengths - width).unsqueeze(1)  # (B, T - width + 1)
-            feature_maps = feature_maps * inside.unsqueeze(1).to(feature_maps.dtype)
+            scores.append(feature_maps * inside.unsqueeze(1).to(feature_maps.dtype))
+        return scores
+
+    def pooled_features(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max-over-time features (B, F * len(widths)) and where each window starts (same shape)."""
+        pooled, starts = [], []
+        for feature_maps in self.window_scores(token_ids, lengths):
             values, positions = feature_maps.max(dim=2)  # (B, F) each: the winning window of each filter
             pooled.append(values)
             starts.append(positions)

@@ -133,3 +133,29 @@ def test_results_table_has_a_row_per_bundle(small_run, tmp_path):
     assert row["latency_ms"] > 0 and row["throughput"] > 0
     text = (tmp_path / "results.md").read_text()
     assert "| `tiny-trec6` | kim-cnn rand | trec6 |" in text and "| 31 | 4 |" in text  # the dilated table too
+
+
+def test_a_window_tie_that_rounding_breaks_either_way_passes_parity_but_another_window_does_not(small_run):
+    """A text with the same n-gram twice: its two windows score the same, so PyTorch's first
+    and another runtime's second are the same explanation; a window that scores less is not."""
+    checkpoint, _ = small_run
+    model = load_model(checkpoint)
+    encoder = encoder_for(checkpoint)
+    token_ids, lengths = encoder.encode_batch(["what is the capital of peru , what is the capital of peru"])
+    inputs = (torch.from_numpy(token_ids), torch.from_numpy(lengths))
+    with torch.no_grad():
+        features, starts = model.pooled_features(*inputs)
+        scores = model.window_scores(*inputs)
+    expected = starts.numpy()
+    fired = (features > 0).numpy()
+    width_index = 0
+    per_width = model.config.feature_maps
+    repeat = len("what is the capital of peru ,".split())  # the second copy starts this many tokens later
+    feature = next(j for j in range(per_width) if features[0, j] > 0.01 and expected[0, j] + repeat < scores[0].shape[2]
+                   and abs(float(scores[0][0, j, expected[0, j]] - scores[0][0, j, expected[0, j] + repeat])) <= export_module.PARITY_ATOL)
+    tied = expected.copy()
+    tied[0, feature] += repeat
+    assert export_module.same_windows(model, inputs, expected, tied, fired)
+    weaker = expected.copy()
+    weaker[0, feature] = int(np.argmin(scores[width_index][0, feature].numpy()))
+    assert not export_module.same_windows(model, inputs, expected, weaker, fired)

@@ -242,7 +242,16 @@ def repository_body(raw: bytes, allowed: tuple[str, ...], what: str) -> dict:
     return body
 
 
-@router.post("/repository/index", summary="Every bundle the server can serve, with its state (Triton's repository index)")
+def optional_json_body(properties: dict) -> dict:
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": properties}}}}}
+
+
+PARAMETERS = {"parameters": {"type": "object", "description": "Triton's load parameters; none is supported (config and files are refused)"}}
+
+
+@router.post("/repository/index", summary="Every bundle the server can serve, with its state (Triton's repository index)",
+             openapi_extra=optional_json_body({"ready": {"type": "boolean", "description": "only the models that are READY"}}))
 async def repository_index(request: Request, service=Depends(bentoml.get_current_service)) -> Response:
     body = repository_body(await request.body(), (), "the repository index")
     ready_only = body.get("ready", False)
@@ -251,14 +260,16 @@ async def repository_index(request: Request, service=Depends(bentoml.get_current
     return json_response(service.repository.index(service.model_set, ready_only))
 
 
-@router.post("/repository/models/{name}/load", summary="Load or reload a bundle from the zoo folder, in every worker")
+@router.post("/repository/models/{name}/load", summary="Load or reload a bundle from the zoo folder, in every worker",
+             openapi_extra=optional_json_body(PARAMETERS))
 async def repository_load(name: str, request: Request, service=Depends(bentoml.get_current_service)) -> Response:
     repository_body(await request.body(), (), "load")
     await service.repository.load(name)
     return json_response(loaded_entry(service, name))
 
 
-@router.post("/repository/models/{name}/unload", summary="Stop serving a model, in every worker, once its requests in flight finish")
+@router.post("/repository/models/{name}/unload", summary="Stop serving a model, in every worker, once its requests in flight finish",
+             openapi_extra=optional_json_body({"parameters": {"type": "object", "properties": {"unload_dependents": {"type": "boolean"}}}}))
 async def repository_unload(name: str, request: Request, service=Depends(bentoml.get_current_service)) -> Response:
     repository_body(await request.body(), ("unload_dependents",), "unload")
     await service.repository.unload(name, service.model_set)
