@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import re
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.backends.inference import TextClassifier, read_bundle, sha256_file
+from services.backends.model_control import state_folder
+from services.config import ServiceSettings
 from training.datasets import read_trec, split_dev
 from training.export_onnx import export_bundle
 from training.train_classifier import train_classifier
@@ -57,6 +60,12 @@ def export_own(zoo: Path, work: Path, trec_path: Path, seed: int, epochs: int) -
     shutil.rmtree(zoo / OWN, ignore_errors=True)
     shutil.copytree(staged, zoo / OWN)
     return staged
+
+
+def server_pid(url: str) -> int:
+    """The `bentoml serve` process (BentoML's arbiter, whose pid names the model-state folder)."""
+    found = subprocess.run(["pgrep", "-f", f"bentoml serve .*--port {url.rsplit(':', 1)[1]}"], capture_output=True, text=True)
+    return int(found.stdout.split()[0])
 
 
 def expected(bundle_dir: Path, texts: list[str]) -> np.ndarray:
@@ -132,6 +141,12 @@ def test_a_bundle_exported_while_serving_is_loaded_and_served_by_both_workers(se
     for _, answer in answers:
         assert answer["model_version"] == read_bundle(staged).sha256[:16]
         np.testing.assert_allclose(probabilities_of(answer), want, atol=1e-5)
+    # Both workers applied the change before the load was answered: their acks in the server's folder
+    folder = state_folder(ServiceSettings(), parent_pid=server_pid(server["url"]))
+    desired = json.loads((folder / "desired.json").read_text())
+    acks = {path.stem: json.loads(path.read_text()) for path in (folder / "acks").glob("*.json")}
+    assert desired["models"][OWN] == f"{OWN}:{read_bundle(staged).sha256[:16]}"
+    assert {name for name, ack in acks.items() if ack["generation"] >= desired["generation"]} == {"http-1", "http-2"}
     metadata = http.get_model_metadata(OWN, headers=auth(API_KEYS[1]))
     assert metadata["versions"] == [read_bundle(staged).sha256[:16]]
     listed = requests.get(f"{server['url']}/models", headers=auth(API_KEYS[0]), timeout=30).json()["models"]
