@@ -146,7 +146,7 @@ class TextService:
         from bentoml._internal.context import server_context
 
         me = f"http-{server_context.worker_index or 1}"
-        self.model_state.acknowledge(me, self.model_set.generation, self.model_set.generation, {})
+        self.acknowledge(me, {})
         self.control = asyncio.get_running_loop().create_task(
             watch(self.model_state, lambda: self.model_set.generation, lambda desired: self.apply_models(me, desired), self.model_change))
 
@@ -166,27 +166,38 @@ class TextService:
             await self.grpc_server.stop(GRPC_GRACE_S)  # the calls in flight finish, new ones are refused
 
     async def apply_models(self, me: str, desired: Desired) -> None:
-        """This worker's part of a model change: inline, build the new sessions here; with the
-        shared runner, wait until every runner process has them. Then swap and confirm."""
+        """This worker's part of a model change (model_control.py): inline, build the new
+        version's sessions here; with the shared runner, swap only once every runner process
+        has swapped. Each step confirmed in this worker's ack."""
         runners = [name for name in participants(SETTINGS) if name.startswith("runner-")]
+        inline = SETTINGS.inference_mode == "inline"
 
         async def prepare(name: str, tag: str, bundle: Bundle) -> None:
-            if SETTINGS.inference_mode == "inline":
-                return await asyncio.to_thread(self.runner.instance.add_model, tag, bundle)
+            if inline:  # with the shared runner, the runner builds them; the bundle is read and checked here
+                await asyncio.to_thread(self.runner.instance.add_model, tag, bundle)
+
+        async def runner_has_it(name: str, tag: str) -> None:
             acks = await self.model_state.wait_for(runners, desired.generation, SETTINGS.model_load_timeout_s, "loaded")
             refused = [acks[runner]["failures"][name] for runner in runners if name in acks[runner].get("failures", {})]
             if refused:
                 raise BundleError(refused[0])
 
         def release(tag: str) -> None:
-            if SETTINGS.inference_mode == "inline":
+            if inline:
                 self.runner.instance.remove_model(tag)
 
-        failures = await self.model_set.apply(desired, prepare, release, SETTINGS.request_timeout_s)
-        for name in desired.models:
-            metrics.model_loaded.labels(model=name).set(1 if name in self.bundles else 0)
-        app.openapi_schema = None  # the document lists the loaded models: built again on its next request
-        self.model_state.acknowledge(me, desired.generation, desired.generation, failures)
+        def confirm(failures: dict[str, str]) -> None:
+            for name in desired.models:
+                metrics.model_loaded.labels(model=name).set(1 if name in self.bundles else 0)
+            app.openapi_schema = None  # the document lists the loaded models: built again on its next request
+            self.acknowledge(me, failures)
+
+        await self.model_set.apply(desired, prepare, release, confirm, SETTINGS.request_timeout_s,
+                                   None if inline else runner_has_it)
+
+    def acknowledge(self, me: str, failures: dict[str, str]) -> None:
+        models = self.model_set
+        self.model_state.acknowledge(me, models.generation, models.generation, failures, dict(models.tags), list(models.draining))
 
     def bundle(self, name: str, kind: str | None = None) -> Bundle:
         """The named bundle; 404 if unknown, 400 if it is not of `kind` ("classifier" or "language model")."""
@@ -281,17 +292,23 @@ class TextService:
             request_timing.record(0.0, time.perf_counter() - started)
             return answer
 
-    async def generation(self, cost: int, **arguments) -> tuple[dict, AsyncIterator[dict]]:
+    async def generation(self, cost: int, **arguments) -> tuple[dict, GeneratedWords]:
         """Start the runner's streamed generation, admitted at `cost` (the words asked for) until
         the stream ends. Returns once its first line (the prefix's tokens) has arrived, so a
         refusal is still an HTTP error, with the rest of the lines (one word each) as an async
-        iterator."""
+        iterable that gives the admission and the model version back when it is exhausted,
+        fails or is closed, even if it never started (a client that left after the start)."""
         arguments["model"] = tag = self.store_tags[arguments["model"]]
         self.reserve(cost)
         holding = self.model_set.holding(tag)
         holding.__enter__()  # until the stream ends
         started = time.perf_counter()
         lines: AsyncIterator[dict] | None = None
+
+        def give_back() -> None:
+            self.release(cost)
+            holding.__exit__(None, None, None)
+            request_timing.record(0.0, time.perf_counter() - started)  # seen when not streamed
 
         async def start() -> dict:
             nonlocal lines
@@ -302,21 +319,9 @@ class TextService:
             with runner_errors():
                 first = await with_connection_retry(start)
         except BaseException:
-            self.release(cost)
-            holding.__exit__(None, None, None)
+            give_back()
             raise
-
-        async def rest() -> AsyncIterator[dict]:
-            try:
-                with runner_errors():  # a failure mid-stream, too, reaches the client as an ApiError
-                    async for line in lines:
-                        yield line
-            finally:
-                self.release(cost)
-                holding.__exit__(None, None, None)
-                request_timing.record(0.0, time.perf_counter() - started)  # seen when not streamed
-
-        return first, rest()
+        return first, GeneratedWords(lines, give_back)
 
     @contextlib.contextmanager
     def admitted(self, cost: int) -> Iterator[None]:
@@ -374,6 +379,29 @@ TextService.add_asgi_middleware(LimitBodySize, limit=SETTINGS.max_body_bytes)
 TextService.add_asgi_middleware(JsonNotFound)
 # Outside all of that, and of BentoML's own middlewares: the hot routes in one pass (http/front.py).
 front.install(TextService, ADMISSION, lambda: SERVING)
+
+
+class GeneratedWords:
+    """The words of a generation after its first line, as an async iterable; `close()` (also
+    called when the words run out or fail) gives back what the request held, once."""
+
+    def __init__(self, lines: AsyncIterator[dict], give_back) -> None:
+        self.lines = lines
+        self.give_back = give_back
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.give_back()
+
+    async def __aiter__(self) -> AsyncIterator[dict]:
+        try:
+            with runner_errors():  # a failure mid-stream, too, reaches the client as an ApiError
+                async for line in self.lines:
+                    yield line
+        finally:
+            self.close()
 
 
 def article(noun: str) -> str:

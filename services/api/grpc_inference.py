@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import os
 import tempfile
 import time
@@ -87,14 +88,17 @@ def decoded_request(request: service_pb2.ModelInferRequest) -> InferRequest:
         if field_name is None:
             raise OIPError(f"{label}: unsupported datatype {tensor.datatype!r}; expected one of {sorted(CONTENTS_FIELDS)}")
         values = list(getattr(tensor.contents, field_name))
-        if len(values) != int(np.prod(shape)):
+        if len(values) != math.prod(shape):  # Python integers: a huge shape cannot wrap around
             raise OIPError(f"{label}: contents.{field_name} has {len(values)} element(s) but shape {list(shape)} "
-                           f"requires {int(np.prod(shape))}")
+                           f"requires {math.prod(shape)}")
         if tensor.datatype == "BYTES":
             array = np.empty(len(values), dtype=object)
             array[:] = values
         else:
-            array = np.array(values, dtype=numpy_dtype(tensor.datatype))
+            try:
+                array = np.array(values, dtype=numpy_dtype(tensor.datatype))
+            except OverflowError as error:  # int_contents carries int32: 300 does not fit INT8
+                raise OIPError(f"{label}: value out of range for {tensor.datatype}: {error}") from None
         inputs[tensor.name] = array.reshape(shape)
     if not inputs:
         raise OIPError("'inputs' must be a non-empty list")
@@ -120,8 +124,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if self.keys.enabled and call not in OPEN_CALLS:
                 authorization = dict(context.invocation_metadata()).get("authorization")
                 self.keys.check(authorization, call in ADMIN_CALLS)
-            timeout = self.settings.model_load_timeout_s + 5 if call in ADMIN_CALLS else self.settings.request_timeout_s
-            return await within_timeout(work(), timeout)
+            if call in ADMIN_CALLS:  # a prepare and a commit, each waited for with its own 504 that names who is late
+                return await within_timeout(work(), self.settings.model_load_timeout_s * 2 + 10, "TEXTSERVE_MODEL_LOAD_TIMEOUT_S")
+            return await within_timeout(work(), self.settings.request_timeout_s)
         except ApiError as error:
             status = error.status
             await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)
@@ -129,6 +134,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             status = 400
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except asyncio.CancelledError:
+            status = 499  # the client cancelled the call (or the server is stopping): nobody to answer
             raise
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
@@ -139,6 +145,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             request_timing.current_timing.reset(token)
             endpoint = f"/{SERVICE}/{call}"
+            model = model if model in self.service.bundles else ""  # a client's name is a label only once it names a model
             metrics.requests_total.labels(model=model, endpoint=endpoint, status=str(status)).inc()
             metrics.request_duration_seconds.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
 

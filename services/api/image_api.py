@@ -113,6 +113,9 @@ async def classify_image(request: Request, service=Depends(bentoml.get_current_s
         return encode_all(service.image_encoder(bundle), grids)
 
     encoded = await anyio.to_thread.run_sync(decode)
+    if service.bundle(bundle.name, IMAGE_CLASSIFIER) is not bundle:  # reloaded (or unloaded: 404) meanwhile
+        raise ApiError(503, f"model {bundle.name!r} was reloaded while these images were decoded with its old version; "
+                            "retry", {"Retry-After": "1"})
     probabilities = await service.image_probabilities(bundle.name, encoded)
     return json_response({"model": bundle.name, "results": top_k_results(bundle.labels, probabilities, k)})
 

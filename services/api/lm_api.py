@@ -9,6 +9,7 @@ import math
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 import bentoml
 from services.http.errors import ApiError
@@ -106,8 +107,11 @@ async def generate(request: Request, service=Depends(bentoml.get_current_service
                                             temperature=float(body.temperature), top_k=body.top_k, seed=body.seed,
                                             stop_at_eos=body.stop_at_eos)
     if body.stream or "text/event-stream" in request.headers.get("accept", ""):
+        # words.close as a background task too: a client that leaves before the stream starts
+        # never runs server_sent_events' own finally
         return StreamingResponse(server_sent_events(bundle.name, start["prefix_tokens"], words),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(words.close))
     generated = [word async for word in words]
     return GenerateResponse(model=bundle.name, prefix_tokens=start["prefix_tokens"], words=generated,
                             text=" ".join(word["word"] for word in generated))
@@ -129,15 +133,18 @@ async def json_lines(chunks):
 async def server_sent_events(model: str, prefix_tokens: list[str], words):
     """event: start (the prefix's tokens), one event: word per word, then event: done with the
     whole answer; a failure mid-stream ends with event: error rather than a cut connection."""
-    yield f"event: start\ndata: {json.dumps({'model': model, 'prefix_tokens': prefix_tokens})}\n\n"
-    generated = []
     try:
-        async for word in words:
-            generated.append(word)
-            yield f"event: word\ndata: {json.dumps(word)}\n\n"
-    except Exception as error:  # noqa: BLE001 - the 200 status line is sent; the client learns of it here
-        yield f"event: error\ndata: {json.dumps({'error': f'generation failed after {len(generated)} words: {error}'})}\n\n"
-        return
+        yield f"event: start\ndata: {json.dumps({'model': model, 'prefix_tokens': prefix_tokens})}\n\n"
+        generated = []
+        try:
+            async for word in words:
+                generated.append(word)
+                yield f"event: word\ndata: {json.dumps(word)}\n\n"
+        except Exception as error:  # noqa: BLE001 - the 200 status line is sent; the client learns of it here
+            yield f"event: error\ndata: {json.dumps({'error': f'generation failed after {len(generated)} words: {error}'})}\n\n"
+            return
+    finally:
+        words.close()  # the client left mid-stream: give back what the request held
     done = {"model": model, "prefix_tokens": prefix_tokens, "words": generated, "text": " ".join(w["word"] for w in generated)}
     yield f"event: done\ndata: {json.dumps(done)}\n\n"
 

@@ -6,21 +6,28 @@ must mean that every one of them serves the new version, so they agree through f
 folder per server (TEXTSERVE_MODEL_STATE_DIR, default the temporary folder, then
 textserve-<arbiter pid>-<its start time>-models/; the arbiter is BentoML's parent of every worker):
 
-    desired.json       {"generation": g, "models": {name: store tag, or null when unloaded}}
-                       written by the process that answers a load or unload, one at a time
-                       (an flock on `lock`); created at start-up from the startup model set by
-                       the first process to start, so that a worker BentoML restarts later
-                       serves what the others serve, not what the zoo held at start
+    desired.json       {"generation": g, "models": {name: store tag, or null when unloaded},
+                        "prepare": {name: store tag}}
+                       written by the process that answers a load or unload, one change at a
+                       time (an asyncio lock, then an flock on `lock`); created at start-up from
+                       the startup model set by the first process to start, so that a worker
+                       BentoML restarts later serves what the others serve, not what the zoo
+                       held at start
     acks/<who>.json    each process's answer: {"generation": the last one it has applied,
-                       "loaded": the last whose sessions are in place, "failures": {name: reason}}
+                       "loaded": the same, written once its swap is done, "failures": {name:
+                       reason}, "serving": {name: tag}, "draining": [tags still answering]}
 
-Each process watches desired.json (a stat every WATCH_INTERVAL_S) and applies a new generation
-(ServedModels.apply): a new version's bundle is read from the BentoML store by its tag,
-sha256-checked, its sessions built and warmed up, and only then swapped in under its name; the
-old version's sessions are freed once the requests in flight on it have finished (they finish
-on it: a request picks its model's tag once, when it starts). A bundle that fails any of that
-is reported in the process's ack and the version already serving keeps serving; the process
-that asked then puts the previous version back everywhere and answers 400 with the reason.
+A load is two generations, so that a bundle one process refuses never serves anywhere:
+1. prepare: every process reads the new version's bundle from the BentoML store by its tag,
+   checks its sha256s and builds and warms up its sessions (the process that owns sessions:
+   each HTTP worker inline, the runner with TEXTSERVE_INFERENCE=runner), serving nothing new;
+   if any refuses, the publisher drops the prepared version everywhere and answers 400 with
+   the reason, and nothing has changed;
+2. commit: every process swaps the prepared version in under its name (with the shared runner,
+   an HTTP worker swaps once the runner has) and confirms; the answer is 200 once all have.
+The old version's sessions are freed once the requests in flight on it have finished (they
+finish on it: a request picks its model's tag once, when it starts); the runner frees a tag
+only when no HTTP worker's ack lists it as serving or draining. An unload is one commit.
 """
 
 from __future__ import annotations
@@ -39,10 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import bentoml
-from bentoml.exceptions import BentoMLException
 
-from services.backends.inference import MANIFEST, Bundle, BundleError, read_bundle
-from services.backends.model_store import import_bundle, store_tag
+from services.backends.inference import MANIFEST, Bundle, read_bundle
+from services.backends.model_store import LOAD_ERRORS, import_bundle, store_tag
 from services.config import ServiceSettings
 from services.http.errors import ApiError
 
@@ -55,6 +61,7 @@ DRAIN_POLL_S = 0.01
 class Desired:
     generation: int
     models: dict[str, str | None]  # name -> store tag; None: unloaded
+    prepare: dict[str, str] = field(default_factory=dict)  # name -> tag to build, not yet to serve
 
 
 def state_folder(settings: ServiceSettings, parent_pid: int | None = None) -> Path:
@@ -95,22 +102,27 @@ class ModelState:
         self.desired_path = folder / "desired.json"
         self.acks_folder = folder / "acks"
         self.seen: tuple[int, int] | None = None
+        self.in_process = asyncio.Lock()
 
     def initialise(self, startup: dict[str, str]) -> Desired:
         """The model set to serve: the one already agreed on, or `startup` (name -> tag) if this
         is the server's first process to get here."""
         self.acks_folder.mkdir(parents=True, exist_ok=True)
-        with self.locked_sync():
-            if not self.desired_path.is_file():
-                write_atomically(self.desired_path, {"generation": 0, "models": startup})
+        if not self.desired_path.is_file():  # created only if absent, without the lock a change may hold
+            temporary = self.folder / f".desired.{os.getpid()}.tmp"
+            temporary.write_text(json.dumps({"generation": 0, "models": startup, "prepare": {}}))
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, self.desired_path)  # atomic: the first process to get here wins
+            temporary.unlink()
         return self.read()
 
     def read(self) -> Desired:
         content = json.loads(self.desired_path.read_text())
-        return Desired(int(content["generation"]), dict(content["models"]))
+        return Desired(int(content["generation"]), dict(content["models"]), dict(content.get("prepare", {})))
 
     def write(self, desired: Desired) -> None:
-        write_atomically(self.desired_path, {"generation": desired.generation, "models": desired.models})
+        write_atomically(self.desired_path, {"generation": desired.generation, "models": desired.models,
+                                             "prepare": desired.prepare})
 
     def changed(self) -> bool:
         """Whether desired.json changed since the last call (one stat)."""
@@ -124,29 +136,29 @@ class ModelState:
         self.seen = signature
         return True
 
-    @contextlib.contextmanager
-    def locked_sync(self) -> Iterator[None]:
-        with open(self.folder / "lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    @contextlib.asynccontextmanager
+    async def locked(self):
+        """One change at a time across every process: this process's requests queue on an
+        asyncio lock (not in threads), then one at a time takes the flock, polled."""
+        async with self.in_process:
+            lock = open(self.folder / "lock", "a")
             try:
+                while True:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(WATCH_INTERVAL_S / 2)
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.close()
 
-    @contextlib.asynccontextmanager
-    async def locked(self):
-        """One change at a time across every process (and every request in this one)."""
-        lock = open(self.folder / "lock", "a")
-        try:
-            await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            lock.close()
-
-    def acknowledge(self, participant: str, generation: int, loaded: int, failures: dict[str, str]) -> None:
+    def acknowledge(self, participant: str, generation: int, loaded: int, failures: dict[str, str],
+                    serving: dict[str, str] | None = None, draining: list[str] | None = None) -> None:
         write_atomically(self.acks_folder / f"{participant}.json",
-                         {"generation": generation, "loaded": loaded, "failures": failures, "pid": os.getpid()})
+                         {"generation": generation, "loaded": loaded, "failures": failures, "serving": serving or {},
+                          "draining": draining or [], "pid": os.getpid()})
 
     def acks(self) -> dict[str, dict]:
         found = {}
@@ -173,13 +185,16 @@ class ModelState:
 
 
 async def watch(state: ModelState, applied: Callable[[], int], apply: Callable[[Desired], Awaitable[None]],
-                wake: asyncio.Event) -> None:
+                wake: asyncio.Event, every_tick: Callable[[], None] | None = None) -> None:
     """Apply each new generation of desired.json as it appears (every WATCH_INTERVAL_S, or at
-    once when `wake` is set by this process's own change). Runs until cancelled."""
+    once when `wake` is set by this process's own change), and call `every_tick` each time.
+    Runs until cancelled."""
     while True:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(wake.wait(), WATCH_INTERVAL_S)
         wake.clear()
+        if every_tick is not None:
+            every_tick()
         if not state.changed():
             continue
         try:
@@ -207,7 +222,8 @@ def agreed(settings: ServiceSettings, bundles: list[Bundle], failures: dict[str,
             try:
                 by_name[name] = stored_bundle(tag)
                 failures.pop(name, None)
-            except (BundleError, BentoMLException, OSError, ValueError, KeyError) as error:
+            except LOAD_ERRORS as error:
+                by_name.pop(name, None)  # not the startup version either: nobody agreed on it
                 failures[name] = reason_of(error)
     return list(by_name.values()), failures, desired.generation, frozenset(unloaded)
 
@@ -232,6 +248,8 @@ class ServedModels:
     tags: dict[str, str] = field(default_factory=dict)
     in_flight: Counter = field(default_factory=Counter)
     generation: int = 0
+    prepared: dict[str, Bundle] = field(default_factory=dict)  # tag -> bundle built, not yet served
+    draining: list[str] = field(default_factory=list)  # tags replaced, still answering requests in flight
 
     def __post_init__(self) -> None:
         self.tags = {name: store_tag(bundle) for name, bundle in self.bundles.items()}
@@ -253,30 +271,51 @@ class ServedModels:
             await asyncio.sleep(DRAIN_POLL_S)
 
     async def apply(self, desired: Desired, prepare: Callable[[str, str, Bundle], Awaitable[None]],
-                    release: Callable[[str], None], drain_timeout_s: float,
-                    loaded: Callable[[dict[str, str]], Awaitable[None]] | None = None) -> dict[str, str]:
-        """Move to `desired`: for each name whose tag differs, read and check the new bundle,
-        `prepare(name, tag, bundle)` (build and warm up its sessions, or wait for the runner's),
-        then swap it in; a name set to None stops taking requests. Then `loaded(failures)` if
-        given, the requests in flight on the versions replaced finish, and `release(tag)` frees
-        each. A name whose new bundle fails keeps its old version; returns name -> reason."""
+                    release: Callable[[str], None], confirm: Callable[[dict[str, str]], None], drain_timeout_s: float,
+                    before_swap: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+        """Move to `desired`, then `confirm(failures)` (name -> reason), then, once the requests
+        in flight on the versions replaced have finished, `release` each and confirm again.
+
+        - desired.prepare: read and check each new version's bundle and `prepare(name, tag,
+          bundle)` it (build and warm up its sessions), serving nothing new yet; a prepared
+          version that desired no longer names (an aborted load) is released.
+        - desired.models: swap each name whose tag differs to its prepared version (or prepare
+          it now: a process that started after the prepare phase), `before_swap(name, tag)`
+          first if given; None stops the name taking requests. A version that fails keeps
+          the old one serving here."""
         failures: dict[str, str] = {}
+        for name, tag in desired.prepare.items():
+            if tag not in self.prepared and tag != self.tags.get(name):
+                try:
+                    self.prepared[tag] = await self.built(name, tag, prepare)
+                except Exception as error:  # BundleError, onnxruntime's, ...
+                    failures[name] = reason_of(error)
+                    logger.error("model %s: version %s refused: %s", name, tag, error)
+        wanted = set(desired.prepare.values()) | {tag for tag in desired.models.values() if tag}
+        for tag in [tag for tag in self.prepared if tag not in wanted]:
+            del self.prepared[tag]  # a load that was called off
+            release(tag)
         retired: list[str] = []
         for name, tag in desired.models.items():
             current = self.tags.get(name)
             if tag == current:
+                if tag is None and name in self.failed:  # unloading a model that failed at start
+                    self.failed.pop(name)
+                    self.unloaded.add(name)
                 continue
             if tag is None:
                 self.bundles.pop(name, None)
                 self.tags.pop(name, None)
+                self.failed.pop(name, None)
                 self.unloaded.add(name)
                 retired.append(current)
                 logger.info("model %s unloaded (was %s)", name, current)
                 continue
             try:
-                bundle = await asyncio.to_thread(stored_bundle, tag)
-                await prepare(name, tag, bundle)
-            except Exception as error:  # BundleError, onnxruntime's, a runner's refusal, ...
+                bundle = self.prepared.pop(tag, None) or await self.built(name, tag, prepare)
+                if before_swap is not None:
+                    await before_swap(name, tag)
+            except Exception as error:
                 failures[name] = reason_of(error)
                 logger.error("model %s: version %s refused, %s keeps serving: %s", name, tag, current or "nothing", error)
                 continue
@@ -287,12 +326,19 @@ class ServedModels:
                 retired.append(current)
             logger.info("model %s now serves %s (was %s)", name, tag, current or "not loaded")
         self.generation = desired.generation
-        if loaded is not None:
-            await loaded(failures)
-        await self.drained(retired, drain_timeout_s)
-        for tag in retired:
+        self.draining = [tag for tag in retired if tag is not None]
+        confirm(failures)
+        await self.drained(self.draining, drain_timeout_s)
+        for tag in self.draining:
             release(tag)
-        return failures
+        if self.draining:
+            self.draining = []
+            confirm(failures)
+
+    async def built(self, name: str, tag: str, prepare: Callable[[str, str, Bundle], Awaitable[None]]) -> Bundle:
+        bundle = await asyncio.to_thread(stored_bundle, tag)
+        await prepare(name, tag, bundle)
+        return bundle
 
 
 # --------------------------------------------------------------------------- the repository API
@@ -353,7 +399,7 @@ class Repository:
             await asyncio.to_thread(read_bundle, source)  # the zoo's files as they are now, against its manifest
             tag = await asyncio.to_thread(import_bundle, source)
             bundle = await asyncio.to_thread(stored_bundle, tag)
-        except (BundleError, BentoMLException, OSError, ValueError, KeyError) as error:
+        except LOAD_ERRORS as error:
             raise ApiError(400, f"bundle {name!r} refused: {reason_of(error)}; the version already serving, if any, "
                                 "keeps serving") from None
         if bundle.name != name:
@@ -385,21 +431,38 @@ class Repository:
         await asyncio.shield(change)
 
     async def change(self, name: str, tag: str | None) -> None:
-        """Set `name` to `tag` in every process; back to what it was if any of them refused."""
+        """Set `name` to `tag` in every process: prepared everywhere first, then committed; if
+        any process refuses the prepared version, it is dropped everywhere and nothing changes."""
         who = participants(self.settings)
         async with self.state.locked():
             desired = self.state.read()
             previous = desired.models.get(name)
-            failures = await self.publish(Desired(desired.generation + 1, {**desired.models, name: tag}), who, name)
-            if not failures:
-                return
-            await self.publish(Desired(desired.generation + 2, {**desired.models, name: previous}), who, name)
-        first = next(iter(failures.values()))
-        serving = f"version {previous.partition(':')[2]} keeps serving" if previous else "it stays unloaded"
-        raise ApiError(400, f"model {name!r} refused by {sorted(failures)}: {first}; {serving}")
+            generation = desired.generation
+            if tag is not None and tag != previous:
+                generation += 1
+                failures = await self.publish(Desired(generation, desired.models, {name: tag}), who, name)
+                if failures:
+                    await self.publish(Desired(generation + 1, desired.models), who, name)  # called off
+                    first = next(iter(failures.values()))
+                    serving = f"version {previous.partition(':')[2]} keeps serving" if previous else "nothing was loaded"
+                    raise ApiError(400, f"model {name!r} refused by {sorted(failures)}: {first}; {serving}")
+            failures = await self.publish(Desired(generation + 1, {**desired.models, name: tag}), who, name)
+        if failures:  # a process that started between the two phases and could not build it (rare)
+            raise ApiError(500, f"model {name!r}: processes {sorted(failures)} could not take the new version "
+                                f"({next(iter(failures.values()))}) and keep the previous one; the others serve the new one")
 
     async def publish(self, desired: Desired, who: list[str], name: str) -> dict[str, str]:
+        """Write `desired` and wait until every process has confirmed it: process -> why it
+        refused `name` (none when all took it). A 504 if some do not confirm in time; a
+        prepare that times out is called off first (written, not waited for)."""
         self.state.write(desired)
         self.wake.set()  # this process applies it at once; the others within WATCH_INTERVAL_S
-        acks = await self.state.wait_for(who, desired.generation, self.settings.model_load_timeout_s)
+        try:
+            # A little longer than the processes' own waits (for the runner), so that theirs end first.
+            acks = await self.state.wait_for(who, desired.generation, self.settings.model_load_timeout_s + 10)
+        except ApiError:
+            if desired.prepare:
+                self.state.write(Desired(desired.generation + 1, desired.models))
+                self.wake.set()
+            raise
         return {process: acks[process]["failures"][name] for process in who if name in acks[process].get("failures", {})}

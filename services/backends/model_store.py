@@ -25,6 +25,10 @@ from services.config import ServiceSettings
 from services.backends.inference import MANIFEST, Bundle, BundleError, read_bundle, sha256_file
 
 
+# What reading a bundle from the zoo or the store can raise: it is then reported, not served.
+LOAD_ERRORS = (BundleError, BentoMLException, OSError, ValueError, KeyError)
+
+
 def zoo_bundles(settings: ServiceSettings) -> list[Path]:
     """Bundle folders of the zoo (those holding a manifest), limited to settings.models if set."""
     if not settings.zoo.is_dir():
@@ -82,7 +86,7 @@ def zoo_tags(settings: ServiceSettings) -> list[str]:
     for path in zoo_bundles(settings):
         try:
             tags.append(import_bundle(path))
-        except (BundleError, BentoMLException, OSError, ValueError, KeyError):
+        except LOAD_ERRORS:
             continue
     return tags
 
@@ -136,7 +140,7 @@ def load_served(settings: ServiceSettings, bento=None) -> tuple[list[Bundle], di
     for name, tag_of in sources:
         try:
             bundles.append(read_bundle(bentoml.models.get(tag_of()).path))
-        except (BundleError, BentoMLException, OSError, ValueError, KeyError) as error:
+        except LOAD_ERRORS as error:
             failures[name] = f"{type(error).__name__}: {error}"
     return bundles, failures
 

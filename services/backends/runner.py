@@ -9,7 +9,6 @@ Next words, generation and word vectors are per-request calls (generation stream
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -27,8 +26,7 @@ from services.backends.explain import explain_texts
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
 from services.backends.language_model import CharLanguageModel
 from services.backends.inference import Bundle
-from services.backends.model_control import Desired, ModelState, ServedModels, participants, reason_of, state_folder, watch
-from services.http.errors import ApiError
+from services.backends.model_control import Desired, ModelState, ServedModels, reason_of, state_folder, watch
 from services.backends.model_store import served
 from services.backends.shared_runner import RunnerSocketServer, socket_path
 
@@ -222,28 +220,38 @@ class ModelRunner:
             self.control = asyncio.get_running_loop().create_task(self.follow_model_changes(f"runner-{index}"))
 
     async def follow_model_changes(self, me: str) -> None:
-        """As a runner process: apply each model change (model_control.py). Sessions are in
-        place first ("loaded", which the HTTP workers wait for before they send the new tag);
-        the old version's are freed once every HTTP worker has moved on to the new one."""
+        """As a runner process: apply each model change (model_control.py), building a new
+        version's sessions in its prepare phase. A replaced version's sessions are freed once
+        no HTTP worker's ack lists it as serving or draining (the HTTP workers swap after this
+        process, and finish their requests on the old version after that)."""
         state = ModelState(state_folder(SETTINGS))
-        http_workers = [name for name in participants(SETTINGS) if name.startswith("http-")]
-        state.acknowledge(me, self.model_set.generation, self.model_set.generation, {})
+        models = self.model_set
+        replaced: set[str] = set()
+
+        def confirm(failures: dict[str, str]) -> None:
+            state.acknowledge(me, models.generation, models.generation, failures, dict(models.tags), list(models.draining))
+
+        def free_unused() -> None:
+            if not replaced:
+                return
+            used = {tag for name, ack in state.acks().items() if name.startswith("http-")
+                    for tag in (*ack.get("serving", {}).values(), *ack.get("draining", []))}
+            for tag in [tag for tag in replaced if tag not in used and tag not in models.tags.values()]:
+                replaced.discard(tag)
+                self.remove_model(tag)
+
+        def release(tag: str) -> None:
+            replaced.add(tag)
+            free_unused()
+
+        async def prepare(name: str, tag: str, bundle: Bundle) -> None:
+            await asyncio.to_thread(self.add_model, tag, bundle)
 
         async def apply(desired: Desired) -> None:
-            previous = self.model_set.generation
+            await models.apply(desired, prepare, release, confirm, drain_timeout_s=0)
 
-            async def prepare(name: str, tag: str, bundle: Bundle) -> None:
-                await asyncio.to_thread(self.add_model, tag, bundle)
-
-            async def loaded(failures: dict[str, str]) -> None:
-                state.acknowledge(me, previous, desired.generation, failures)
-                with contextlib.suppress(ApiError):  # a worker not running: free the old sessions anyway
-                    await state.wait_for(http_workers, desired.generation, SETTINGS.model_load_timeout_s)
-
-            failures = await self.model_set.apply(desired, prepare, self.remove_model, SETTINGS.request_timeout_s, loaded)
-            state.acknowledge(me, desired.generation, desired.generation, failures)
-
-        await watch(state, lambda: self.model_set.generation, apply, asyncio.Event())
+        confirm({})
+        await watch(state, lambda: models.generation, apply, asyncio.Event(), free_unused)
 
     @bentoml.on_shutdown
     async def finish_what_was_asked(self) -> None:

@@ -20,7 +20,14 @@ from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
 
 
-async def within_timeout(work, timeout_s: float):
+REPOSITORY_PREFIX = "/v2/repository/"
+
+
+def timeout_variable(path: str) -> str:
+    return "TEXTSERVE_MODEL_LOAD_TIMEOUT_S" if path.startswith(REPOSITORY_PREFIX) else "TEXTSERVE_REQUEST_TIMEOUT_S"
+
+
+async def within_timeout(work, timeout_s: float, variable: str = "TEXTSERVE_REQUEST_TIMEOUT_S"):
     """Await `work` in the current task, or cancel it and raise 504 once `timeout_s` has
     passed: one timer, cancelled as soon as the work ends, and no extra task (asyncio.wait_for
     starts one per call). The fast front and gRPC calls use it."""
@@ -41,18 +48,23 @@ async def within_timeout(work, timeout_s: float):
         if not timed_out:
             raise
         task.uncancel()
-        raise ApiError(504, f"no answer within {timeout_s:g} s (TEXTSERVE_REQUEST_TIMEOUT_S); the request was cancelled") from None
+        raise ApiError(504, f"no answer within {timeout_s:g} s ({variable}); the request was cancelled") from None
     finally:
         timer.cancel()
 
 
 class TimeoutMiddleware:
     """No response started within `timeout` seconds -> the handler is cancelled and the client
-    gets 504 {"error": ...}; a response that has started (a stream) is never cut."""
+    gets 504 {"error": ...}; a response that has started (a stream) is never cut. The model
+    repository's calls (load and unload wait for every process) have TEXTSERVE_MODEL_LOAD_TIMEOUT_S
+    instead, and a little more: their own wait gives the 504 that says which process is late."""
 
     def __init__(self, app, timeout: float) -> None:
+        from services.config import SETTINGS
+
         self.app = app
         self.timeout = timeout
+        self.repository_timeout = SETTINGS.model_load_timeout_s * 2 + 10  # a prepare and a commit
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -66,7 +78,9 @@ class TimeoutMiddleware:
                 timed_out = True
                 task.cancel()
 
-        timer = asyncio.get_running_loop().call_later(self.timeout, expire)
+        repository = scope.get("path", "").startswith(REPOSITORY_PREFIX)
+        timeout = self.repository_timeout if repository else self.timeout
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
 
         async def send_marking_start(message) -> None:
             nonlocal started
@@ -81,7 +95,7 @@ class TimeoutMiddleware:
             if not timed_out:
                 raise
             task.uncancel()
-            await JSONResponse({"error": f"no answer within {self.timeout:g} s (TEXTSERVE_REQUEST_TIMEOUT_S); "
+            await JSONResponse({"error": f"no answer within {timeout:g} s ({timeout_variable(scope.get('path', ''))}); "
                                          "the request was cancelled"}, status_code=504)(scope, receive, send)
         finally:
             timer.cancel()
