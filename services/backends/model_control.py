@@ -47,8 +47,8 @@ from pathlib import Path
 
 import bentoml
 
-from services.backends.inference import MANIFEST, Bundle, read_bundle
-from services.backends.model_store import LOAD_ERRORS, import_bundle, store_tag
+from services.backends.inference import Bundle, read_bundle
+from services.backends.model_store import LOAD_ERRORS, bento_models, import_bundle, store_tag, zoo_folders
 from services.config import ServiceSettings
 from services.http.errors import ApiError
 
@@ -361,13 +361,9 @@ class Repository:
 
     def available(self) -> dict[str, Path | str]:
         """Every bundle this server can serve: name -> its zoo folder, or its store tag in the bento."""
-        found: dict[str, Path | str] = {}
-        if self.bento is not None:
-            found.update({model.tag.name: str(model.tag) for model in self.bento.info.all_models})
-        zoo = self.settings.zoo
-        if zoo.is_dir():
-            found.update({path.name: path for path in sorted(zoo.iterdir())
-                          if not path.name.startswith(".") and (path / MANIFEST).is_file()})
+        found: dict[str, Path | str] = dict(bento_models(self.bento)) if self.bento is not None else {}
+        if self.settings.zoo.is_dir():
+            found.update(zoo_folders(self.settings.zoo))
         return found
 
     def index(self, models: ServedModels, ready_only: bool = False) -> list[dict]:

@@ -29,12 +29,16 @@ from services.backends.inference import MANIFEST, Bundle, BundleError, read_bund
 LOAD_ERRORS = (BundleError, BentoMLException, OSError, ValueError, KeyError)
 
 
+def zoo_folders(zoo: Path) -> dict[str, Path]:
+    """Every bundle folder of a zoo by name (those holding a manifest; hidden staging folders skipped)."""
+    return {p.name: p for p in sorted(zoo.iterdir()) if not p.name.startswith(".") and (p / MANIFEST).is_file()}
+
+
 def zoo_bundles(settings: ServiceSettings) -> list[Path]:
-    """Bundle folders of the zoo (those holding a manifest), limited to settings.models if set."""
+    """Bundle folders of the zoo, limited to settings.models if set."""
     if not settings.zoo.is_dir():
         raise BundleError(f"model zoo {settings.zoo} does not exist")
-    found = {p.name: p for p in sorted(settings.zoo.iterdir()) if not p.name.startswith(".") and (p / MANIFEST).is_file()}
-    return selected(found, settings, f"model zoo {settings.zoo}")
+    return selected(zoo_folders(settings.zoo), settings, f"model zoo {settings.zoo}")
 
 
 def selected(available: dict, settings: ServiceSettings, source: str) -> list:
@@ -91,9 +95,14 @@ def zoo_tags(settings: ServiceSettings) -> list[str]:
     return tags
 
 
+def bento_models(bento) -> dict[str, str]:
+    """Store tags of every model a bento was built with, by name."""
+    return {model.tag.name: str(model.tag) for model in bento.info.all_models}
+
+
 def bento_tags(settings: ServiceSettings, bento) -> list[str]:
     """Store tags of the models a bento was built with, limited to settings.models if set."""
-    return selected({model.tag.name: str(model.tag) for model in bento.info.all_models}, settings, f"bento {bento.tag}")
+    return selected(bento_models(bento), settings, f"bento {bento.tag}")
 
 
 @dataclass(frozen=True)

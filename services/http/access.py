@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from services import metrics
 from services.config import ServiceSettings
-from services.http.errors import ApiError, error_body
+from services.http.errors import ApiError, error_body, raw_headers
 
 logger = logging.getLogger("bentoml.textserve")
 RELOAD_CHECK_S = 1.0
@@ -153,7 +153,7 @@ class RequireKeys:
         except ApiError as error:
             body = error_body(error.message)
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       *[(key.lower().encode(), value.encode()) for key, value in error.headers.items()]]
+                       *raw_headers(error.headers)]
             await send({"type": "http.response.start", "status": error.status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return

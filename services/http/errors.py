@@ -52,6 +52,11 @@ def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
+def raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """An error's headers (Retry-After, WWW-Authenticate) as ASGI header pairs."""
+    return [(key.lower().encode(), value.encode()) for key, value in headers.items()]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:

@@ -43,7 +43,7 @@ from services.http.bentoml_timeout import within_timeout
 from services.http.admission import RETRY_AFTER_S, Admission
 from services.http.body_limit import too_large_message
 from services.config import SETTINGS, ServiceSettings
-from services.http.errors import ApiError, error_body
+from services.http.errors import ApiError, error_body, raw_headers
 from services.http.keep_alive import close_probability
 from services.api.http_api import classify_answer
 from services.api.lm_api import score_answer
@@ -125,7 +125,7 @@ class FastFront:
             status = 200
         except ApiError as error:
             status, body, content_type = error.status, error_body(error.message), JSON
-            extra = [(key.lower().encode(), value.encode()) for key, value in error.headers.items()]
+            extra = raw_headers(error.headers)
             close = close or error.status in (413, 504)  # the unread rest of the body must not be parsed as a request
         except asyncio.CancelledError:
             raise  # the server is shutting down or the client left; nothing to send
