@@ -12,7 +12,8 @@ this 2-core machine:
   as tritonclient.grpc sends it); each of N clients has one connection with one call in
   flight at a time (`-c N -m 1`). h2load reads only the HTTP status, not gRPC's status in
   the trailers, so the server's own count of answered calls by status
-  (textserve_requests_total) says how many succeeded, and a tritonclient.grpc probe compares
+  (textserve_requests_total) says how many succeeded (the calls h2load resets when its time is
+  up count as 499, cancelled, not as errors), and a tritonclient.grpc probe compares
   an answer with onnxruntime in process before the load.
 - HTTP: wrk with the same text (loadtests/wrk.py), the OIP v2 JSON body.
 
@@ -141,7 +142,9 @@ def measure(model: str, clients: list[int], seconds: float, rounds: int, log_dir
                 after = grpc_calls_by_status(url)
                 answered = {status: after.get(status, 0) - before.get(status, 0) for status in after}
                 grpc["grpc_ok"] = answered.get("200", 0)
-                grpc["grpc_errors"] = sum(value for status, value in answered.items() if status != "200")
+                # h2load resets the calls still in flight when its time is up: counted 499 (cancelled), at most one per client
+                grpc["grpc_cancelled"] = answered.get("499", 0)
+                grpc["grpc_errors"] = sum(value for status, value in answered.items() if status not in ("200", "499"))
                 wait_until_idle(root)
                 http = run_wrk(url, f"/v2/models/{model}/infer", [http_body], connections=count, seconds=seconds)
                 for protocol, level in (("gRPC", grpc), ("HTTP", {"per_s": http.ok_per_s, "p50_ms": http.p50_ms, "p99_ms": http.p99_ms,
