@@ -19,7 +19,7 @@ from PIL import Image
 
 from models.image_encoding import ImageEncoder, ImageError, grid_from_grey, grid_from_picture
 from services.backends.inference import ImageClassifier, read_bundle
-from tests.conftest import ZOO
+from tests.conftest import REPOSITORY, ZOO
 from tests.serving import running_server
 from training import image_data
 from training.export_image import export_image_bundle
@@ -130,6 +130,15 @@ def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("bentoml_home"), ZOO, http_workers="1", models="digits-cnn,kim-cnn-trec6",
                         max_image_pixels=str(300 * 300)) as url:
         yield url
+
+
+def test_the_readmes_seven_is_read_as_a_seven(server):
+    """README: curl -s localhost:3000/classify-image -F model=digits-cnn -F images=@docs/examples/seven.png"""
+    with open(REPOSITORY / "docs" / "examples" / "seven.png", "rb") as seven:
+        answer = requests.post(f"{server}/classify-image", data={"model": "digits-cnn"}, timeout=30,
+                               files=[("images", ("seven.png", seven, "image/png"))])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["results"][0]["label"] == "7"
 
 
 def test_classify_image_takes_arrays_base64_pictures_and_multipart(server):
