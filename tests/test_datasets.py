@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from tests.conftest import REPOSITORY
 
 from training.datasets import (
     AGNEWS_CLASSES,
@@ -422,3 +426,18 @@ def test_real_ptb_counts() -> None:
     assert len(set(train)) == 10_000  # 9,999 words plus <eos>
     assert train.count("<eos>") == 42_068
     assert len(read_ptb(data_file("ptb/valid.txt"))) == 73_760
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "no such file. Check --data"),
+    ("NUM:dist How far is it ?\nbroken line without a label\n", "line 2: expected 'LABEL:fine text'"),
+])
+def test_a_missing_or_malformed_data_file_is_one_line_and_exit_2_not_a_traceback(tmp_path, content, says):
+    data = tmp_path / "trec.txt"
+    if content is not None:
+        data.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--data", str(data), "--format", "trec",
+                             "--out", str(tmp_path / "run.pt")], capture_output=True, text=True, cwd=REPOSITORY)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert says in result.stderr and str(data) in result.stderr

@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.datasets import CLASSIFICATION_FORMATS, read_labelled, split_dev
+from training.datasets import CLASSIFICATION_FORMATS, MalformedDataError, read_labelled, split_dev
 
 CASED_FORMATS = ("trec", "trec50")  # Kim keeps case for TREC, lower-cases everything else
 
@@ -353,5 +353,22 @@ def read_image_data(args: argparse.Namespace):
     return image_data.digits()
 
 
+def data_error_line(error: Exception) -> str:
+    """A data problem as the one line a user needs: which file (and line), what is wrong, what to do."""
+    if isinstance(error, FileNotFoundError):
+        return (f"{error.filename}: no such file. Check --data; the benchmark data sets are not in a clone "
+                "(point TEXTSERVE_DATA_DIR or --data at your copy), and training/sample_data has small samples")
+    return f"{error}. `python -m training <command> --help` says what each --format reads"
+
+
+def run(argv: list[str] | None = None) -> None:
+    """main(), with a data file that is missing or malformed reported in one line (exit 2), not a traceback."""
+    try:
+        main(argv)
+    except (MalformedDataError, FileNotFoundError) as error:
+        print(f"python -m training: error: {data_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run()
