@@ -441,3 +441,39 @@ def test_a_missing_or_malformed_data_file_is_one_line_and_exit_2_not_a_traceback
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert says in result.stderr and str(data) in result.stderr
+
+
+AG_NEWS_LIKE = ('"3","Wall St. Bears Claw Back","Short-sellers are seeing green again."\n'
+                '"2","Team wins final","The home side won the cup in extra time."\n')
+
+
+def test_a_csv_without_a_header_takes_columns_by_0_based_index_and_joins_several(tmp_path):
+    data = tmp_path / "news.csv"
+    data.write_text(AG_NEWS_LIKE)
+    joined = read_labelled(data, "csv", text_column="1,2", label_column="0")
+    assert [(e.text, e.label) for e in joined] == [
+        ("Wall St. Bears Claw Back Short-sellers are seeing green again.", "3"),
+        ("Team wins final The home side won the cup in extra time.", "2")]
+    assert read_labelled(data, "csv", text_column="2", label_column="0")[1].text == "The home side won the cup in extra time."
+    with_header = tmp_path / "named.tsv"
+    with_header.write_text("label\ttext\npos\ta fine film\n")
+    assert read_labelled(with_header, "tsv", text_column="1", label_column="0", header=True)[0] == LabelledText("a fine film", "pos")
+    assert read_labelled(with_header, "tsv")[0] == LabelledText("a fine film", "pos")
+
+
+def test_columns_that_cannot_describe_the_file_say_how_to_name_them(tmp_path):
+    data = tmp_path / "news.csv"
+    data.write_text(AG_NEWS_LIKE)
+    with pytest.raises(MalformedDataError, match="no column 'text' in header.*0-based column indices and --no-header"):
+        read_labelled(data, "csv")  # named columns: the first row is taken as the header
+    with pytest.raises(MalformedDataError, match="column index 5 is past the row's 3 columns"):
+        read_labelled(data, "csv", text_column="5", label_column="0")
+    with pytest.raises(ValueError, match="named, but --no-header"):
+        read_labelled(data, "csv", text_column="title", label_column="0", header=False)
+
+
+def test_help_says_what_each_format_reads():
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True, text=True, cwd=REPOSITORY)
+    flat = " ".join(result.stdout.split())
+    for fragment in ("trec: Li & Roth TREC", "mr: Pang & Lee", "agnews: AG News CSV, no header", "0-based indices", "--no-header"):
+        assert fragment in flat, fragment

@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.datasets import CLASSIFICATION_FORMATS, MalformedDataError, read_labelled, split_dev
+from training.datasets import CLASSIFICATION_FORMATS, FORMAT_HELP, ColumnError, MalformedDataError, read_labelled, split_dev
 
 CASED_FORMATS = ("trec", "trec50")  # Kim keeps case for TREC, lower-cases everything else
 
@@ -31,9 +31,14 @@ def command_line() -> str:
 
 def add_data_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...] = CLASSIFICATION_FORMATS) -> None:
     parser.add_argument("--data", required=True, help="data file (for mr: the folder with rt-polarity.pos/.neg)")
-    parser.add_argument("--format", required=True, choices=formats)
-    parser.add_argument("--text-column", default="text", help="csv/tsv/jsonl: column holding the text")
-    parser.add_argument("--label-column", default="label", help="csv/tsv/jsonl: column holding the label")
+    parser.add_argument("--format", required=True, choices=formats,
+                        help="; ".join(f"{name}: {FORMAT_HELP[name]}" for name in formats if name in FORMAT_HELP))
+    parser.add_argument("--text-column", default="text",
+                        help="csv/tsv/jsonl: the text's column, by name or 0-based index; several (1,2) are joined by a space")
+    parser.add_argument("--label-column", default="label", help="csv/tsv/jsonl: the label's column, by name or 0-based index")
+    parser.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                        help="csv/tsv: whether the first row names the columns (default: yes when a column is given by "
+                             "name, no when by index)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +69,10 @@ def model_options(args: argparse.Namespace) -> dict:
 
 
 def read_examples(args: argparse.Namespace):
-    if args.format in ("csv", "tsv", "jsonl"):
+    if args.format in ("csv", "tsv"):
+        return read_labelled(args.data, args.format, text_column=args.text_column, label_column=args.label_column,
+                             header=getattr(args, "header", None))
+    if args.format == "jsonl":
         return read_labelled(args.data, args.format, text_column=args.text_column, label_column=args.label_column)
     return read_labelled(args.data, args.format)
 
@@ -365,7 +373,7 @@ def run(argv: list[str] | None = None) -> None:
     """main(), with a data file that is missing or malformed reported in one line (exit 2), not a traceback."""
     try:
         main(argv)
-    except (MalformedDataError, FileNotFoundError) as error:
+    except (MalformedDataError, FileNotFoundError, ColumnError) as error:
         print(f"python -m training: error: {data_error_line(error)}", file=sys.stderr)
         sys.exit(2)
 

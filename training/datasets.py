@@ -19,6 +19,7 @@ Conventions shared by all readers:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import random
@@ -33,6 +34,8 @@ __all__ = [
     "TREC_COARSE_LABELS",
     "LabelledText",
     "MalformedDataError",
+    "ColumnError",
+    "FORMAT_HELP",
     "kfold",
     "read_agnews",
     "read_labelled",
@@ -49,6 +52,17 @@ T = TypeVar("T")
 
 # Formats accepted by read_labelled(). "mr" takes a folder, the others a file.
 CLASSIFICATION_FORMATS: tuple[str, ...] = ("trec", "trec50", "mr", "agnews", "csv", "jsonl", "tsv")
+# What each format reads, for `--help` (training/__main__.py).
+FORMAT_HELP = {
+    "trec": "Li & Roth TREC: one question per line, 'COARSE:fine question text' (6 labels: ABBR DESC ENTY HUM LOC NUM)",
+    "trec50": "the same file with the 50 fine labels ('COARSE:fine')",
+    "mr": "Pang & Lee movie reviews: --data is the folder holding rt-polarity.pos and rt-polarity.neg (labels pos, neg)",
+    "agnews": "AG News CSV, no header: class index 1-4 (World, Sports, Business, Sci/Tech), title, description; text = title + description",
+    "csv": "comma-separated (RFC 4180 quotes); with a header row, columns by name (--text-column text --label-column label); "
+           "without one, 0-based indices and --no-header is implied (e.g. --text-column 1,2 --label-column 0); labels as written",
+    "tsv": "tab-separated, no quoting; columns as for csv",
+    "jsonl": "one JSON object per line; --text-column and --label-column name its keys (labels: strings or integers)",
+}
 
 # Li & Roth's six coarse question classes (TREC-6).
 TREC_COARSE_LABELS: tuple[str, ...] = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")
@@ -339,32 +353,70 @@ def _check_text(path: PathLike, number: int, text: object, column: str) -> str:
     return text
 
 
+class ColumnError(ValueError):
+    """--text-column / --label-column that cannot describe the file (named columns without a header)."""
+
+
+def column_spec(spec: str) -> list[int | str]:
+    """'text', '2' or '1,2' -> the columns: names, or 0-based indices (several are joined by a space)."""
+    parts = [part.strip() for part in str(spec).split(",") if part.strip()]
+    if not parts:
+        raise ColumnError(f"empty column {spec!r}: give a column name or a 0-based index")
+    return [int(part) if part.isdigit() else part for part in parts]
+
+
 def _read_delimited(
-    path: PathLike, kind: str, text_column: str, label_column: str
+    path: PathLike, kind: str, text_column: str, label_column: str, header: bool | None = None
 ) -> list[LabelledText]:
+    """A CSV or TSV table. Columns by name need a header row; by 0-based index the file has
+    none unless ``header`` is True (``header`` None: a header exactly when a column is named)."""
     if kind == "tsv":
         # Tab-separated files (GLUE/SST style) do not quote fields; a text that starts with
         # a double quote must stay literal instead of swallowing the following lines.
         rows = _csv_rows(path, "utf-8-sig", delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         rows = _csv_rows(path, "utf-8-sig", strict=True)  # -sig: spreadsheet BOMs
-    header_line, header = next(rows, (0, []))
-    if not header:
+    text_columns, label_columns = column_spec(text_column), column_spec(label_column)
+    if len(label_columns) != 1:
+        raise ColumnError(f"one label column, please: got {label_column!r}")
+    named = any(isinstance(column, str) for column in (*text_columns, *label_columns))
+    if header is None:
+        header = named
+    if named and not header:
+        raise ColumnError(f"{os.fspath(path)}: columns {text_column!r} / {label_column!r} are named, but --no-header says the file has none: "
+                         "give 0-based column indices (e.g. --text-column 2 --label-column 0)")
+    first = next(rows, None)
+    if first is None:
         raise MalformedDataError(path, None, f"no examples in {os.fspath(path)}")
-    columns = [name.strip(_ASCII_WS) for name in header]
-    for wanted in (text_column, label_column):
-        if wanted not in columns:
-            raise MalformedDataError(
-                path, header_line, f"no column {wanted!r} in header (columns: {columns})"
-            )
-    text_at, label_at = columns.index(text_column), columns.index(label_column)
+    width = len(first[1])
+    if header:
+        header_line, names = first
+        columns = [name.strip(_ASCII_WS) for name in names]
+        for wanted in (*text_columns, *label_columns):
+            if isinstance(wanted, str) and wanted not in columns:
+                raise MalformedDataError(
+                    path, header_line, f"no column {wanted!r} in header (columns: {columns}); "
+                    "a file without a header row takes 0-based column indices and --no-header"
+                )
+        index = {name: at for at, name in enumerate(columns)}
+        records = rows
+    else:
+        index = {}
+        records = itertools.chain([first], rows)
+    text_at = [index.get(column, column) for column in text_columns]
+    (label_at,) = [index.get(column, column) for column in label_columns]
+    for at in (*text_at, label_at):
+        if at >= width:
+            raise MalformedDataError(path, first[0], f"column index {at} is past the row's {width} columns "
+                                                     f"(0-based: 0..{width - 1})")
+    text_name = text_column if len(text_at) == 1 else f"{text_column} (joined)"
     examples: list[LabelledText] = []
-    for number, row in rows:
-        if len(row) != len(columns):
+    for number, row in records:
+        if len(row) != width:
             raise MalformedDataError(
-                path, number, f"expected {len(columns)} columns, got {len(row)}"
+                path, number, f"expected {width} columns, got {len(row)}"
             )
-        text = _check_text(path, number, row[text_at], text_column)
+        text = _check_text(path, number, " ".join(row[at] for at in text_at), text_name)
         label = _check_label(path, number, row[label_at], label_column)
         examples.append(LabelledText(text, label))
     return _require_examples(path, examples)
@@ -393,11 +445,11 @@ def _read_jsonl(path: PathLike, text_column: str, label_column: str) -> list[Lab
 
 
 def _read_table_as(
-    path: PathLike, kind: str, text_column: str = "text", label_column: str = "label"
+    path: PathLike, kind: str, text_column: str = "text", label_column: str = "label", header: bool | None = None
 ) -> list[LabelledText]:
     if kind == "jsonl":
         return _read_jsonl(path, text_column, label_column)
-    return _read_delimited(path, kind, text_column, label_column)
+    return _read_delimited(path, kind, text_column, label_column, header)
 
 
 def read_table(
