@@ -364,8 +364,8 @@ def read_image_data(args: argparse.Namespace):
 def data_error_line(error: Exception) -> str:
     """A data problem as the one line a user needs: which file (and line), what is wrong, what to do."""
     if isinstance(error, FileNotFoundError):
-        return (f"{error.filename}: no such file. Check --data; the benchmark data sets are not in a clone "
-                "(point TEXTSERVE_DATA_DIR or --data at your copy), and training/sample_data has small samples")
+        return (f"{error.filename}: no such file. Check --data; the benchmark data sets (PTB, TREC, MR) are not in a "
+                "clone: give --data the path of your copy, or try training/sample_data's small samples")
     return f"{error}. `python -m training <command> --help` says what each --format reads"
 
 
