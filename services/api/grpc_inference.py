@@ -38,7 +38,7 @@ from services.api.open_inference import (SERVER_NAME, SERVER_VERSION, checked_bu
                                          model_version)
 from services.config import ServiceSettings
 from services.http import request_timing
-from services.http.access import Keys
+from services.http.access import process_keys
 from services.http.bentoml_timeout import within_timeout
 from services.http.errors import ApiError
 
@@ -112,7 +112,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service, settings: ServiceSettings) -> None:
         self.service = service
         self.settings = settings
-        self.keys = Keys.from_settings(settings)
+        self.keys = process_keys(settings)
 
     async def answer(self, call: str, context, work, model: str = ""):
         """Run `work()` for `call`: its key checked, the request timeout, the metrics, and any

@@ -19,6 +19,7 @@ mounted Kubernetes Secret needs no restart: docs/deploy.md gives the two-key rot
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -160,15 +161,22 @@ class RequireKeys:
         await self.app(scope, receive, send)
 
 
+@functools.cache
+def process_keys(settings: ServiceSettings) -> Keys:
+    """This process's keys: one reading of the key files (and of their later changes) shared by
+    the start-up message, the HTTP check and the gRPC check."""
+    return Keys.from_settings(settings)
+
+
 def wrap(app, settings: ServiceSettings):
     """`app` behind RequireKeys when keys are configured, else `app` itself."""
-    keys = Keys.from_settings(settings)
+    keys = process_keys(settings)
     return RequireKeys(app, keys, settings) if keys.enabled else app
 
 
 def announce(settings: ServiceSettings) -> None:
     """Say at start-up whether anyone who reaches the port may call the service."""
-    keys = Keys.from_settings(settings)  # also fails the start on an unreadable key file
+    keys = process_keys(settings)  # also fails the start on an unreadable key file
     if not keys.enabled:
         logger.warning("no API keys are set (TEXTSERVE_API_KEYS, TEXTSERVE_ADMIN_KEYS): every route is open, "
                        "unauthenticated, to anyone who can reach this port")
