@@ -19,7 +19,7 @@ from packaging.utils import canonicalize_name
 
 # What services/ imports (directly or through BentoML), as in pyproject.toml's dependencies.
 SERVING_ROOTS = ("bentoml", "onnxruntime-gpu", "numpy", "fastapi", "uvloop", "httptools", "prometheus-client", "pillow", "orjson",
-                 "grpcio", "tritonclient[grpc]")
+                 "grpcio", "tritonclient[grpc]", "tokenizers")
 NEVER = {"torch", "onnx", "onnxscript", "locust"}  # training and load generation only
 # The image's platform: Linux, CPython 3.11 (deploy/bentofile.yaml's docker.python_version).
 TARGET = {**default_environment(), "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",

@@ -14,6 +14,7 @@ own length and ignores windows beyond it, so a text's logits do not depend on it
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -170,15 +171,49 @@ class CharEncoder:
         return token_ids, np.full(len(texts), self.length, dtype=np.int64)
 
 
-def encoder_from_config(encoding: dict, vocab: WordVocab | None = None) -> WordEncoder | CharEncoder:
-    """The encoder a bundle's or checkpoint's `encoding` section describes."""
+class TokenizerEncoder:
+    """A Hugging Face tokenizer.json (the `tokenizers` package: Rust, torch-free; the file is
+    read, nothing is fetched) -> (input_ids (B, T) int64 right-padded with the tokenizer's pad
+    id, lengths (B,) int64), T <= max_length: longer texts are truncated (its post-processor's
+    special tokens, e.g. [CLS] ... [SEP], included). The graph's attention_mask is lengths'."""
+
+    PAD_TOKENS = ("[PAD]", "<pad>", "<PAD>")
+
+    def __init__(self, path: str | os.PathLike[str], max_length: int) -> None:
+        from tokenizers import Tokenizer  # only bundles with this encoding need the package
+
+        self.tokenizer = Tokenizer.from_file(os.fspath(path))
+        self.max_length = max_length
+        padding = self.tokenizer.padding
+        known = [self.tokenizer.token_to_id(token) for token in self.PAD_TOKENS]
+        self.pad_id = padding["pad_id"] if padding else next((i for i in known if i is not None), 0)
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+
+    def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = [encoding.ids for encoding in self.tokenizer.encode_batch(list(texts))]
+        lengths = np.array([len(row) for row in rows], dtype=np.int64)
+        token_ids = np.full((len(rows), max(1, int(lengths.max(initial=0)))), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            token_ids[i, : len(row)] = row
+        return token_ids, lengths
+
+
+def encoder_from_config(encoding: dict, vocab: WordVocab | None = None,
+                        folder: str | os.PathLike[str] | None = None) -> WordEncoder | CharEncoder | TokenizerEncoder:
+    """The encoder a bundle's or checkpoint's `encoding` section describes (`folder`: the
+    bundle's, for a tokenizer's file)."""
     if encoding["kind"] == "words":
         if vocab is None:
             raise ValueError("a word encoding needs its vocabulary")
         return WordEncoder(vocab, encoding["lowercase"], encoding["edge_padding"], min_length=encoding.get("min_length", 1))
     if encoding["kind"] == "chars":
         return CharEncoder(encoding["alphabet"], encoding["length"], encoding["lowercase"], encoding["reverse"])
-    raise ValueError(f"unknown input encoding {encoding['kind']!r}; expected 'words' or 'chars'")
+    if encoding["kind"] == "tokenizer":
+        if folder is None:
+            raise ValueError("a tokenizer encoding needs the folder of its file")
+        return TokenizerEncoder(Path(folder) / encoding["file"], encoding["max_length"])
+    raise ValueError(f"unknown input encoding {encoding['kind']!r}; expected 'words', 'chars' or 'tokenizer'")
 
 
 # --------------------------------------------------------------------------- language model

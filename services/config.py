@@ -29,7 +29,8 @@
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
 | TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
-| TEXTSERVE_MODEL_CONTROL          | none         | none: the model set is fixed at start (the repository index stays readable, load and unload answer 403); explicit: POST /v2/repository/models/{name}/load and /unload change it while the server runs (backends/model_control.py) |
+| TEXTSERVE_MODEL_CONTROL          | none         | none: the model set is fixed at start (the repository index stays readable, load and unload answer 403); explicit: POST /v2/repository/models/{name}/load and /unload change it while the server runs (backends/model_control.py); poll: the same API, and a bundle that appears or changes in the zoo folder is loaded (one that leaves it, unloaded) with the same checks and swap |
+| TEXTSERVE_MODEL_POLL_INTERVAL_S  | 5            | poll: seconds between two scans of the zoo folder          |
 | TEXTSERVE_MODEL_STATE_DIR        | (temp dir)   | with model control: the folder where the server's processes agree on the model set |
 | TEXTSERVE_MODEL_LOAD_TIMEOUT_S   | 120          | a load or unload that every process has not confirmed within this gets 504 |
 | TEXTSERVE_API_KEYS               | (none)       | comma-separated keys, or @FILE (one per line or comma-separated, e.g. a mounted Secret): every inference and model-information route then needs `Authorization: Bearer KEY` (http/access.py) |
@@ -85,6 +86,7 @@ class ServiceSettings:
     model_control: str = "none"
     model_state_dir: str = ""  # empty: the temporary folder
     model_load_timeout_s: int = 120
+    model_poll_interval_s: int = 5
     api_keys: str = ""  # as written: comma-separated keys or @FILE (read by http/access.py, never logged)
     admin_keys: str = ""
     protect_metrics: bool = False
@@ -125,13 +127,13 @@ class ServiceSettings:
             raise ValueError(f"TEXTSERVE_DEVICE={self.device!r}; expected auto, cpu or cuda")
         if self.inference not in ("auto", "inline", "runner"):
             raise ValueError(f"TEXTSERVE_INFERENCE={self.inference!r}; expected auto, inline or runner")
-        if self.model_control not in ("none", "explicit"):
-            raise ValueError(f"TEXTSERVE_MODEL_CONTROL={self.model_control!r}; expected none or explicit")
+        if self.model_control not in ("none", "explicit", "poll"):
+            raise ValueError(f"TEXTSERVE_MODEL_CONTROL={self.model_control!r}; expected none, explicit or poll")
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"TEXTSERVE_GRPC_PORT={self.grpc_port}; expected a port number, or 0 to turn gRPC off")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
                      "max_text_chars", "max_images_per_request", "max_image_pixels", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_generate_words", "max_neighbors",
-                     "max_word_chars", "model_load_timeout_s"):
+                     "max_word_chars", "model_load_timeout_s", "model_poll_interval_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")
         for name in ("ort_threads", "requests_per_connection", "runner_batch_threads"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import time
@@ -37,12 +38,12 @@ from services.api.open_inference import router as open_inference_api
 from services.backends.in_process import InProcessRunner
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.backends.inference import BundleError
-from services.backends.model_control import Desired, ModelState, Repository, ServedModels, participants, state_folder, watch
+from services.backends.model_control import Desired, ModelState, Repository, ServedModels, ZooPoller, participants, state_folder, watch
 from services.backends.model_store import served, zoo_tags
 from services.backends.runner import InferenceFailed, ModelRunner
 from services.backends.shared_runner import SharedRunnerClient
 from services.config import SETTINGS, ServiceSettings
-from services.http import access, bentoml_timeout, front, request_timing, slow_clients
+from services.http import access, bentoml_timeout, docs_page, front, request_timing, slow_clients
 from services.http.admission import Admission, RefuseWhenFull
 from services.http.body_limit import LimitBodySize
 from services.http.errors import ApiError, JsonNotFound, document_errors, install_error_handlers
@@ -67,7 +68,8 @@ app = FastAPI(
     title="textserve",
     description="Neural text classifiers (ONNX, onnxruntime) with adaptive batching. "
     "Errors are {\"error\": \"...\"}; OIP v2 under /v2; Prometheus metrics at /metrics.",
-    version="0.1.0",
+    version=docs_page.service_version(),
+    docs_url=None, redoc_url=None,  # FastAPI's pages load Swagger from a CDN; ours (docs_page.py) are served at / and /docs
 )
 install_error_handlers(app)
 app.include_router(json_api)
@@ -75,7 +77,8 @@ app.include_router(image_api)
 app.include_router(language_model_api)
 app.include_router(open_inference_api)
 app.add_middleware(request_timing.RequestTiming)
-document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else [])  # after the routes: each one's error statuses, the loaded model names
+document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else [],  # after the routes: each one's error statuses,
+                lambda document: docs_page.add_examples(document, names_by_kind()))  # the loaded model names, real examples
 
 
 @bentoml.service(
@@ -120,6 +123,7 @@ class TextService:
         self.model_change = asyncio.Event()  # set by this worker's own load or unload: apply it at once
         self.repository = Repository(SETTINGS, self.model_state, self.model_change, TextService.bento)
         self.control: asyncio.Task | None = None
+        self.poller: asyncio.Task | None = None  # TEXTSERVE_MODEL_CONTROL=poll
         self.grpc_server = self.grpc_port_lock = None
         access.announce(SETTINGS)
         global SERVING
@@ -149,6 +153,8 @@ class TextService:
         self.acknowledge(me, {})
         self.control = asyncio.get_running_loop().create_task(
             watch(self.model_state, lambda: self.model_set.generation, lambda desired: self.apply_models(me, desired), self.model_change))
+        if SETTINGS.model_control == "poll":
+            self.poller = asyncio.get_running_loop().create_task(ZooPoller(self.repository, SETTINGS.model_poll_interval_s).run())
 
     @bentoml.on_startup
     async def listen_for_grpc(self) -> None:
@@ -160,8 +166,9 @@ class TextService:
 
     @bentoml.on_shutdown
     async def stop_following(self) -> None:
-        if self.control is not None:
-            self.control.cancel()
+        for task in (self.control, self.poller):
+            if task is not None:
+                task.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(GRPC_GRACE_S)  # the calls in flight finish, new ones are refused
 
@@ -204,11 +211,11 @@ class TextService:
         if name in self.failed_models:
             raise ApiError(503, f"model {name!r} failed to load when the server started ({self.failed_models[name]}); "
                                 "the other models are served")
-        if name in self.model_set.unloaded:
+        if name in self.model_set.unloaded and name in self.repository.available():
             raise ApiError(404, f"model {name!r} is unloaded; loaded models: {sorted(self.bundles)} "
                                 f"(POST /v2/repository/models/{name}/load serves it again)")
         if name not in self.bundles:
-            raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}")
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}. {self.repository.how_to_add(name)}")
         bundle = self.bundles[name]
         actual = model_kind(bundle)
         if kind is not None and kind != actual:
@@ -378,7 +385,26 @@ TextService.add_asgi_middleware(RefuseWhenFull, admission=ADMISSION)
 TextService.add_asgi_middleware(LimitBodySize, limit=SETTINGS.max_body_bytes)
 TextService.add_asgi_middleware(JsonNotFound)
 # Outside all of that, and of BentoML's own middlewares: the hot routes in one pass (http/front.py).
-front.install(TextService, ADMISSION, lambda: SERVING)
+def names_by_kind() -> dict[str, list[str]]:
+    """The loaded models' names by kind ("classifier", "language model", "image classifier")."""
+    kinds: dict[str, list[str]] = {}
+    for name, bundle in sorted(SERVING.bundles.items()) if SERVING is not None else ():
+        kinds.setdefault(model_kind(bundle), []).append(name)
+    return kinds
+
+
+def page_of(page: str) -> str | None:
+    """The docs page or the playground, once this worker serves (docs_page.py, playground.py)."""
+    if SERVING is None:
+        return None
+    if page == "schema":
+        return json.dumps(docs_page.bentoml_schema(app.openapi()))
+    explainable = [name for name, bundle in SERVING.bundles.items()
+                   if "window_starts" in bundle.config.get("onnx", {}).get("outputs", [])]  # /explain can answer
+    return docs_page.render(app.openapi(), names_by_kind(), page, sorted(explainable))
+
+
+front.install(TextService, ADMISSION, lambda: SERVING, page_of=page_of)
 
 
 class GeneratedWords:

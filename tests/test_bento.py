@@ -22,7 +22,7 @@ from tests.conftest import REPOSITORY, ZOO
 from tests.serving import free_port, start_server, stop_server
 
 SERVING_REQUIREMENTS = REPOSITORY / "deploy" / "requirements-serving.txt"
-TRAINING_ONLY = ("torch", "onnx", "onnxscript", "locust", "tqdm")
+TRAINING_ONLY = ("torch", "onnx", "onnxscript", "locust")  # tqdm now comes with tokenizers (huggingface_hub)
 BENTOML = str(Path(sys.executable).parent / "bentoml")
 
 
@@ -116,6 +116,8 @@ def test_exported_bento_serves_without_the_zoo_and_answers_as_the_bundle_does(bu
         listed = {m["name"]: m["store_tag"] for m in requests.get(f"{url}/models", timeout=10).json()["models"]}
         assert set(listed) == {"kim-cnn-trec6", "lstm-mr"} and set(listed.values()) <= zoo_store_tags()
         assert requests.get(f"{url}/v2/models/lstm-mr/ready", timeout=10).status_code == 200
+        for page, title in (("/", "textserve 0.1.0: API"), ("/playground", "textserve 0.1.0: playground")):
+            assert f"<title>{title}</title>" in requests.get(f"{url}{page}", timeout=10).text  # the pages are packed
         unknown = requests.post(f"{url}/classify", json={"model": "gru-mr", "texts": ["x"]}, timeout=10)
         assert unknown.status_code == 404 and "kim-cnn-trec6" in unknown.json()["error"]  # TEXTSERVE_MODELS limits the bento's models
         # The bento serves gRPC too, and its repository index is the bento's models

@@ -32,7 +32,7 @@ def test_defaults_and_overrides_from_the_environment():
         ({"TEXTSERVE_HTTP_WORKERS": "0"}, "TEXTSERVE_HTTP_WORKERS must be at least 1"),
         ({"TEXTSERVE_DEVICE": "tpu"}, "TEXTSERVE_DEVICE='tpu'"),
         ({"TEXTSERVE_INFERENCE": "remote"}, "TEXTSERVE_INFERENCE='remote'; expected auto, inline or runner"),
-        ({"TEXTSERVE_MODEL_CONTROL": "sometimes"}, "TEXTSERVE_MODEL_CONTROL='sometimes'; expected none or explicit"),
+        ({"TEXTSERVE_MODEL_CONTROL": "sometimes"}, "TEXTSERVE_MODEL_CONTROL='sometimes'; expected none, explicit or poll"),
         ({"TEXTSERVE_GRPC_PORT": "70000"}, "TEXTSERVE_GRPC_PORT=70000; expected a port number, or 0"),
         ({"TEXTSERVE_PROTECT_METRICS": "yes"}, "TEXTSERVE_PROTECT_METRICS='yes'; expected 0 or 1"),
         ({"TEXTSERVE_MODEL_LOAD_TIMEOUT_S": "0"}, "TEXTSERVE_MODEL_LOAD_TIMEOUT_S must be at least 1"),

@@ -146,7 +146,12 @@ CASES = [
     Case("chunked-body-over-the-limit", chunked_body(50_000_000), 413, "passed the limit of 4194304 bytes (TEXTSERVE_MAX_BODY_BYTES)"),
     Case("deeply-nested-json", post("/classify", data=b'{"texts":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400, "the body is not valid JSON"),
     Case("unknown-model", post("/classify", {"model": "kim-cnn-imdb", "texts": ["Who?"]}), 404, "unknown model 'kim-cnn-imdb'; loaded models:"),
+    Case("unknown-model-says-how-to-add-it", post("/classify", {"model": "kim-cnn-imdb", "texts": ["Who?"]}), 404,
+         "/kim-cnn-imdb) and restart the server, or run the server with TEXTSERVE_MODEL_CONTROL=explicit and "
+         "POST /v2/repository/models/kim-cnn-imdb/load"),
     Case("path-like-model-name", post("/classify", {"model": "../../etc/passwd", "texts": ["Who?"]}), 404, "unknown model '../../etc/passwd'"),
+    Case("path-like-model-name-is-never-a-path", post("/classify", {"model": "../../etc/passwd", "texts": ["Who?"]}), 404,
+         "A model's name is its bundle folder's: letters, digits, '.', '_' and '-', never a path"),
     Case("path-like-model-in-url", get("/v2/models/..%2F..%2Fetc%2Fpasswd/ready"), 404, "no such endpoint"),
     Case("wrong-kind-of-model", post("/lm/score", {"model": C, "texts": ["Who?"]}), 400,
          "model 'kim-cnn-trec6' is a classifier; this endpoint needs a language model"),

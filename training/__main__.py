@@ -1,9 +1,9 @@
-"""Command line of the training jobs: `python -m training {train,cv,export,evaluate} ...`.
+"""Command line of the training jobs: `python -m training {train,cv,export,import-onnx,evaluate} ...`.
 
     python -m training train    --data ../shared/data/trec/train.txt --format trec --out checkpoints/kim-cnn-trec6.pt
     python -m training cv       --data ../shared/data/mr --format mr --folds 10 --out checkpoints/kim-cnn-mr-cv.json
-    python -m training export   --checkpoint checkpoints/kim-cnn-trec6.pt --data ../shared/data/trec/train.txt \\
-                                --format trec --bundle models/zoo/kim-cnn-trec6
+    python -m training export   --checkpoint checkpoints/kim-cnn-trec6.pt --bundle models/zoo/kim-cnn-trec6
+    python -m training import-onnx --onnx model.onnx --labels labels.txt --tokenizer tokenizer.json --bundle models/zoo/NAME
     python -m training evaluate --bundle models/zoo/kim-cnn-trec6 --data FILE --format trec
     python -m training optimize --bundle models/zoo/kim-cnn-trec6   (graph passes, parity with the old graph)
     python -m training quantize --bundle models/zoo/lstm-trec6      (writes models/zoo/lstm-trec6-int8)
@@ -20,7 +20,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from training.datasets import CLASSIFICATION_FORMATS, FORMAT_HELP, ColumnError, MalformedDataError, read_labelled, split_dev
+from training.datasets import (CLASSIFICATION_FORMATS, FORMAT_HELP, ColumnError, MalformedDataError, UnknownLabelError,
+                               read_labelled, split_dev)
+from training.export_onnx import STORAGE_CHOICES
 
 CASED_FORMATS = ("trec", "trec50")  # Kim keeps case for TREC, lower-cases everything else
 
@@ -29,9 +31,10 @@ def command_line() -> str:
     return shlex.join(["python", "-m", "training", *sys.argv[1:]])
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...] = CLASSIFICATION_FORMATS) -> None:
-    parser.add_argument("--data", required=True, help="data file (for mr: the folder with rt-polarity.pos/.neg)")
-    parser.add_argument("--format", required=True, choices=formats,
+def add_data_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...] = CLASSIFICATION_FORMATS,
+                       data_help: str = "data file (for mr: the folder with rt-polarity.pos/.neg)", required: bool = True) -> None:
+    parser.add_argument("--data", required=required, help=data_help)
+    parser.add_argument("--format", required=required, choices=formats,
                         help="; ".join(f"{name}: {FORMAT_HELP[name]}" for name in formats if name in FORMAT_HELP))
     parser.add_argument("--text-column", default="text",
                         help="csv/tsv/jsonl: the text's column, by name or 0-based index; several (1,2) are joined by a space")
@@ -141,11 +144,43 @@ def main(argv: list[str] | None = None) -> None:
 
     export = commands.add_parser("export", help="checkpoint -> ONNX with a parity check -> model bundle")
     export.add_argument("--checkpoint", required=True, type=Path)
-    add_data_arguments(export, (*CLASSIFICATION_FORMATS, "ptb"))  # the parity texts (ptb: the LM's validation file)
-    export.add_argument("--bundle", required=True, type=Path, help="bundle folder, e.g. models/zoo/kim-cnn-trec6")
-    export.add_argument("--storage", default="float32", choices=("float32", "float16"),
-                        help="float16 stores the weights at half the size (computed in float32; the rounding's effect is recorded)")
+    add_data_arguments(export, (*CLASSIFICATION_FORMATS, "ptb"), required=False, data_help=(
+        "texts to check the ONNX graph against PyTorch on (and to measure float16 rounding on), with --format; "
+        "default: the 512 texts train kept in the checkpoint (a language model: the validation file of its "
+        "train-lm --data). Labels are not used"))
+    export.add_argument("--bundle", required=True, type=Path,
+                        help="bundle folder, e.g. models/zoo/kim-cnn-trec6; a running server picks it up with "
+                             "POST /v2/repository/models/NAME/load (TEXTSERVE_MODEL_CONTROL=explicit)")
+    export.add_argument("--storage", default="auto", choices=STORAGE_CHOICES,
+                        help="float16 stores the weights at half the size, computed in float32; auto (default): float16 "
+                             "unless rounding changes more than 0.1%% of the parity texts' predictions (a language model: "
+                             "more than 0.1%% perplexity), float32 then. The choice and its measure go into metrics.json")
     export.add_argument("--metrics-from", type=Path, action="append", default=[], help="JSON file of extra metrics (e.g. cv output)")
+
+    imported = commands.add_parser(
+        "import-onnx", help="a bundle from an ONNX text classifier trained elsewhere (checked, probed, with a manifest)",
+        description="Make a model bundle (docs/bundle.md) from an ONNX text classifier trained elsewhere. The graph takes "
+                    "a Hugging Face tokenizer's input_ids (and attention_mask, token_type_ids if it declares them), or "
+                    "our encodings' token_ids (and lengths), int64 or int32, batch axis symbolic; one output holds the "
+                    "class scores as logits (batch, labels). The bundle is checked as the service checks it and probed "
+                    "on real texts before it is written.")
+    imported.add_argument("--onnx", required=True, type=Path, help="the graph: one self-contained .onnx file")
+    imported.add_argument("--labels", required=True, type=Path,
+                          help="the labels in the order of the class scores: one per line, or a JSON list")
+    imported.add_argument("--bundle", required=True, type=Path, help="bundle folder to write, e.g. models/zoo/NAME")
+    imported.add_argument("--encoding", default=None, choices=("tokenizer", "words", "chars"),
+                          help="how text becomes the graph's inputs (default: tokenizer with --tokenizer, words with --vocab)")
+    imported.add_argument("--tokenizer", type=Path, default=None, help="tokenizer: a Hugging Face tokenizer.json (read with "
+                          "the tokenizers package; its normaliser, pre-tokeniser and special tokens apply)")
+    imported.add_argument("--max-length", type=int, default=512, help="tokenizer: longer texts are truncated to this many tokens")
+    imported.add_argument("--vocab", type=Path, default=None, help="words: one token per line (id = line - 1) or a JSON "
+                          "list; the first two are padding and unknown words (<pad>, <unk>)")
+    imported.add_argument("--lowercase", action="store_true", help="words, chars: lower-case texts before encoding")
+    imported.add_argument("--edge-padding", type=int, default=0, help="words: padding ids before and after each text")
+    imported.add_argument("--alphabet", default="", help="chars: the alphabet, id = 1-based position (default: Zhang's 70)")
+    imported.add_argument("--length", type=int, default=1014, help="chars: characters per text (the graph's fixed length)")
+    imported.add_argument("--output", default=None, help="the output holding the class scores (default: logits, or the only one)")
+    imported.add_argument("--probe", default=None, help="probe texts, one per line (default: five built-in questions and reviews)")
 
     attach = commands.add_parser("attach-cv", help="add a finished cv run's figures to a released bundle of the same recipe")
     attach.add_argument("--bundle", required=True, type=Path)
@@ -243,15 +278,40 @@ def main(argv: list[str] | None = None) -> None:
             from training.datasets import read_ptb
             from training.export_lm import export_language_model
 
-            if args.format != "ptb":
+            if args.data is None:
+                valid_file = Path(training_data_argument(checkpoint, "export --data")) / "valid.txt"
+            elif args.format != "ptb":
                 raise SystemExit("a language-model checkpoint is checked on its validation text: --format ptb")
-            metrics = export_language_model(checkpoint, args.bundle, args.bundle.name, read_ptb(args.data),
+            else:
+                valid_file = args.data
+            metrics = export_language_model(checkpoint, args.bundle, args.bundle.name, read_ptb(valid_file),
                                             extra_metrics=extra, storage=args.storage)
-            print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith(("parity", "valid_perplexity"))}}))
+            print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith(("parity", "valid_perplexity", "weight_storage"))}}))
             return
-        texts = [example.text for example in read_examples(args)]
+        if args.data is not None:
+            texts = [example.text for example in read_examples(args)]
+        elif checkpoint.get("parity_texts"):
+            texts = checkpoint["parity_texts"]
+        else:
+            raise SystemExit(f"{args.checkpoint} predates kept parity texts: give export --data and --format "
+                             "(the training file does)")
         metrics = export_bundle(checkpoint, args.bundle, args.bundle.name, texts, extra_metrics=extra, storage=args.storage)
-        print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith("parity")}}))
+        print(json.dumps({"bundle": str(args.bundle), **{k: v for k, v in metrics.items() if k.startswith(("parity", "weight_storage"))}}))
+    elif args.command == "import-onnx":
+        from training.import_onnx import PROBE_TEXTS, ImportRefused, import_onnx
+
+        kind = args.encoding or ("tokenizer" if args.tokenizer else "words" if args.vocab else None)
+        if kind is None:
+            raise SystemExit("import-onnx: give --tokenizer tokenizer.json, or --vocab FILE, or --encoding chars")
+        probe_texts = [line for line in Path(args.probe).read_text().splitlines() if line.strip()] if args.probe else PROBE_TEXTS
+        try:
+            metrics = import_onnx(args.onnx, args.labels, args.bundle, kind, tokenizer=args.tokenizer, vocab=args.vocab,
+                                  output=args.output, max_length=args.max_length, lowercase=args.lowercase,
+                                  edge_padding=args.edge_padding, alphabet=args.alphabet, length=args.length,
+                                  probe_texts=probe_texts, command=command_line())
+        except ImportRefused as error:
+            raise SystemExit(f"python -m training import-onnx: refused: {error}") from None
+        print(json.dumps({"bundle": str(args.bundle), **metrics}))
     elif args.command == "attach-cv":
         from training.export_onnx import attach_metrics
 
@@ -361,8 +421,19 @@ def read_image_data(args: argparse.Namespace):
     return image_data.digits()
 
 
+def training_data_argument(checkpoint: dict, instead: str) -> str:
+    """The --data of the command that trained `checkpoint`, or an exit saying to give `instead`."""
+    command = checkpoint.get("metrics", {}).get("train_command", "")
+    words = shlex.split(command)
+    if "--data" not in words[:-1]:
+        raise SystemExit(f"the checkpoint does not record its training data: give {instead}")
+    return words[words.index("--data") + 1]
+
+
 def data_error_line(error: Exception) -> str:
     """A data problem as the one line a user needs: which file (and line), what is wrong, what to do."""
+    if isinstance(error, UnknownLabelError):
+        return str(error)  # it says what to do
     if isinstance(error, FileNotFoundError):
         return (f"{error.filename}: no such file. Check --data; the benchmark data sets (PTB, TREC, MR) are not in a "
                 "clone: give --data the path of your copy, or try training/sample_data's small samples")

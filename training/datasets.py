@@ -24,7 +24,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TypeVar
 
@@ -89,10 +89,13 @@ _TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
 
 @dataclass(frozen=True, slots=True)
 class LabelledText:
-    """One classification example: the raw text and its label as a string."""
+    """One classification example: the raw text and its label as a string, and where it was read
+    (file and 1-based line, for error messages; not part of equality)."""
 
     text: str
     label: str
+    path: str | None = field(default=None, compare=False, repr=False)
+    line: int | None = field(default=None, compare=False, repr=False)
 
 
 class MalformedDataError(ValueError):
@@ -113,6 +116,26 @@ class MalformedDataError(ValueError):
         if self.line is None:
             return f"{self.path}: {self.problem}"
         return f"{self.path} line {self.line}: {self.problem}"
+
+
+class UnknownLabelError(MalformedDataError):
+    """An example whose label the model cannot give: not among a bundle's labels, or a dev
+    example's label that no training example has. Names the first such example's line."""
+
+    def __init__(self, example: LabelledText, known: Sequence[str], unknown: Sequence[str], fix: str) -> None:
+        shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        super().__init__(example.path or "the data", example.line,
+                         f"label {example.label!r} is not one of {list(known)} (unknown labels: {shown}); {fix}")
+
+
+def first_unknown_label(examples: Sequence[LabelledText], known: Sequence[str], fix: str) -> UnknownLabelError | None:
+    """The error for the first example whose label is not in `known`, or None when all are."""
+    known_set = set(known)
+    unknown = sorted({example.label for example in examples} - known_set)
+    if not unknown:
+        return None
+    first = next(example for example in examples if example.label not in known_set)
+    return UnknownLabelError(first, known, unknown, fix)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,7 +244,7 @@ def read_trec(path: PathLike, labels: str = "coarse") -> list[LabelledText]:
             )
         if not question:
             raise MalformedDataError(path, number, f"no question text after label {first!r}")
-        examples.append(LabelledText(question, label.group(1) if labels == "coarse" else first))
+        examples.append(LabelledText(question, label.group(1) if labels == "coarse" else first, os.fspath(path), number))
     return _require_examples(path, examples)
 
 
@@ -230,8 +253,8 @@ def read_trec(path: PathLike, labels: str = "coarse") -> list[LabelledText]:
 
 def _read_mr_file(path: PathLike, label: str) -> list[LabelledText]:
     examples = [
-        LabelledText(line.strip(_ASCII_WS), label)
-        for _, line in _numbered_lines(path, "latin-1")
+        LabelledText(line.strip(_ASCII_WS), label, os.fspath(path), number)
+        for number, line in _numbered_lines(path, "latin-1")
         if not _is_blank(line)
     ]
     # Each polarity file must contribute: an empty one would silently give one class only.
@@ -326,7 +349,7 @@ def read_agnews(path: PathLike, encoding: str = "utf-8") -> list[LabelledText]:
         text = title + " " + description
         if _is_blank(text):
             raise MalformedDataError(path, number, "empty title and description")
-        examples.append(LabelledText(text, AGNEWS_CLASSES[int(index) - 1]))
+        examples.append(LabelledText(text, AGNEWS_CLASSES[int(index) - 1], os.fspath(path), number))
     return _require_examples(path, examples)
 
 
@@ -418,7 +441,7 @@ def _read_delimited(
             )
         text = _check_text(path, number, " ".join(row[at] for at in text_at), text_name)
         label = _check_label(path, number, row[label_at], label_column)
-        examples.append(LabelledText(text, label))
+        examples.append(LabelledText(text, label, os.fspath(path), number))
     return _require_examples(path, examples)
 
 
@@ -440,7 +463,7 @@ def _read_jsonl(path: PathLike, text_column: str, label_column: str) -> list[Lab
                 raise MalformedDataError(path, number, f"no key {wanted!r}")
         text = _check_text(path, number, record[text_column], text_column)
         label = _check_label(path, number, record[label_column], label_column)
-        examples.append(LabelledText(text, label))
+        examples.append(LabelledText(text, label, os.fspath(path), number))
     return _require_examples(path, examples)
 
 

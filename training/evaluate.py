@@ -13,7 +13,7 @@ import numpy as np
 from models.text_encoding import scoring_stream
 from services.backends.inference import TextClassifier, read_bundle
 from services.backends.language_model import CharLanguageModel
-from training.datasets import LabelledText
+from training.datasets import LabelledText, first_unknown_label
 
 
 def evaluate_classifier(
@@ -22,9 +22,10 @@ def evaluate_classifier(
     """{"model", "accuracy", "n"} of the bundle on `examples`."""
     classifier = TextClassifier(read_bundle(bundle_path), device=device)
     label_ids = {label: i for i, label in enumerate(classifier.labels)}
-    unknown = sorted({e.label for e in examples} - set(label_ids))
+    unknown = first_unknown_label(examples, classifier.labels,
+                                  "evaluate on data labelled with the model's labels (the --format it was trained with)")
     if unknown:
-        raise ValueError(f"labels {unknown} in the data are not among the model's labels {list(classifier.labels)}")
+        raise unknown
     targets = np.array([label_ids[e.label] for e in examples])
     predictions = np.concatenate(
         [

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from services.backends.bundle_format import FORMAT_VERSION as BUNDLE_FORMAT
 from services.backends.inference import IMAGE_ARCHITECTURE, ImageClassifier, read_bundle
 from training.export_onnx import OPSET, PARITY_ATOL, ExportRefused, staged_bundle, write_json, write_manifest
 from training.train_image import load_image_model
@@ -31,7 +32,7 @@ def export_image_bundle(checkpoint: dict, bundle_dir: Path, name: str, parity_gr
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         write_json(staging / "labels.json", list(checkpoint["labels"]))
         write_json(staging / "config.json", {
-            "name": name, "architecture": IMAGE_ARCHITECTURE, "preset": checkpoint["preset"], "model": checkpoint["config"],
+            "format": BUNDLE_FORMAT, "name": name, "architecture": IMAGE_ARCHITECTURE, "preset": checkpoint["preset"], "model": checkpoint["config"],
             "encoding": checkpoint["encoding"], "onnx": {"opset": OPSET, "inputs": ["images"], "outputs": ["logits"]}})
         metrics = {**checkpoint["metrics"], **(extra_metrics or {}), "parameters": sum(p.numel() for p in model.parameters())}
         write_json(staging / "metrics.json", metrics)

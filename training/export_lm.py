@@ -16,6 +16,7 @@ at batch sizes and lengths other than the export example's (2 x 5):
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 
 from models.text_encoding import LanguageModelVocab, WordCharEncoder, scoring_stream
+from services.backends.bundle_format import FORMAT_VERSION as BUNDLE_FORMAT
 from services.backends.inference import read_bundle
 from services.backends.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
 from training.export_onnx import (
-    OPSET, STORAGE_TYPES, ExportRefused, check_exported_graph, round_weights_to_half, staged_bundle,
+    OPSET, STORAGE_CHOICES, ExportRefused, check_exported_graph, round_weights_to_half, staged_bundle,
     store_initializers_as_half, write_json, write_manifest,
 )
 from training.train_lm import ARCHITECTURE, load_language_model, stream_perplexity
@@ -35,6 +37,7 @@ from training.train_lm import ARCHITECTURE, load_language_model, stream_perplexi
 PERPLEXITY_RTOL = 1e-3  # 0.1 %
 LOGIT_ATOL = 1e-4
 VECTOR_ATOL = 1e-4
+FLOAT16_MAX_PERPLEXITY_RISE = 1e-3  # storage auto: float16 unless rounding costs more than 0.1 % perplexity (the zoo's: +0.0016 %)
 UNSEEN_WORDS = ("computer-aided", "misinformed", "looooook", "zürich", "x")
 
 
@@ -120,21 +123,31 @@ def parity_check(model: torch.nn.Module, served: CharLanguageModel, input_chars:
 def export_language_model(checkpoint: dict, bundle_dir: Path, name: str, valid_tokens: list[str],
                           extra_metrics: dict | None = None, storage: str = "float32") -> dict:
     """Write the bundle for a train-lm checkpoint into `bundle_dir` (replaced only if parity
-    passes). `valid_tokens` is the text the gate scores (the validation file)."""
+    passes). `valid_tokens` is the text the gate scores (the validation file). storage "auto" is
+    float16 when the rounding raises the validation perplexity by at most FLOAT16_MAX_PERPLEXITY_RISE."""
     if checkpoint.get("architecture") != ARCHITECTURE:
         raise ValueError(f"not a language-model checkpoint (architecture {checkpoint.get('architecture')!r})")
-    if storage not in STORAGE_TYPES:
-        raise ValueError(f"unknown storage {storage!r}; expected one of {STORAGE_TYPES}")
+    if storage not in STORAGE_CHOICES:
+        raise ValueError(f"unknown storage {storage!r}; expected one of {STORAGE_CHOICES}")
     model = load_language_model(checkpoint)
     vocab = LanguageModelVocab(tuple(checkpoint["vocab"]))
     chars = WordCharEncoder.from_config(checkpoint["encoding"])
     input_chars, targets = scoring_stream(valid_tokens, vocab, chars)
-    storage_metrics: dict = {"weight_storage": storage}
-    if storage == "float16":
+    storage_metrics: dict = {}
+    if storage in ("float16", "auto"):
         before, _ = stream_perplexity(model, input_chars, targets)
+        unrounded = copy.deepcopy(model.state_dict())
         round_weights_to_half(model)
         after, _ = stream_perplexity(model, input_chars, targets)
         storage_metrics.update(float16_rounding_perplexity_before=before, float16_rounding_perplexity_after=after)
+        if storage == "auto":
+            rise = after / before - 1
+            storage = "float16" if rise <= FLOAT16_MAX_PERPLEXITY_RISE else "float32"
+            storage_metrics["weight_storage_chosen_by"] = (
+                f"auto: rounding to float16 moved the validation perplexity by {rise:+.4%} (limit +{FLOAT16_MAX_PERPLEXITY_RISE:.1%})")
+            if storage == "float32":
+                model.load_state_dict(unrounded)
+    storage_metrics["weight_storage"] = storage
     with staged_bundle(bundle_dir) as staging:
         export_graphs(model, staging)
         if storage == "float16":
@@ -142,6 +155,7 @@ def export_language_model(checkpoint: dict, bundle_dir: Path, name: str, valid_t
                 store_initializers_as_half(staging / graph)
         write_json(staging / "vocab.json", {"words": list(vocab.words)})
         write_json(staging / "config.json", {
+            "format": BUNDLE_FORMAT,
             "name": name,
             "architecture": ARCHITECTURE,
             "preset": checkpoint["preset"],

@@ -26,8 +26,10 @@ from tqdm import tqdm
 from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
-from training.datasets import LabelledText, kfold, split_dev
+from training.datasets import LabelledText, first_unknown_label, kfold, split_dev
 from training.word_vectors import embedding_matrix, read_word_vectors
+
+PARITY_TEXTS = 512  # texts kept in a checkpoint for export's parity check (dev first, then train)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,9 +98,9 @@ def train_classifier(
     # ---- data: labels sorted for a stable order; a vocabulary from the training split only ----
     seed_everything(seed)
     labels = sorted({example.label for example in train})
-    unseen = sorted({example.label for example in dev} - set(labels))
+    unseen = first_unknown_label(dev, labels, "no training example has it: give it more examples, or drop it")
     if unseen:
-        raise ValueError(f"dev labels never seen in training: {unseen}")
+        raise unseen
     uses_words = architecture(architecture_name).input_kind == "words"
     vocab = WordVocab.build((tokenize(e.text, lowercase) for e in train), min_count=min_count) if uses_words else None
     overrides = dict(overrides or {})
@@ -188,6 +190,8 @@ def train_classifier(
         "encoding": encoding,
         "metrics": metrics,
         "step": best["step"],
+        # Real texts for export's parity check and float16 decision when `export --data` is not given.
+        "parity_texts": [example.text for example in [*dev, *train][:PARITY_TEXTS]],
     }
 
 

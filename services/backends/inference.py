@@ -18,14 +18,11 @@ import numpy as np
 import onnxruntime as ort
 
 from models.text_encoding import WordVocab, encoder_from_config
+from services.backends.bundle_format import BundleError, check_classifier_graph, check_files
 
 MANIFEST = "manifest.json"
 LANGUAGE_MODEL_ARCHITECTURE = "char-lm"
 DEVICES = ("cpu", "cuda")
-
-
-class BundleError(RuntimeError):
-    """A bundle is incomplete, altered, or cannot run where it was asked to."""
 
 
 def sha256_file(path: Path) -> str:
@@ -66,13 +63,13 @@ def read_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"{path}: {file_name} has sha256 {actual}, the manifest says {expected}")
     config = json.loads((path / "config.json").read_text())
     labelled = config.get("architecture") != LANGUAGE_MODEL_ARCHITECTURE  # a language model predicts words, not labels
-    if labelled and not (path / "labels.json").is_file():
-        raise BundleError(f"{path}: a classifier bundle needs labels.json")
+    labels = json.loads((path / "labels.json").read_text()) if labelled and (path / "labels.json").is_file() else None
+    check_files(path, config, labels if labelled else ())
     return Bundle(
         name=config["name"],
         path=path,
         config=config,
-        labels=tuple(json.loads((path / "labels.json").read_text())) if labelled else (),
+        labels=tuple(labels) if labelled else (),
         metrics=json.loads((path / "metrics.json").read_text()),
         sha256=sha256_file(manifest_path),
     )
@@ -106,30 +103,39 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class TextClassifier:
     """A classifier bundle in onnxruntime: texts -> logits / probabilities. The bundle's
-    `encoding` says whether its graph takes word ids or characters."""
+    `encoding` says whether its graph takes word ids, characters or a tokenizer's ids
+    (docs/bundle.md)."""
 
-    KNOWN_INPUTS = ("token_ids", "lengths")
+    KNOWN_INPUTS = ("token_ids", "lengths", "input_ids", "attention_mask", "token_type_ids")
     EVIDENCE_OUTPUTS = ("window_starts", "contributions")  # exported by models that can explain (Kim's CNN)
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
         encoding = bundle.config["encoding"]
-        if encoding["kind"] not in ("words", "chars"):
-            raise BundleError(f"{bundle.name}: input encoding {encoding['kind']!r} is not supported by this server")
+        if encoding["kind"] not in ("words", "chars", "tokenizer"):
+            raise BundleError(f"{bundle.name}: input encoding {encoding['kind']!r} is not a text classifier's")
         vocab = WordVocab.load(bundle.path / "vocab.json") if encoding["kind"] == "words" else None
         self.bundle = bundle
-        self.encoder = encoder_from_config(encoding, vocab)
+        self.encoder = encoder_from_config(encoding, vocab, bundle.path)
         self.session = make_session(bundle.path / "model.onnx", device, threads)
         self._check_graph()
 
     def _check_graph(self) -> None:
-        """Read the graph's inputs rather than assume them, and fail early with what differs."""
-        found = {i.name: i.type for i in self.session.get_inputs()}
-        if "token_ids" not in found or not set(found) <= set(self.KNOWN_INPUTS) or set(found.values()) != {"tensor(int64)"}:
-            raise BundleError(f"{self.bundle.name}: graph inputs are {found}; expected int64 token_ids (and lengths)")
-        self.input_names = [name for name in self.KNOWN_INPUTS if name in found]
+        """The graph's inputs and outputs against the bundle contract (bundle_format.py)."""
         outputs = [o.name for o in self.session.get_outputs()]
-        self.output_name = outputs[0]
+        self.output_name = self.bundle.config.get("onnx", {}).get("outputs", outputs)[0]  # the class scores
+        check_classifier_graph(self.bundle, self.session, self.output_name)
+        found = {i.name: np.int32 if i.type == "tensor(int32)" else np.int64 for i in self.session.get_inputs()}
+        self.input_types = {name: found[name] for name in self.KNOWN_INPUTS if name in found}
         self.explainable = set(self.EVIDENCE_OUTPUTS) <= set(outputs)
+
+    def feeds(self, token_ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs from an encoded batch, in the element type each is declared with."""
+        if "input_ids" in self.input_types:  # a tokenizer's graph: the mask marks the tokens before the padding
+            mask = np.arange(token_ids.shape[1])[None, :] < lengths[:, None]
+            values = {"input_ids": token_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(token_ids)}
+        else:
+            values = {"token_ids": token_ids, "lengths": lengths}
+        return {name: values[name].astype(kind, copy=False) for name, kind in self.input_types.items()}
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -152,8 +158,7 @@ class TextClassifier:
     def _run(self, texts: Sequence[str], outputs: list[str]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """Encode `texts` as one padded batch and run the graph, feeding the inputs it declares."""
         token_ids, lengths = self.encoder.encode_batch(texts)
-        feeds = {"token_ids": token_ids, "lengths": lengths}
-        return token_ids, lengths, self.session.run(outputs, {name: feeds[name] for name in self.input_names})
+        return token_ids, lengths, self.session.run(outputs, self.feeds(token_ids, lengths))
 
 
 IMAGE_ARCHITECTURE = "image-cnn"
@@ -170,9 +175,7 @@ class ImageClassifier:
         self.bundle = bundle
         self.encoder = ImageEncoder.from_config(bundle.config["encoding"])
         self.session = make_session(bundle.path / "model.onnx", device, threads)
-        inputs = {i.name: (i.type, i.shape) for i in self.session.get_inputs()}
-        if set(inputs) != {"images"} or inputs["images"][0] != "tensor(float)":
-            raise BundleError(f"{bundle.name}: graph inputs are {inputs}; expected float images (B, 1, H, W)")
+        check_classifier_graph(bundle, self.session)
         self.output_name = self.session.get_outputs()[0].name
 
     @property

@@ -23,6 +23,7 @@ import numpy as np
 
 from models.text_encoding import EOS_TOKEN, UNK_TOKEN, LanguageModelVocab, WordCharEncoder
 from services.backends.inference import Bundle, BundleError, make_session
+from services.backends.bundle_format import check_language_model_graphs
 
 STEP_GRAPH = "step.onnx"
 WORD_ENCODER_GRAPH = "word_encoder.onnx"
@@ -88,16 +89,8 @@ class CharLanguageModel:
         self._vocab_unit_vectors: dict[str, np.ndarray] = {}
 
     def _check_graphs(self) -> None:
-        """Read the graphs' inputs rather than assume them; fail early with what differs."""
-        step_inputs = {i.name: i.shape for i in self.step_session.get_inputs()}
-        if set(step_inputs) != {"char_ids", "h", "c"}:
-            raise BundleError(f"{self.bundle.name}: {STEP_GRAPH} takes {sorted(step_inputs)}; expected char_ids, h, c")
-        if step_inputs["char_ids"][2] != self.chars.word_width:
-            raise BundleError(f"{self.bundle.name}: {STEP_GRAPH} reads words {step_inputs['char_ids'][2]} characters wide, "
-                              f"the bundle's encoding says {self.chars.word_width}")
-        word_outputs = [o.name for o in self.word_session.get_outputs()]
-        if word_outputs != ["cnn", "highway"]:
-            raise BundleError(f"{self.bundle.name}: {WORD_ENCODER_GRAPH} answers {word_outputs}; expected cnn, highway")
+        """The two graphs against the bundle contract (bundle_format.py)."""
+        check_language_model_graphs(self.bundle, {STEP_GRAPH: self.step_session, WORD_ENCODER_GRAPH: self.word_session})
 
     @property
     def name(self) -> str:

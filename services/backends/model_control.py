@@ -1,4 +1,5 @@
-"""Models loaded, reloaded and unloaded while the server runs (TEXTSERVE_MODEL_CONTROL=explicit).
+"""Models loaded, reloaded and unloaded while the server runs: TEXTSERVE_MODEL_CONTROL=explicit
+(the repository API), or poll (the same, driven by the zoo folder's changes: ZooPoller at the end).
 
 Several processes serve: the HTTP workers (each with its own sessions when inline) and, with
 TEXTSERVE_INFERENCE=runner, the runner processes that own the sessions. A load answered 200
@@ -38,6 +39,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections import Counter
@@ -47,12 +49,13 @@ from pathlib import Path
 
 import bentoml
 
-from services.backends.inference import Bundle, read_bundle
+from services.backends.inference import MANIFEST, Bundle, read_bundle, sha256_file
 from services.backends.model_store import LOAD_ERRORS, bento_models, import_bundle, store_tag, zoo_folders
 from services.config import ServiceSettings
 from services.http.errors import ApiError
 
 logger = logging.getLogger("bentoml.textserve")
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name in the zoo, never a path
 WATCH_INTERVAL_S = 0.1
 DRAIN_POLL_S = 0.01
 
@@ -357,7 +360,23 @@ class Repository:
     def check_enabled(self, action: str) -> None:
         if self.state is None:
             raise ApiError(403, f"model control is off: {action} is refused while TEXTSERVE_MODEL_CONTROL=none; "
-                                "start the server with TEXTSERVE_MODEL_CONTROL=explicit to load and unload models")
+                                "start the server with TEXTSERVE_MODEL_CONTROL=explicit (or poll) to load and unload models")
+
+    def how_to_add(self, name: str) -> str:
+        """What to do to serve a model by this name, for the unknown-model 404."""
+        if not BUNDLE_NAME.fullmatch(name):
+            return "A model's name is its bundle folder's: letters, digits, '.', '_' and '-', never a path"
+        folder = self.settings.zoo / name
+        load = f"POST /v2/repository/models/{name}/load"
+        if self.state is None:
+            return (f"To add it: put its bundle folder at {folder} (python -m training export --bundle {folder}) and restart "
+                    f"the server, or run the server with TEXTSERVE_MODEL_CONTROL=explicit and {load}")
+        if name in self.available():
+            return f"Its bundle is in the zoo but not loaded: {load}"
+        if self.settings.model_control == "poll":
+            return (f"To add it: put its bundle folder at {folder}; it is loaded within "
+                    f"{self.settings.model_poll_interval_s} s (TEXTSERVE_MODEL_CONTROL=poll)")
+        return f"To add it: put its bundle folder at {folder}, then {load}"
 
     def available(self) -> dict[str, Path | str]:
         """Every bundle this server can serve: name -> its zoo folder, or its store tag in the bento."""
@@ -462,3 +481,93 @@ class Repository:
                 self.wake.set()
             raise
         return {process: acks[process]["failures"][name] for process in who if name in acks[process].get("failures", {})}
+
+
+# --------------------------------------------------------------------------- TEXTSERVE_MODEL_CONTROL=poll
+
+def zoo_fingerprint(folder: Path) -> tuple:
+    """(name, size, mtime) of every file of a bundle folder: changes while a copy is under way
+    and when an export replaces the folder, so that a failed load is retried once the files change."""
+    try:
+        return tuple(sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns)
+                            for entry in os.scandir(folder) if entry.is_file()))
+    except OSError:
+        return ()
+
+
+class ZooPoller:
+    """Watches the zoo folder (TEXTSERVE_MODEL_CONTROL=poll): a bundle that appears or changes
+    is loaded through Repository.load (the same checks and two-phase swap as POST .../load),
+    one that is gone on two scans in a row is unloaded (an export replaces its folder by a
+    rename: one scan may fall between the two steps). One HTTP worker polls: the one holding
+    poller.lock in the server's state folder; another takes over if it dies.
+
+    After the first scan it acts on changes only, so a model unloaded through the API stays
+    unloaded until its files change. A bundle that fails its checks is logged and tried again
+    when its files change (a copy still under way fails and is retried as it completes)."""
+
+    def __init__(self, repository: "Repository", interval_s: float) -> None:
+        self.repository = repository
+        self.interval_s = interval_s
+        self.lock_file = None
+        self.known: dict[str, tuple] | None = None  # name -> fingerprint when last acted on; None: no scan yet
+        self.missing_once: set[str] = set()
+
+    def leads(self) -> bool:
+        if self.lock_file is None:
+            handle = open(self.repository.state.folder / "poller.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                return False
+            self.lock_file = handle  # held for this process's life
+        return True
+
+    def watched(self) -> dict[str, Path]:
+        settings = self.repository.settings
+        found = zoo_folders(settings.zoo) if settings.zoo.is_dir() else {}
+        return {name: path for name, path in found.items() if not settings.models or name in settings.models}
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                if self.leads():
+                    await self.scan()
+            except Exception:  # never let one bad scan stop the watching
+                logger.exception("model poll: scan failed; trying again in %.0f s", self.interval_s)
+
+    async def scan(self) -> None:
+        desired = self.repository.state.read()
+        first, self.known = self.known is None, self.known or {}
+        zoo = await asyncio.to_thread(lambda: {name: (path, zoo_fingerprint(path)) for name, path in self.watched().items()})
+        for name, (path, fingerprint) in zoo.items():
+            if self.known.get(name) == fingerprint:
+                continue
+            self.known[name] = fingerprint
+            try:
+                tag = f"{name}:{(await asyncio.to_thread(sha256_file, path / MANIFEST))[:16]}"
+            except OSError:
+                continue  # the manifest is not there yet (or not any more): next scan
+            current = desired.models.get(name)
+            if tag == current or (first and name in desired.models and current is None):
+                continue  # serving this version already, or unloaded on purpose before this poller began
+            try:
+                await self.repository.load(name)
+                logger.info("model poll: %s serves version %s from %s", name, tag.partition(":")[2], path)
+            except ApiError as error:
+                logger.error("model poll: %s not loaded: %s", name, error.message)
+        self.missing_once &= set(self.known) - set(zoo)
+        for name in set(self.known) - set(zoo):
+            if name not in self.missing_once:
+                self.missing_once.add(name)
+                continue
+            del self.known[name]
+            self.missing_once.discard(name)
+            if desired.models.get(name) and name not in self.repository.available():
+                try:
+                    await self.repository.change_to_the_end(name, None)
+                    logger.info("model poll: %s unloaded, its folder left %s", name, self.repository.settings.zoo)
+                except ApiError as error:
+                    logger.error("model poll: %s not unloaded: %s", name, error.message)

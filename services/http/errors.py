@@ -124,7 +124,7 @@ def error_statuses(method: str, path: str) -> list[int]:
     return [] if path in ("/v2/health/live",) else [401]
 
 
-def document_errors(app: FastAPI, model_names=None) -> None:
+def document_errors(app: FastAPI, model_names=None, add_examples=None) -> None:
     """The OpenAPI document tells the truth about errors: every operation lists the statuses it
     can answer with the {"error": ...} body, and FastAPI's 422 (which this service answers as
     400, see install_error_handlers) is dropped. The OIP infer routes, which read their body
@@ -159,6 +159,8 @@ def document_errors(app: FastAPI, model_names=None) -> None:
                     operation["requestBody"] = {"required": True, "content": {
                         "application/json": {"schema": INFER_REQUEST_SCHEMA},
                         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+        if add_examples is not None:  # real ones, for the loaded models (docs_page.py)
+            add_examples(document)
         document["components"]["schemas"].pop("HTTPValidationError", None)
         document["components"]["schemas"].pop("ValidationError", None)
         app.openapi_schema = document

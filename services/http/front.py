@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services import metrics
-from services.http import access, request_timing
+from services.http import access, docs_page, request_timing
 from services.http.bentoml_timeout import within_timeout
 from services.http.admission import RETRY_AFTER_S, Admission
 from services.http.body_limit import too_large_message
@@ -199,10 +199,11 @@ def enabled(settings: ServiceSettings) -> bool:
 
 
 def install(service_definition, admission: Admission, current_instance: Callable[[], object | None],
-            settings: ServiceSettings = SETTINGS) -> None:
+            settings: ServiceSettings = SETTINGS, page_of: Callable[[str], str | None] | None = None) -> None:
     """Make BentoML's app factory return, for `service_definition` (the decorated TextService),
-    its app behind FastFront when the front is enabled, and behind access.RequireKeys when keys
-    are configured (outermost: no route is answered before the key is checked). Idempotent."""
+    its app behind FastFront when the front is enabled, behind the service's own pages
+    (docs_page.Pages, in place of BentoML's index) and behind access.RequireKeys when keys are
+    configured (outermost: no route is answered before the key is checked). Idempotent."""
     from _bentoml_impl.server.app import ServiceAppFactory
 
     if getattr(ServiceAppFactory, "_textserve_front", False):
@@ -215,6 +216,8 @@ def install(service_definition, admission: Admission, current_instance: Callable
             return app  # another service (the runner) keeps BentoML's app as it is
         if enabled(settings):
             app = FastFront(app, admission, settings, current_instance)
+        if page_of is not None:
+            app = docs_page.Pages(app, page_of)
         return access.wrap(app, settings)
 
     ServiceAppFactory.__call__ = build_with_front
