@@ -78,7 +78,7 @@ app.include_router(language_model_api)
 app.include_router(open_inference_api)
 app.add_middleware(request_timing.RequestTiming)
 document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else [],  # after the routes: each one's error statuses,
-                lambda document: docs_page.add_examples(document, names_by_kind()))  # the loaded model names, real examples
+                lambda document: docs_page.add_examples(document, names_by_kind(), model_versions()))  # the loaded model names, real examples
 
 
 @bentoml.service(
@@ -393,6 +393,10 @@ def names_by_kind() -> dict[str, list[str]]:
     return kinds
 
 
+def model_versions() -> dict[str, str]:
+    return {name: tag.partition(":")[2] for name, tag in SERVING.store_tags.items()} if SERVING is not None else {}
+
+
 def page_of(page: str) -> str | None:
     """The docs page or the playground, once this worker serves (docs_page.py, playground.py)."""
     if SERVING is None:
@@ -401,7 +405,7 @@ def page_of(page: str) -> str | None:
         return json.dumps(docs_page.bentoml_schema(app.openapi()))
     explainable = [name for name, bundle in SERVING.bundles.items()
                    if "window_starts" in bundle.config.get("onnx", {}).get("outputs", [])]  # /explain can answer
-    return docs_page.render(app.openapi(), names_by_kind(), page, sorted(explainable))
+    return docs_page.render(app.openapi(), names_by_kind(), page, sorted(explainable), model_versions())
 
 
 front.install(TextService, ADMISSION, lambda: SERVING, page_of=page_of)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ZOO
-from tests.serving import running_server
+from tests.conftest import REPOSITORY, ZOO
+from tests.serving import free_port, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("TEXTSERVE_REQUIRE_DEPLOY_TOOLS"),
@@ -26,12 +26,15 @@ MODELS = ("kim-cnn-trec6", "lstm-trec6", "char-lm-small-ptb", "digits-cnn")
 TIMEOUT_MS = 30_000
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     zoo = tmp_path_factory.mktemp("zoo")
     for name in MODELS:
         shutil.copytree(ZOO / name, zoo / name)
-    with running_server(tmp_path_factory.mktemp("pages"), zoo) as url:
+    with running_server(tmp_path_factory.mktemp("pages"), zoo, grpc_port=str(GRPC_PORT)) as url:
         yield url
 
 
@@ -81,6 +84,7 @@ def test_the_docs_page_is_ours_and_fetches_nothing_from_the_internet(server):
     for route in ("/classify", "/explain", "/lm/generate", "/lm/neighbors", "/v2/models/{name}/infer", "/v2/repository/index"):
         assert f"<code>{route}</code>" in text
     assert requests.get(f"{server}/docs", timeout=10).text == text  # FastAPI's CDN-bound /docs is gone: the same page
+    assert "No example here" not in text  # every kind of model is loaded: every route has its example
 
 
 def test_the_openapi_document_carries_the_real_examples(server):
@@ -106,16 +110,20 @@ def test_the_docs_page_runs_its_examples_in_a_browser(page, server):
     assert page.title() == "textserve 0.1.0: API"
     classified = run_example(page, "post-classify")
     assert '"label": "NUM"' in classified and '"label": "HUM"' in classified
+    page.locator("#post-classify").scroll_into_view_if_needed()
+    screenshot(page, "docs-page.png", full_page=False)
     inferred = run_example(page, "post-v2-models-name-infer")
     assert '"name": "label"' in inferred and "NUM" in inferred
     assert '"prefix_tokens"' in run_example(page, "post-lm-generate")
+    assert '"name": "probabilities"' in run_example(page, "post-v2-models-name-versions-version-infer")
+    assert '"state": "READY"' in run_example(page, "post-v2-repository-index")
     assert all(url.startswith(server) for url in page.requests)
 
 
-def screenshot(page, name: str) -> None:
+def screenshot(page, name: str, full_page: bool = True) -> None:
     folder = os.environ.get("TEXTSERVE_SCREENSHOT_DIR")
     if folder:
-        page.screenshot(path=str(Path(folder) / name), full_page=True)
+        page.screenshot(path=str(Path(folder) / name), full_page=full_page)
 
 
 def test_the_playground_classifies_with_bars_and_the_ngrams_that_decided(page, server):
@@ -202,6 +210,44 @@ def test_bentomls_own_clients_discover_and_call_the_json_api(server):
 def docs_seven() -> str:
     import base64
 
-    from tests.conftest import REPOSITORY
-
     return base64.b64encode((REPOSITORY / "docs" / "examples" / "seven.png").read_bytes()).decode()
+
+
+def readme_curl_lines() -> list[str]:
+    """The README's and docs' curl calls of this server's models (the own-model example's run in
+    test_own_model.py; a line with a shell variable needs a key this server does not have)."""
+    lines = []
+    for document in (REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))):
+        for line in document.read_text().splitlines():
+            if line.startswith("curl -s localhost:3000") and "my-trec6" not in line and "$" not in line:
+                lines.append(re.sub(r"\s+#\s.*$", "", line))
+    return lines
+
+
+def test_every_curl_line_of_the_readme_and_docs_answers_as_its_comment_says(server):
+    import json
+    import subprocess
+
+    lines = readme_curl_lines()
+    assert len(lines) >= 6
+    for line in lines:
+        done = subprocess.run(["bash", "-c", line.replace("localhost:3000", server.removeprefix("http://"))],
+                              cwd=REPOSITORY, capture_output=True, text=True, timeout=60)
+        answer = json.loads(done.stdout)
+        assert done.returncode == 0 and "error" not in answer, (line, done.stdout[:500])
+    labels = {line.split("/")[1].split()[0]: json.loads(subprocess.run(
+        ["bash", "-c", line.replace("localhost:3000", server.removeprefix("http://"))], cwd=REPOSITORY,
+        capture_output=True, text=True, timeout=60).stdout) for line in lines if "/classify" in line}
+    assert labels["classify"]["results"][0]["label"] == "NUM" and labels["classify-image"]["results"][0]["label"] == "7"
+
+
+def test_the_readmes_python_clients_run_as_written(server):
+    import subprocess
+    import sys
+
+    block = re.search(r"### Clients that work unmodified.*?```python\n(.*?)```", (REPOSITORY / "README.md").read_text(), re.S)
+    assert block, "README.md lost its clients example"
+    code = block.group(1).replace("http://127.0.0.1:3000", server).replace("127.0.0.1:8001", f"127.0.0.1:{GRPC_PORT}")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["HUM", "[b'NUM']"]

@@ -43,7 +43,7 @@ def pick(names_by_kind: dict[str, list[str]], kind: str) -> str | None:
     return PREFERRED[kind] if PREFERRED[kind] in names else (names[0] if names else None)
 
 
-def examples(names_by_kind: dict[str, list[str]]) -> dict[tuple[str, str], dict]:
+def examples(names_by_kind: dict[str, list[str]], versions: dict[str, str] | None = None) -> dict[tuple[str, str], dict]:
     """(method, OpenAPI path) -> {"path": the path to call, "body": the JSON body or None}, for
     the models this server has loaded (a route whose kind of model is not loaded has none)."""
     text, lm, image = (pick(names_by_kind, kind) for kind in ("classifier", "language model", "image classifier"))
@@ -60,6 +60,12 @@ def examples(names_by_kind: dict[str, list[str]]) -> dict[tuple[str, str], dict]
         found[("get", "/v2/models/{name}/ready")] = {"path": f"/v2/models/{text}/ready", "body": None}
         found[("post", "/v2/repository/models/{name}/load")] = {"path": f"/v2/repository/models/{text}/load", "body": {}}
         found[("post", "/v2/repository/models/{name}/unload")] = {"path": f"/v2/repository/models/{text}/unload", "body": {}}
+        version = (versions or {}).get(text)
+        if version:  # the same routes for the version loaded (GET /v2/models/{name} lists it)
+            versioned = f"/v2/models/{text}/versions/{version}"
+            found[("get", "/v2/models/{name}/versions/{version}")] = {"path": versioned, "body": None}
+            found[("get", "/v2/models/{name}/versions/{version}/ready")] = {"path": f"{versioned}/ready", "body": None}
+            found[("post", "/v2/models/{name}/versions/{version}/infer")] = {"path": f"{versioned}/infer", "body": infer}
     explainable = PREFERRED["classifier"] if PREFERRED["classifier"] in names_by_kind.get("classifier", []) else None
     if explainable:
         found[("post", "/explain")] = {"path": "/explain", "body": {"model": explainable, "texts": [QUESTION], "top_k": 3}}
@@ -74,19 +80,21 @@ def examples(names_by_kind: dict[str, list[str]]) -> dict[tuple[str, str], dict]
     return found
 
 
-def add_examples(document: dict, names_by_kind: dict[str, list[str]]) -> None:
+def add_examples(document: dict, names_by_kind: dict[str, list[str]], versions: dict[str, str] | None = None) -> None:
     """Write the examples into the OpenAPI document: each request body's, and the model name
-    as each path's `name` parameter example."""
-    for (method, path), example in examples(names_by_kind).items():
+    (and version) as each path's `name` (and `version`) parameter example."""
+    for (method, path), example in examples(names_by_kind, versions).items():
         operation = document.get("paths", {}).get(path, {}).get(method)
         if operation is None:
             continue
         if example["body"] is not None and "requestBody" in operation:
             operation["requestBody"].setdefault("content", {}).setdefault("application/json", {})["example"] = example["body"]
-        name = example["path"].split("/")[3] if "{name}" in path else None
+        parts = example["path"].split("/")
+        values = {"name": parts[3] if "{name}" in path else None,
+                  "version": parts[5] if "{version}" in path else None}
         for parameter in operation.get("parameters", []):
-            if name and parameter.get("name") == "name" and parameter.get("in") == "path":
-                parameter["example"] = name
+            if values.get(parameter.get("name")) and parameter.get("in") == "path":
+                parameter["example"] = values[parameter["name"]]
 
 
 def section_of(path: str) -> str:
@@ -112,10 +120,11 @@ def fields_of(operation: dict, document: dict) -> list[tuple[str, str, bool, str
     return rows
 
 
-def render(document: dict, names_by_kind: dict[str, list[str]], page: str = "docs", explainable: list[str] = ()) -> str:
+def render(document: dict, names_by_kind: dict[str, list[str]], page: str = "docs", explainable: list[str] = (),
+           versions: dict[str, str] | None = None) -> str:
     """The docs page: the service, its models, and every route with its fields and example."""
     info = document.get("info", {})
-    found = examples(names_by_kind)
+    found = examples(names_by_kind, versions)
     sections: dict[str, list[str]] = {title: [] for title, _ in SECTIONS}
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():
@@ -128,10 +137,11 @@ def render(document: dict, names_by_kind: dict[str, list[str]], page: str = "doc
             identity = re.sub(r"[^a-z0-9]+", "-", f"{method} {path}".lower()).strip("-")  # post-v2-models-name-infer
             if example:
                 body = "" if example["body"] is None else json.dumps(example["body"], ensure_ascii=False)
+                shown = "" if example["body"] is None else json.dumps(example["body"], indent=1, ensure_ascii=False)
                 curl = f"curl -s localhost:3000{example['path']}" + (
                     f" -d '{body}'" if method == "post" else "") + (" -X POST" if method == "post" and example["body"] == {} else "")
                 trial = (f"<div class=example data-method={method.upper()} data-path='{html.escape(example['path'])}'>"
-                         f"<textarea spellcheck=false>{html.escape(json.dumps(example['body'], indent=1, ensure_ascii=False)) if example['body'] is not None else ''}</textarea>"
+                         f"<textarea spellcheck=false rows={min(14, shown.count(chr(10)) + 1)}>{html.escape(shown)}</textarea>"
                          f"<pre class=curl>{html.escape(curl)}</pre><button type=button>Send</button>"
                          f"<pre class=response aria-live=polite></pre></div>")
             else:
