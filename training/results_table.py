@@ -262,6 +262,8 @@ def render(rows: list[dict], language_models: list[dict] | None = None, int8_row
         "do not edit by hand. Accuracy in %, as recorded by the commands listed below the table;",
         "TREC-6 figures are on the dev split (10 % of train, seed 3435; the test set is held out),",
         "MR figures are 10-fold cross-validation where it was run, else the dev split.",
+        "The commands run in the virtual environment `make serve` builds (`. .venv/bin/activate`); the",
+        "paper data sets are not in a clone (`../shared/data` on the development machine).",
         f"Speed measured by this command on: {machine}.",
         "",
         "| bundle | architecture | data | accuracy (train / cv command) | parameters | ONNX MB | ms per text, batch 1 (median) | texts/s, batch 64 (median) | paper |",
