@@ -484,3 +484,16 @@ def test_the_shared_runner_follows_loads_reloads_and_unloads(tmp_path_factory, r
         client.unload_model(OWN)
         assert all(http_infer(url, OWN, QUESTIONS)[0] == 404 for _ in range(4))
         assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
+
+
+def test_the_pages_stay_open_and_bentomls_client_calls_with_its_token(server):
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    url = server["url"]
+    for page in ("/", "/playground", "/schema.json"):
+        assert requests.get(f"{url}{page}", timeout=10).status_code == 200, page  # no data in them; their calls need the key
+    with bentoml.SyncHTTPClient(url, token=API_KEYS[1]) as client:
+        assert client.classify(model="kim-cnn-trec6", texts=["Who wrote Hamlet ?"])["results"][0]["label"] == "HUM"
+    with bentoml.SyncHTTPClient(url) as client, pytest.raises(BentoMLException, match="Authorization: Bearer"):
+        client.classify(model="kim-cnn-trec6", texts=["Who wrote Hamlet ?"])

@@ -33,7 +33,7 @@ from services.http.errors import ApiError, error_body, raw_headers
 logger = logging.getLogger("bentoml.textserve")
 RELOAD_CHECK_S = 1.0
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/livez", "/readyz", "/healthz",
-                        "/", "/docs.json", "/schema.json", "/docs", "/openapi.json"})
+                        "/", "/docs.json", "/schema.json", "/docs", "/openapi.json", "/playground"})  # pages: their calls send the key
 OPEN_PREFIXES = ("/static_assets/",)
 ADMIN_SUFFIXES = ("/load", "/unload")
 CHALLENGE = "Bearer"
