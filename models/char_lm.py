@@ -36,6 +36,11 @@ class LanguageModelRecipe:
     bptt_steps: int = 35  # truncated back-propagation length
     epochs: int = 25
     init_range: float = 0.05  # every parameter ~ U(-0.05, 0.05)
+    # Not the paper's: 0 = off; k >= 1 = from the first step whose rate has been halved k times,
+    # also keep the running mean of the weights over every step (Polyak averaging, as in Merity
+    # et al. 2017's averaged SGD), validated beside the raw weights after each epoch; the better
+    # of the two is the epoch's candidate for the released weights. The rate rule reads the raw ones.
+    average_from_halving: int = 0
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ from training.export_lm import export_language_model
 from training.export_onnx import ExportRefused
 from training.datasets import read_mr_dir, read_ptb
 from models.text_encoding import scoring_stream
-from training.train_lm import load_language_model, next_learning_rate, stream_perplexity, summed_step_loss, train_language_model
+from training.train_lm import (WeightAverage, load_language_model, next_learning_rate, stream_perplexity, summed_step_loss,
+                              train_language_model)
 
 
 
@@ -240,6 +241,42 @@ def test_a_stopped_run_resumes_to_the_same_curve(ptb_slice, tmp_path):
         assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-6)
         assert a["train_perplexity"] == pytest.approx(b["train_perplexity"], rel=1e-6)
         assert a["learning_rate"] == b["learning_rate"]
+
+
+def test_weight_average_is_the_mean_of_the_steps_and_survives_a_checkpoint():
+    model = torch.nn.Linear(2, 1, bias=False)
+    average = WeightAverage(model)
+    for value in (1.0, 2.0, 6.0):  # checked by hand: (1 + 2 + 6) / 3 = 3
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.add(model)
+    with average.swapped_in(model):
+        assert model.weight.tolist() == [[3.0, 3.0]]
+    assert model.weight.tolist() == [[6.0, 6.0]]  # its own weights again
+    again = WeightAverage(model)
+    again.load(average.to_save(), "cpu")
+    again.add(model)  # (1 + 2 + 6 + 6) / 4 = 3.75
+    with again.swapped_in(model):
+        assert model.weight.tolist() == [[3.75, 3.75]] and again.steps == 4
+
+
+def test_averaging_starts_at_the_halving_it_names_and_is_validated_beside_the_raw_weights(ptb_slice, tmp_path):
+    train, valid = ptb_slice
+    # decay_when 1000: every validation from the third on halves the rate, so epochs 4 and 5 run at 1/2 and 1/4
+    overrides = {**TINY, "recipe.epochs": "5", "recipe.decay_when": "1000", "recipe.average_from_halving": "1"}
+    run = train_language_model(train, valid, tmp_path / "lm.pt", overrides=overrides, device="cpu", show_progress=False)
+    history = run["metrics"]["history"]
+    assert [entry["learning_rate"] for entry in history] == [1.0, 1.0, 1.0, 0.5, 0.25]
+    assert ["valid_perplexity_averaged" in entry for entry in history] == [False, False, False, True, True]
+    chunks = history[0]["step"]
+    assert [entry.get("averaged_steps") for entry in history[3:]] == [chunks, 2 * chunks]
+    best = min(min(e["valid_perplexity"], e.get("valid_perplexity_averaged", math.inf)) for e in history)
+    assert run["metrics"]["valid_perplexity"] == best
+    assert run["metrics"]["best_weights"] in ("raw", "averaged")
+    released = load_language_model(run)
+    valid_chars, valid_targets = scoring_stream(valid, LanguageModelVocab(tuple(run["vocab"])),
+                                                WordCharEncoder.from_config(run["encoding"]))
+    assert stream_perplexity(released, valid_chars, valid_targets)[0] == pytest.approx(best, rel=1e-6)  # the weights that scored it
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(ptb_slice, tmp_path):

@@ -16,6 +16,7 @@ Each epoch's figures go to a JSON-lines curve file as well as the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -127,6 +128,52 @@ def resolve_training_device(requested: str) -> str:
     return requested
 
 
+# --------------------------------------------------------------------------- weight averaging
+
+
+class WeightAverage:
+    """The running mean of a model's parameters over the steps it was given (recipe
+    `average_from_halving`), kept in float32 beside the model; resumable with the checkpoint."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names = [name for name, _ in model.named_parameters()]
+        self.means: list[torch.Tensor] | None = None
+        self.steps = 0
+
+    @torch.no_grad()
+    def add(self, model: torch.nn.Module) -> None:
+        parameters = [parameter.detach() for _, parameter in model.named_parameters()]
+        if self.means is None:
+            self.means = [parameter.clone() for parameter in parameters]
+        else:  # mean_n = mean_{n-1} + (x_n - mean_{n-1}) / n
+            torch._foreach_lerp_(self.means, parameters, 1.0 / (self.steps + 1))
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        """The model with the averaged parameters for the block, its own ones again after it."""
+        own = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+        with torch.no_grad():
+            for (name, parameter), mean in zip(model.named_parameters(), self.means):
+                parameter.copy_(mean)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    parameter.copy_(own[name])
+
+    def to_save(self) -> dict | None:
+        if self.means is None:
+            return None
+        return {"steps": self.steps, "means": {name: mean.detach().cpu().clone() for name, mean in zip(self.names, self.means)}}
+
+    def load(self, saved: dict | None, device: str) -> None:
+        if saved:
+            self.means = [saved["means"][name].to(device) for name in self.names]
+            self.steps = saved["steps"]
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -171,6 +218,7 @@ def train_language_model(
                 "history": [], "best_valid_perplexity": None, "best_epoch": None}
     carried = model.initial_state(recipe.batch_size)
     best_state = None
+    averaged = WeightAverage(model)
     if out.exists():
         previous = torch.load(out, map_location="cpu", weights_only=True)
         if previous.get("settings") != settings or previous["config"] != config_values(config):
@@ -183,6 +231,7 @@ def train_language_model(
         if device == "cuda" and previous["resume"].get("cuda_rng"):
             torch.cuda.set_rng_state_all(previous["resume"]["cuda_rng"])  # dropout masks on the GPU
         best_state = previous["state_dict"] if progress["best_epoch"] else None
+        averaged.load(previous["resume"].get("average"), device)
         print(f"resuming {out}: epoch {progress['epoch']}, chunk {progress['chunk']}/{chunks}, "
               f"lr {progress['learning_rate']:g}", flush=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=progress["learning_rate"])  # plain SGD: no state to resume
@@ -200,6 +249,7 @@ def train_language_model(
             "metrics": {
                 "valid_perplexity": progress["best_valid_perplexity"],
                 "best_epoch": progress["best_epoch"],
+                "best_weights": progress.get("best_weights", "raw"),
                 "epochs": recipe.epochs,
                 "epochs_run": len(progress["history"]),
                 "train_tokens": len(train_tokens),
@@ -217,6 +267,7 @@ def train_language_model(
                 "progress": progress,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else [],
+                "average": averaged.to_save(),
             },
         }
 
@@ -242,6 +293,8 @@ def train_language_model(
             optimizer.step()
             with torch.no_grad():
                 model.char_cnn.embedding.weight[0].zero_()  # the padding character stays zero
+            if recipe.average_from_halving and progress["learning_rate"] <= recipe.learning_rate * recipe.decay ** recipe.average_from_halving:
+                averaged.add(model)
             epoch_nll += loss.item() / recipe.bptt_steps  # the chunk's mean NLL per token
             progress["step"] += 1
             progress["chunk"] = chunk + 1
@@ -265,16 +318,25 @@ def train_language_model(
         entry = {"epoch": epoch, "learning_rate": progress["learning_rate"],
                  "train_perplexity": math.exp(epoch_nll / chunks), "valid_perplexity": valid_perplexity,
                  "step": progress["step"], "seconds": round(progress["seconds"], 1)}
+        candidate, candidate_perplexity = model.state_dict(), valid_perplexity
+        if averaged.steps:
+            with averaged.swapped_in(model):
+                entry["valid_perplexity_averaged"], _ = stream_perplexity(model, valid_chars, valid_targets, device=device)
+                entry["averaged_steps"] = averaged.steps
+                if entry["valid_perplexity_averaged"] < valid_perplexity:
+                    candidate, candidate_perplexity = copy.deepcopy(model.state_dict()), entry["valid_perplexity_averaged"]
         progress["history"].append(entry)
-        if progress["best_valid_perplexity"] is None or valid_perplexity < progress["best_valid_perplexity"]:
-            progress["best_valid_perplexity"], progress["best_epoch"] = valid_perplexity, epoch
-            best_state = copy.deepcopy(model.state_dict())
+        if progress["best_valid_perplexity"] is None or candidate_perplexity < progress["best_valid_perplexity"]:
+            progress["best_valid_perplexity"], progress["best_epoch"] = candidate_perplexity, epoch
+            progress["best_weights"] = "averaged" if candidate_perplexity < valid_perplexity else "raw"
+            best_state = copy.deepcopy(candidate)
         progress["learning_rate"] = next_learning_rate(progress["history"], progress["learning_rate"], recipe)
         progress.update(epoch=epoch + 1, chunk=0, epoch_nll=0.0)
         save_atomically(checkpoint(), out)
         with open(curve_path, "a") as curve:
             curve.write(json.dumps(entry) + "\n")
-        print(f"epoch {epoch}: train ppl {entry['train_perplexity']:.2f}, valid ppl {valid_perplexity:.2f}, "
+        averaged_note = f" (averaged weights: {entry['valid_perplexity_averaged']:.2f})" if "valid_perplexity_averaged" in entry else ""
+        print(f"epoch {epoch}: train ppl {entry['train_perplexity']:.2f}, valid ppl {valid_perplexity:.2f}{averaged_note}, "
               f"lr {entry['learning_rate']:g}, {entry['seconds'] / 60:.1f} min so far", flush=True)
     return checkpoint()
 
