@@ -44,6 +44,26 @@ def test_a_stopped_cv_run_resumes_and_reaches_the_same_figures(finished_cv, tmp_
     assert resumed["cv_accuracy_mean"] == pytest.approx(sum(finished["cv_fold_accuracies"]) / 3)
 
 
+def test_each_fold_keeps_its_curve_and_the_selection_rules_are_scored_from_it(finished_cv):
+    finished = json.loads(finished_cv.read_text())
+    curves = finished["cv_fold_curves"]
+    assert sorted(curves) == ["1", "2", "3"] and all(len(curve) == 1 for curve in curves.values())  # one epoch each
+    # With one epoch every rule keeps that epoch, whose fold accuracy is the fold's figure.
+    assert [curves[fold][0][1] for fold in "123"] == finished["cv_fold_accuracies"]
+    by_rule = finished["cv_accuracy_by_selection_rule"]
+    assert sorted(by_rule) == ["first-best-dev", "last-best-dev", "last-epoch"]
+    assert all(value == pytest.approx(finished["cv_accuracy_mean"]) for value in by_rule.values())
+
+
+def test_the_selection_rules_pick_the_first_best_the_last_best_or_the_last_epoch():
+    from training.train_classifier import select_epoch
+
+    curve = [[0.80, 0.70], [0.85, 0.71], [0.84, 0.72], [0.85, 0.73], [0.83, 0.74]]  # [dev, held-out] per epoch
+    assert select_epoch(curve, "first-best-dev") == 0.71
+    assert select_epoch(curve, "last-best-dev") == 0.73  # Kim's `>=`
+    assert select_epoch(curve, "last-epoch") == 0.74
+
+
 def test_a_cv_file_from_other_settings_is_refused_not_mixed_in(finished_cv):
     before = finished_cv.read_text()
     result = training_command("cv", *DATA[:-2], "--min-count", "1", "--folds", "3", "--out", str(finished_cv), check=False)
@@ -71,7 +91,7 @@ def test_attach_cv_adds_the_figures_and_leaves_the_graph_alone(finished_cv, rele
     assert printed["cv_accuracy_mean"] == cv["cv_accuracy_mean"]
     metrics = read_bundle(bundle).metrics  # the manifest was rewritten: the bundle still verifies
     assert metrics["cv_fold_accuracies"] == cv["cv_fold_accuracies"] and metrics["cv_command"] == cv["cv_command"]
-    assert "cv_settings" not in metrics and "cv_fold_progress" not in metrics
+    assert "cv_settings" not in metrics and "cv_fold_progress" not in metrics and "cv_fold_curves" not in metrics
     assert metrics["dev_accuracy"] > 0 and metrics["train_command"].startswith("python -m training train")
     assert hashlib.sha256((bundle / "model.onnx").read_bytes()).hexdigest() == graph_sha
     assert [path.name for path in tmp_path.iterdir()] == ["kim-cnn-mr"]  # no staging copy left behind

@@ -80,7 +80,7 @@ def read_examples(args: argparse.Namespace):
     return read_labelled(args.data, args.format)
 
 
-CV_BOOKKEEPING = ("cv_settings", "cv_fold_progress")  # cv's resume state, not figures
+CV_BOOKKEEPING = ("cv_settings", "cv_fold_progress", "cv_fold_curves")  # cv's resume state and per-epoch curves, not figures
 # Settings in which a cv run must agree with a bundle's training run to describe the same recipe.
 # Patience may differ: it only stops a fold early once its dev accuracy has stopped improving.
 RECIPE_SETTINGS = ("architecture", "preset", "overrides", "vectors", "vectors_format", "epochs", "min_count", "format",
@@ -203,15 +203,23 @@ def main(argv: list[str] | None = None) -> None:
 
     train_image = commands.add_parser("train-image", help="train an image CNN (models/image_cnn.py) on scikit-learn's digits, an IDX pair or a picture folder")
     add_image_data_arguments(train_image)
-    train_image.add_argument("--preset", default="digits", choices=("digits", "digits-28", "lenet5"))
+    add_image_model_arguments(train_image)
     train_image.add_argument("--epochs", type=int, default=None, help="override the preset's epoch count")
-    train_image.add_argument("--seed", type=int, default=3435)
     train_image.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+
+    cv_image = commands.add_parser("cv-image", help="k-fold cross-validation of an image preset over contiguous blocks (other writers) of the training images")
+    add_image_data_arguments(cv_image)
+    add_image_model_arguments(cv_image)
+    cv_image.add_argument("--folds", type=int, default=5)
+    cv_image.add_argument("--baseline", choices=("svm",), default=None,
+                          help="svm: score scikit-learn's RBF SVC (C=10, gamma=0.001) on the same folds instead of a CNN, and on the held-out test images")
+    cv_image.add_argument("--out", type=Path, default=None, help="JSON file for the fold accuracies")
 
     export_image = commands.add_parser("export-image", help="image CNN checkpoint -> ONNX with a parity check -> model bundle")
     export_image.add_argument("--checkpoint", required=True, type=Path)
     add_image_data_arguments(export_image)  # the parity images: the held-out test images
     export_image.add_argument("--bundle", required=True, type=Path, help="bundle folder, e.g. models/zoo/digits-cnn")
+    export_image.add_argument("--metrics-from", type=Path, action="append", default=[], help="JSON file of extra metrics (e.g. cv-image output)")
 
     show_filters = commands.add_parser("show-filters", help="PNG of an image bundle's first-layer filters and their feature maps for one digit")
     show_filters.add_argument("--bundle", required=True, type=Path)
@@ -263,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(str(error)) from None
         result["cv_command"] = command_line()
         if args.out:
-            write_json_atomically(args.out, {**result, "cv_settings": settings,
+            curves = json.loads(args.out.read_text()).get("cv_fold_curves", {}) if args.out.exists() else {}
+            write_json_atomically(args.out, {**result, "cv_settings": settings, "cv_fold_curves": curves,
                                              "cv_fold_progress": dict(enumerate(result["cv_fold_accuracies"], start=1))})
         print(json.dumps(result))
     elif args.command == "export":
@@ -376,11 +385,27 @@ def main(argv: list[str] | None = None) -> None:
         from training.train_image import train_image_cnn
 
         train_part, test_part, label_names = read_image_data(args)
-        checkpoint = train_image_cnn(train_part, test_part, label_names, preset=args.preset, seed=args.seed, epochs=args.epochs)
+        checkpoint = train_image_cnn(train_part, test_part, label_names, preset=args.preset, seed=args.seed, epochs=args.epochs,
+                                     overrides=dict(item.partition("=")[::2] for item in args.overrides))
         checkpoint["metrics"]["train_command"] = command_line()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, args.out)
         print(json.dumps({k: v for k, v in checkpoint["metrics"].items() if k != "history"}))
+    elif args.command == "cv-image":
+        from training.train_image import cv_image_cnn
+
+        train_part, test_part, label_names = read_image_data(args)  # a CNN's test split is never looked at
+        result = cv_image_cnn(train_part, label_names, args.preset, folds=args.folds, seed=args.seed,
+                              overrides=dict(item.partition("=")[::2] for item in args.overrides), baseline=args.baseline)
+        if args.baseline == "svm" and test_part is not None:  # a fixed baseline: it chooses nothing
+            from training.train_image import svm_accuracy
+
+            result["test_accuracy"] = svm_accuracy(train_part, test_part)
+        result["command"] = command_line()
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result))
     elif args.command == "export-image":
         import torch
 
@@ -389,7 +414,12 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         train_part, test_part, _ = read_image_data(args)
         parity_grids = (test_part or train_part)[0]  # parity is about the graph, any real images do
-        metrics = export_image_bundle(checkpoint, args.bundle, args.bundle.name, parity_grids, {"export_command": command_line()})
+        extra = {"export_command": command_line()}
+        for path in args.metrics_from:  # cv-image's result: its figures under cv_ names
+            cv = json.loads(path.read_text())
+            extra.update({"cv_folds": cv["folds"], "cv_accuracy_mean": cv["mean_accuracy"], "cv_accuracy_std": cv["std_accuracy"],
+                          "cv_fold_accuracies": cv["fold_accuracies"], "cv_command": cv["command"]})
+        metrics = export_image_bundle(checkpoint, args.bundle, args.bundle.name, parity_grids, extra)
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
     elif args.command == "show-filters":
         from training.show_filters import show_filters
@@ -397,6 +427,17 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or Path("docs") / f"{args.bundle.name}-filters.png"
         show_filters(args.bundle, args.digit, out)
         print(f"wrote {out}")
+
+
+def add_image_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from models.image_cnn import PRESETS
+
+    parser.add_argument("--preset", default="digits", choices=tuple(PRESETS),
+                        help="digits: the lecture notes' network (the released digits-cnn); digits-16: the same read at 16x16, "
+                             "wider, shifted copies (docs/training.md); lenet5: LeNet-5 (models/image_cnn.py)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a config value, e.g. --set dropout=0.3 --set recipe.shift=2 --set recipe.epochs=60")
+    parser.add_argument("--seed", type=int, default=3435)
 
 
 def add_image_data_arguments(parser: argparse.ArgumentParser) -> None:

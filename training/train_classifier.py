@@ -89,8 +89,12 @@ def train_classifier(
     vectors_path: str | Path | None = None,
     vectors_format: str = "auto",
     show_progress: bool = True,
+    held_out: Sequence[LabelledText] | None = None,
 ) -> dict:
     """Train on `train`, early-stop on `dev`, return the checkpoint dict of the best dev epoch.
+
+    `held_out` (cross-validation's fold) is scored after every epoch into the history as
+    `held_out_accuracy`, so that selection rules can be compared on one run; it chooses nothing.
 
     The preset's recipe trains the full run and keeps the best dev epoch (Kim); `patience` N
     stops once N epochs in a row have not improved dev accuracy. `overrides` are config
@@ -120,6 +124,7 @@ def train_classifier(
     encoder = encoder_from_config(encoding, vocab)
     train_rows, train_targets = encode_examples(encoder, train, labels)
     dev_rows, dev_targets = encode_examples(encoder, dev, labels)
+    held_out_rows, held_out_targets = encode_examples(encoder, held_out, labels) if held_out else (None, None)
 
     # ---- model and optimiser, both from the preset ----
     model = build_model(architecture_name, config_values(config))
@@ -161,6 +166,8 @@ def train_classifier(
             step += 1
         dev_accuracy = accuracy(model, dev_rows, dev_targets)
         history.append({"epoch": epoch, "learning_rate": learning_rate, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_accuracy})
+        if held_out_rows is not None:
+            history[-1]["held_out_accuracy"] = accuracy(model, held_out_rows, held_out_targets)
         epoch_bar.set_postfix(loss=f"{np.mean(losses):.4f}", dev=f"{dev_accuracy:.4f}")
         if dev_accuracy > best["dev_accuracy"]:
             best = {"dev_accuracy": dev_accuracy, "best_epoch": epoch, "step": step}
@@ -217,32 +224,53 @@ def cross_validate(
     run of hours survives being stopped. A file written under other settings is refused, not mixed in.
     """
     done: dict[str, float] = {}
+    curves: dict[str, list[list[float]]] = {}  # fold -> [dev accuracy, fold accuracy] per epoch
     if progress_path is not None and progress_path.exists():
         previous = json.loads(progress_path.read_text())
         if previous.get("cv_settings") != progress_key:
             raise CrossValidationMismatch(f"{progress_path} holds a cross-validation run with other settings "
                              f"({previous.get('cv_settings')}); remove it or write to another --out")
         done = {str(fold): accuracy for fold, accuracy in previous.get("cv_fold_progress", {}).items()}
+        curves = previous.get("cv_fold_curves", {})
     for fold, (train_part, test_part) in enumerate(kfold(examples, folds=folds, seed=seed), start=1):
         if str(fold) in done:
             print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (from {progress_path})", flush=True)
             continue
         train, dev = split_dev(train_part, dev_fraction=dev_fraction, seed=seed + fold)
-        checkpoint = train_classifier(train, dev, seed=seed + fold, show_progress=show_progress, **train_options)
+        checkpoint = train_classifier(train, dev, seed=seed + fold, show_progress=show_progress, held_out=test_part, **train_options)
+        curves[str(fold)] = [[h["dev_accuracy"], h["held_out_accuracy"]] for h in checkpoint["metrics"]["history"]]
         model = load_model(checkpoint)
         encoder = encoder_for(checkpoint)
         rows, targets = encode_examples(encoder, test_part, checkpoint["labels"])
         done[str(fold)] = accuracy(model, rows, targets)
         print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
         if progress_path is not None:
-            write_json_atomically(progress_path, {"cv_settings": progress_key, "cv_fold_progress": done})
+            write_json_atomically(progress_path, {"cv_settings": progress_key, "cv_fold_progress": done, "cv_fold_curves": curves})
     fold_accuracies = [done[str(fold)] for fold in range(1, folds + 1)]
-    return {
+    result = {
         "cv_folds": folds,
         "cv_accuracy_mean": statistics.mean(fold_accuracies),
         "cv_accuracy_std": statistics.stdev(fold_accuracies) if folds > 1 else 0.0,
         "cv_fold_accuracies": fold_accuracies,
     }
+    if len(curves) == folds:  # every fold's curve (a progress file from before curves has none)
+        result["cv_accuracy_by_selection_rule"] = {
+            rule: statistics.mean(select_epoch(curves[str(fold)], rule) for fold in range(1, folds + 1)) for rule in SELECTION_RULES}
+    return result
+
+
+# How the epoch to keep is picked from the dev curve: the first epoch with the best dev accuracy
+# (this job), the last one (Kim's CNN_sentence: `if val_perf >= best_val_perf`), or simply the last epoch.
+SELECTION_RULES = ("first-best-dev", "last-best-dev", "last-epoch")
+
+
+def select_epoch(curve: Sequence[Sequence[float]], rule: str) -> float:
+    """The held-out accuracy of the epoch `rule` keeps, from [dev accuracy, held-out accuracy] per epoch."""
+    if rule == "last-epoch":
+        return curve[-1][1]
+    best = max(dev for dev, _ in curve)
+    chosen = [held_out for dev, held_out in curve if dev == best]
+    return chosen[0] if rule == "first-best-dev" else chosen[-1]
 
 
 def write_json_atomically(path: Path, value: dict) -> None:
