@@ -57,17 +57,22 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set length=256 --set recipe.epochs=10")
 
 
-def model_options(args: argparse.Namespace) -> dict:
-    from models.registry import architecture
-
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`--set NAME=VALUE` arguments as {name: value}."""
     overrides = {}
-    for item in args.overrides:
+    for item in items:
         name, separator, value = item.partition("=")
         if not separator:
             raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
         overrides[name.strip()] = value.strip()
+    return overrides
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    from models.registry import architecture
+
     preset = args.preset or next(iter(architecture(args.architecture).presets))
-    return {"architecture_name": args.architecture, "preset": preset, "overrides": overrides,
+    return {"architecture_name": args.architecture, "preset": preset, "overrides": parse_overrides(args.overrides),
             "vectors_path": args.vectors, "vectors_format": args.vectors_format}
 
 
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train_part, test_part, label_names = read_image_data(args)
         checkpoint = train_image_cnn(train_part, test_part, label_names, preset=args.preset, seed=args.seed, epochs=args.epochs,
-                                     overrides=dict(item.partition("=")[::2] for item in args.overrides))
+                                     overrides=parse_overrides(args.overrides))
         checkpoint["metrics"]["train_command"] = command_line()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, args.out)
@@ -396,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
 
         train_part, test_part, label_names = read_image_data(args)  # a CNN's test split is never looked at
         result = cv_image_cnn(train_part, label_names, args.preset, folds=args.folds, seed=args.seed,
-                              overrides=dict(item.partition("=")[::2] for item in args.overrides), baseline=args.baseline)
+                              overrides=parse_overrides(args.overrides), baseline=args.baseline)
         if args.baseline == "svm" and test_part is not None:  # a fixed baseline: it chooses nothing
             from training.train_image import svm_accuracy
 

@@ -213,7 +213,7 @@ def image_row(path: Path) -> dict:
 
     bundle = read_bundle(path)
     classifier = ImageClassifier(bundle)
-    _, (grids, labels), _ = digits()
+    train_part, (grids, labels), _ = digits()
     accuracy = float((classifier.probabilities(grids).argmax(axis=1) == labels).mean())
     images = classifier.encoder.encode(grids)
     for image in images[:20]:
@@ -228,16 +228,14 @@ def image_row(path: Path) -> dict:
         started = time.perf_counter()
         classifier.logits_of_images(images[start: start + THROUGHPUT_BATCH])
         batched.append(time.perf_counter() - started)
-    from training.image_data import digits as digit_split
     from training.train_image import SVM_BASELINE, svm_accuracy
 
-    train_part, test_part, _ = digit_split()
     metrics = bundle.metrics
     cv = (f"{100 * metrics['cv_accuracy_mean']:.1f} ± {100 * metrics['cv_accuracy_std']:.1f} ({metrics['cv_folds']} folds)"
           if "cv_accuracy_mean" in metrics else f"{100 * metrics['dev_accuracy']:.1f} (dev)")
     return {"bundle": bundle.name, "preset": bundle.config.get("preset", ""), "test_accuracy": 100 * accuracy,
             "recorded_test_accuracy": 100 * metrics["test_accuracy"], "selection": cv,
-            "svm_test_accuracy": 100 * svm_accuracy(train_part, test_part), "svm": SVM_BASELINE,
+            "svm_test_accuracy": 100 * svm_accuracy(train_part, (grids, labels)), "svm": SVM_BASELINE,
             "parameters": metrics["parameters"], "onnx_kb": (path / "model.onnx").stat().st_size / 1024,
             "latency_ms": 1000 * statistics.median(single), "throughput": THROUGHPUT_BATCH / statistics.median(batched),
             "commands": {k: v for k, v in metrics.items() if k.endswith("_command")}}

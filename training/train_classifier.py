@@ -239,10 +239,7 @@ def cross_validate(
         train, dev = split_dev(train_part, dev_fraction=dev_fraction, seed=seed + fold)
         checkpoint = train_classifier(train, dev, seed=seed + fold, show_progress=show_progress, held_out=test_part, **train_options)
         curves[str(fold)] = [[h["dev_accuracy"], h["held_out_accuracy"]] for h in checkpoint["metrics"]["history"]]
-        model = load_model(checkpoint)
-        encoder = encoder_for(checkpoint)
-        rows, targets = encode_examples(encoder, test_part, checkpoint["labels"])
-        done[str(fold)] = accuracy(model, rows, targets)
+        done[str(fold)] = select_epoch(curves[str(fold)], "first-best-dev")  # the epoch the checkpoint keeps
         print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
         if progress_path is not None:
             write_json_atomically(progress_path, {"cv_settings": progress_key, "cv_fold_progress": done, "cv_fold_curves": curves})

@@ -73,9 +73,9 @@ def train_image_cnn(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray
     np.random.seed(seed)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    config = image_config(preset, len(label_names), overrides)
     if epochs is not None:
-        config = dataclasses.replace(config, recipe=dataclasses.replace(config.recipe, epochs=epochs))
+        overrides = {**(overrides or {}), "recipe.epochs": str(epochs)}
+    config = image_config(preset, len(label_names), overrides)
     recipe = config.recipe
     encoder = ImageEncoder(size=config.input_size)
     if recipe.dev_fraction > 0:
