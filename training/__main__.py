@@ -85,11 +85,11 @@ def read_examples(args: argparse.Namespace):
     return read_labelled(args.data, args.format)
 
 
-CV_BOOKKEEPING = ("cv_settings", "cv_fold_progress", "cv_fold_curves")  # cv's resume state and per-epoch curves, not figures
+CV_BOOKKEEPING = ("cv_settings", "cv_fold_progress", "cv_fold_curves", "cv_member_runs")  # cv's resume state and per-epoch curves, not figures
 # Settings in which a cv run must agree with a bundle's training run to describe the same recipe.
 # Patience may differ: it only stops a fold early once its dev accuracy has stopped improving.
 RECIPE_SETTINGS = ("architecture", "preset", "overrides", "vectors", "vectors_format", "epochs", "min_count", "format",
-                   "text_column", "label_column")
+                   "text_column", "label_column", "members")
 
 
 def check_same_recipe(parser: argparse.ArgumentParser, cv_result: dict, train_command: str, cv_path: Path,
@@ -102,8 +102,9 @@ def check_same_recipe(parser: argparse.ArgumentParser, cv_result: dict, train_co
     trained = vars(parser.parse_args(shlex.split(train_command)[3:]))
     trained = {key: (str(value) if isinstance(value, Path) else value) for key, value in trained.items()}
     cv_settings = dict(cv_result["cv_settings"])
-    for settings in (trained, cv_settings):  # an omitted --preset means the architecture's first
+    for settings in (trained, cv_settings):  # an omitted --preset means the architecture's first; --members, 1
         settings["preset"] = settings.get("preset") or next(iter(architecture(settings["architecture"]).presets))
+        settings["members"] = settings.get("members") or 1
     for setting in RECIPE_SETTINGS + ("data",):
         if cv_settings.get(setting) != trained.get(setting):
             raise SystemExit(f"{cv_path} was run with {setting}={cv_settings.get(setting)!r}, but {bundle} was trained "
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=3435, help="seed for the split, the init and the batch order")
     train.add_argument("--patience", type=int, default=None, help="stop after this many epochs without a better dev accuracy (default: Kim's full run)")
     train.add_argument("--min-count", type=int, default=1, help="keep words seen this often in training; rarer ones become <unk>")
+    train.add_argument("--members", type=int, default=1,
+                       help="train this many seeds (--seed, --seed + 1000, ...) on the same split and export them as one "
+                            "model, the mean of their logits (models/ensemble.py); 1: a single model")
     train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
 
     cv = commands.add_parser("cv", help="k-fold cross-validation (Kim's protocol for MR); prints mean and std")
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     cv.add_argument("--seed", type=int, default=3435)
     cv.add_argument("--min-count", type=int, default=1)
     cv.add_argument("--patience", type=int, default=None)
+    cv.add_argument("--members", type=int, default=1, help="an ensemble of this many seeds per fold, as train --members")
     cv.add_argument("--out", type=Path, default=None, help="write the result as JSON here; each fold is saved as it ends and a rerun resumes")
 
     train_lm = commands.add_parser("train-lm", help="train (or resume) the character-aware language model on PTB")
@@ -233,19 +238,22 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     if args.command == "train":
-        from training.train_classifier import train_classifier
+        from training.train_classifier import train_ensemble
         import torch
 
+        if args.members < 1:
+            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
         examples = read_examples(args)
         train_part, dev_part = split_dev(examples, dev_fraction=args.dev_fraction, seed=args.seed)
-        checkpoint = train_classifier(
-            train_part, dev_part, **model_options(args), lowercase=args.format not in CASED_FORMATS,
+        checkpoint = train_ensemble(
+            train_part, dev_part, args.members, **model_options(args), lowercase=args.format not in CASED_FORMATS,
             seed=args.seed, epochs=args.epochs, min_count=args.min_count, patience=args.patience,
         )
         checkpoint["metrics"]["train_command"] = command_line()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, args.out)
-        summary = {k: checkpoint["metrics"][k] for k in ("dev_accuracy", "best_epoch", "train_examples", "dev_examples")}
+        keys = ("dev_accuracy", "best_epoch", "member_dev_accuracies", "member_best_epochs", "train_examples", "dev_examples")
+        summary = {k: checkpoint["metrics"][k] for k in keys if k in checkpoint["metrics"]}
         print(json.dumps({"checkpoint": str(args.out), **summary}))
     elif args.command == "train-lm":
         from training.datasets import read_ptb
@@ -263,12 +271,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "cv":
         from training.train_classifier import CrossValidationMismatch, cross_validate, write_json_atomically
 
-        # Everything that defines the run; a rerun with the same settings resumes from --out.
-        settings = {key: (str(value) if isinstance(value, Path) else value)
-                    for key, value in sorted(vars(args).items()) if key not in ("command", "out")}
+        if args.members < 1:
+            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
+        # Everything that defines the run; a rerun with the same settings resumes from --out. (--members 1 is
+        # left out, so that files written before --members existed still resume.)
+        settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(args).items())
+                    if key not in ("command", "out") and not (key == "members" and value == 1)}
         try:
             result = cross_validate(
-                read_examples(args), folds=args.folds, seed=args.seed, **model_options(args),
+                read_examples(args), folds=args.folds, seed=args.seed, members=args.members, **model_options(args),
                 lowercase=args.format not in CASED_FORMATS, epochs=args.epochs, min_count=args.min_count,
                 patience=args.patience, progress_path=args.out, progress_key=settings,
             )
@@ -276,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(str(error)) from None
         result["cv_command"] = command_line()
         if args.out:
-            curves = json.loads(args.out.read_text()).get("cv_fold_curves", {}) if args.out.exists() else {}
-            write_json_atomically(args.out, {**result, "cv_settings": settings, "cv_fold_curves": curves,
+            progress = json.loads(args.out.read_text()) if args.out.exists() else {}
+            kept = {key: progress[key] for key in ("cv_fold_curves", "cv_member_runs") if key in progress}
+            write_json_atomically(args.out, {**result, "cv_settings": settings, **kept,
                                              "cv_fold_progress": dict(enumerate(result["cv_fold_accuracies"], start=1))})
         print(json.dumps(result))
     elif args.command == "export":

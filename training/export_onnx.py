@@ -233,6 +233,14 @@ def rounding_effect(model: torch.nn.Module, encoder, texts: Sequence[str]) -> di
     return {"float16_rounding_max_abs_logit_delta": worst, "float16_rounding_argmax_changes": flips, "float16_rounding_texts": len(texts)}
 
 
+def ensemble_config(checkpoint: dict) -> dict:
+    """config.json's `ensemble` field for a checkpoint of several members (train --members), else nothing."""
+    members = checkpoint.get("member_state_dicts")
+    if not members:
+        return {}
+    return {"ensemble": {"members": len(members), "combine": "mean-logits", "seeds": checkpoint["metrics"]["member_seeds"]}}
+
+
 def write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
@@ -284,6 +292,7 @@ def export_bundle(
                 "encoding": checkpoint["encoding"],
                 "onnx": {"opset": OPSET, "inputs": export_example(checkpoint["encoding"])[1], "outputs": output_names(model),
                          "graph_passes": graph_passes},
+                **ensemble_config(checkpoint),
             },
         )
         metrics = {**checkpoint["metrics"], **(extra_metrics or {}), **storage_metrics,

@@ -23,6 +23,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from models.ensemble import ensemble_of
 from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
@@ -202,6 +203,66 @@ def train_classifier(
     }
 
 
+# Member m of an ensemble trains with seed + m * MEMBER_SEED_STRIDE: member 0 is the single model
+# of that seed, and no member's seed is another fold's (cross-validation's folds use seed + fold).
+MEMBER_SEED_STRIDE = 1000
+
+
+def member_seeds(seed: int, members: int) -> list[int]:
+    return [seed + MEMBER_SEED_STRIDE * member for member in range(members)]
+
+
+def train_ensemble(train: Sequence[LabelledText], dev: Sequence[LabelledText], members: int, seed: int = 3435,
+                   **train_options) -> dict:
+    """Train `members` copies of one recipe on the same split, seeds apart (member_seeds), each
+    keeping its own best dev epoch; one member is the plain checkpoint of train_classifier.
+
+    Two or more: one checkpoint holding every member's weights (`member_state_dicts`), served as
+    the mean of their logits (models/ensemble.py); its `dev_accuracy` is the ensemble's, and the
+    metrics keep each member's figures and curve."""
+    checkpoints = [train_classifier(train, dev, seed=member_seed, **train_options) for member_seed in member_seeds(seed, members)]
+    if members == 1:
+        return checkpoints[0]
+    first = checkpoints[0]
+    # Same data, same split, same recipe: the vocabulary and labels are the same for every member.
+    assert all(c["vocab"] == first["vocab"] and c["labels"] == first["labels"] for c in checkpoints)
+    labels = first["labels"]
+    dev_rows, dev_targets = encode_examples(encoder_for(first), dev, labels)
+    ensemble = ensemble_of([load_model(checkpoint) for checkpoint in checkpoints])
+    member_metrics = [checkpoint["metrics"] for checkpoint in checkpoints]
+    metrics = {
+        **{key: value for key, value in first["metrics"].items() if key not in ("history", "best_epoch", "step")},
+        "dev_accuracy": accuracy(ensemble, dev_rows, dev_targets),
+        "ensemble_members": members,
+        "ensemble_combine": "mean of the members' logits",
+        "member_seeds": member_seeds(seed, members),
+        "member_dev_accuracies": [m["dev_accuracy"] for m in member_metrics],
+        "member_best_epochs": [m["best_epoch"] for m in member_metrics],
+        "parameters": sum(m["parameters"] for m in member_metrics),
+        "train_seconds": round(sum(m["train_seconds"] for m in member_metrics), 1),
+        "member_histories": [m["history"] for m in member_metrics],
+    }
+    return {
+        **{key: value for key, value in first.items() if key not in ("state_dict", "metrics", "step")},
+        "member_state_dicts": [checkpoint["state_dict"] for checkpoint in checkpoints],
+        "metrics": metrics,
+        "step": sum(checkpoint["step"] for checkpoint in checkpoints),
+    }
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, rows: Sequence[Sequence[int]], batch_size: int = 500) -> np.ndarray:
+    """(N, K) float32 logits of encoded rows, in eval mode."""
+    model.eval()
+    parts = [model(*batch_tensors(rows[start : start + batch_size])).numpy() for start in range(0, len(rows), batch_size)]
+    return np.concatenate(parts)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
 class CrossValidationMismatch(ValueError):
     """A cv progress file was written under other settings than the run asked for."""
 
@@ -211,6 +272,7 @@ def cross_validate(
     folds: int = 10,
     dev_fraction: float = 0.1,
     seed: int = 3435,
+    members: int = 1,
     show_progress: bool = True,
     progress_path: Path | None = None,
     progress_key: dict | None = None,
@@ -219,12 +281,17 @@ def cross_validate(
     """Kim's k-fold CV: per fold, 10 % of the training part is dev for early stopping and the
     held-out fold is scored at the best dev epoch. Returns mean, std and every fold's accuracy.
 
-    With `progress_path`, each finished fold is written there at once, and a rerun with the same
-    `progress_key` (the settings that define the run) skips the folds already scored: a ten-fold
-    run of hours survives being stopped. A file written under other settings is refused, not mixed in.
-    """
+    With `members` >= 2 each fold trains that many seeds on its split (train_ensemble's seeds)
+    and the fold's figure is their ensemble's (the mean of the logits, as served); the result adds
+    the ensembles of the first 1, 2, ... members, the mean of the probabilities instead, and the
+    members alone, all from the same runs.
+
+    With `progress_path`, each finished fold (and member) is written there at once, and a rerun with
+    the same `progress_key` (the settings that define the run) skips what is already scored: a
+    ten-fold run of hours survives being stopped. A file written under other settings is refused."""
     done: dict[str, float] = {}
-    curves: dict[str, list[list[float]]] = {}  # fold -> [dev accuracy, fold accuracy] per epoch
+    curves: dict[str, list[list[float]]] = {}  # fold -> [dev accuracy, fold accuracy] per epoch (member 0)
+    scored: dict[str, dict] = {}  # members >= 2: fold -> {"targets": [...], "members": [{"curve", "logits"}, ...]}
     if progress_path is not None and progress_path.exists():
         previous = json.loads(progress_path.read_text())
         if previous.get("cv_settings") != progress_key:
@@ -232,17 +299,41 @@ def cross_validate(
                              f"({previous.get('cv_settings')}); remove it or write to another --out")
         done = {str(fold): accuracy for fold, accuracy in previous.get("cv_fold_progress", {}).items()}
         curves = previous.get("cv_fold_curves", {})
+        scored = previous.get("cv_member_runs", {})
+
+    def save_progress() -> None:
+        if progress_path is not None:
+            write_json_atomically(progress_path, {"cv_settings": progress_key, "cv_fold_progress": done, "cv_fold_curves": curves,
+                                                  **({"cv_member_runs": scored} if members > 1 else {})})
+
     for fold, (train_part, test_part) in enumerate(kfold(examples, folds=folds, seed=seed), start=1):
         if str(fold) in done:
             print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (from {progress_path})", flush=True)
             continue
         train, dev = split_dev(train_part, dev_fraction=dev_fraction, seed=seed + fold)
-        checkpoint = train_classifier(train, dev, seed=seed + fold, show_progress=show_progress, held_out=test_part, **train_options)
-        curves[str(fold)] = [[h["dev_accuracy"], h["held_out_accuracy"]] for h in checkpoint["metrics"]["history"]]
-        done[str(fold)] = select_epoch(curves[str(fold)], "first-best-dev")  # the epoch the checkpoint keeps
-        print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
-        if progress_path is not None:
-            write_json_atomically(progress_path, {"cv_settings": progress_key, "cv_fold_progress": done, "cv_fold_curves": curves})
+        runs = scored.setdefault(str(fold), {"members": []})
+        for member, member_seed in enumerate(member_seeds(seed + fold, members)):
+            if member < len(runs["members"]):
+                continue  # scored before a stop
+            checkpoint = train_classifier(train, dev, seed=member_seed, show_progress=show_progress, held_out=test_part, **train_options)
+            curve = [[h["dev_accuracy"], h["held_out_accuracy"]] for h in checkpoint["metrics"]["history"]]
+            if member == 0:
+                curves[str(fold)] = curve
+            if members > 1:
+                rows, targets = encode_examples(encoder_for(checkpoint), test_part, checkpoint["labels"])
+                runs["targets"] = targets.tolist()
+                runs["members"].append({"seed": member_seed, "curve": curve,
+                                        "logits": np.round(logits_of(load_model(checkpoint), rows), 5).tolist()})
+                print(f"fold {fold}/{folds}, member {member + 1}/{members}: accuracy {select_epoch(curve, 'first-best-dev'):.4f} "
+                      f"(best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
+                save_progress()
+        if members > 1:
+            done[str(fold)] = ensemble_accuracy(runs, members)
+            print(f"fold {fold}/{folds}: ensemble of {members}: accuracy {done[str(fold)]:.4f}", flush=True)
+        else:
+            done[str(fold)] = select_epoch(curves[str(fold)], "first-best-dev")  # the epoch the checkpoint keeps
+            print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
+        save_progress()
     fold_accuracies = [done[str(fold)] for fold in range(1, folds + 1)]
     result = {
         "cv_folds": folds,
@@ -253,7 +344,24 @@ def cross_validate(
     if len(curves) == folds:  # every fold's curve (a progress file from before curves has none)
         result["cv_accuracy_by_selection_rule"] = {
             rule: statistics.mean(select_epoch(curves[str(fold)], rule) for fold in range(1, folds + 1)) for rule in SELECTION_RULES}
+    if members > 1:
+        runs = [scored[str(fold)] for fold in range(1, folds + 1)]
+        result.update({
+            "cv_members": members,
+            "cv_accuracy_by_members": {str(k): statistics.mean(ensemble_accuracy(r, k) for r in runs) for k in range(1, members + 1)},
+            "cv_accuracy_probability_mean": statistics.mean(ensemble_accuracy(r, members, "probabilities") for r in runs),
+            "cv_member_accuracies": [statistics.mean(select_epoch(r["members"][m]["curve"], "first-best-dev") for r in runs)
+                                     for m in range(members)],
+        })
     return result
+
+
+def ensemble_accuracy(runs: dict, members: int, combine: str = "logits") -> float:
+    """Held-out accuracy of the first `members` members of a fold's runs, combined by the mean of
+    their logits (as served) or of their probabilities."""
+    logits = np.array([run["logits"] for run in runs["members"][:members]], dtype=np.float32)  # (M, N, K)
+    scores = logits.mean(axis=0) if combine == "logits" else softmax(logits).mean(axis=0)
+    return float((scores.argmax(axis=1) == np.array(runs["targets"])).mean())
 
 
 # How the epoch to keep is picked from the dev curve: the first epoch with the best dev accuracy
@@ -283,9 +391,15 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_model(checkpoint: dict) -> torch.nn.Module:
-    model = build_model(checkpoint.get("architecture", "kim-cnn"), checkpoint["config"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+    """The checkpoint's model in eval mode: one network, or an ensemble of its members (train --members)."""
+    architecture_name = checkpoint.get("architecture", "kim-cnn")
+    states = checkpoint.get("member_state_dicts") or [checkpoint["state_dict"]]
+    members = []
+    for state in states:
+        member = build_model(architecture_name, checkpoint["config"])
+        member.load_state_dict(state)
+        members.append(member)
+    return (members[0] if len(members) == 1 else ensemble_of(members)).eval()
 
 
 def encoder_for(checkpoint: dict) -> WordEncoder | CharEncoder:

@@ -112,6 +112,10 @@ def check_files(path: Path, config: dict, labels: Sequence[str] | None) -> None:
     for file in needed:
         if not (path / file).is_file():
             raise BundleFormatError(f"{path}: the {kind} encoding needs {file}, which is missing")
+    ensemble = config.get("ensemble")
+    if ensemble is not None and not (isinstance(ensemble, dict) and isinstance(ensemble.get("members"), int)
+                                     and not isinstance(ensemble["members"], bool) and ensemble["members"] >= 2):
+        raise BundleFormatError(f"{where}: 'ensemble' must be an object with 'members', an int of 2 or more, got {ensemble!r}")
     if kind == LANGUAGE_MODEL_KIND:
         return
     if labels is None:

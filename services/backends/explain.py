@@ -5,7 +5,9 @@ feature j names one window (its start) and adds contributions[c, j] = feature_j 
 class c's logit. For the predicted class we group the features by the window they picked
 (several filters often pick the same n-gram), sum their contributions, and report the windows
 that added most. logit = bias + sum of all contributions, exactly; `rest` is the part of that
-sum outside the listed n-grams.
+sum outside the listed n-grams. An ensemble (models/ensemble.py) serves the mean of its members'
+logits: its graph lists every member's features, each contribution divided by the number of
+members, so the same sum holds and `filters` counts the members' filters together.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from models.text_encoding import tokenize
-from services.backends.inference import TextClassifier
+from services.backends.inference import BundleError, TextClassifier
 
 
 def explain_texts(classifier: TextClassifier, texts: Sequence[str], top_k: int) -> list[dict]:
     token_ids, lengths, logits, window_starts, contributions = classifier.evidence(texts)
     model = classifier.bundle.config["model"]
-    widths = [w for w in model["filter_widths"] for _ in range(model["feature_maps"])]  # width of feature j
+    members = classifier.bundle.config.get("ensemble", {}).get("members", 1)  # an ensemble: its members side by side
+    widths = [w for _ in range(members) for w in model["filter_widths"] for _ in range(model["feature_maps"])]  # feature j's
+    if window_starts.shape[1] != len(widths):
+        raise BundleError(f"{classifier.bundle.name}: its graph has {window_starts.shape[1]} evidence features; config.json "
+                          f"describes {len(widths)} ({members} x {len(model['filter_widths'])} widths x {model['feature_maps']} maps)")
     encoder = classifier.encoder
     results = []
     for row, text in enumerate(texts):
