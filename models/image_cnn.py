@@ -47,6 +47,10 @@ class ImageTrainingRecipe(TrainingRecipe):
 
     shift: int = 0  # each training image moved by a random whole number of pixels in [-shift, shift], per axis
     dev_fraction: float = 0.1  # held out of training to keep the best epoch; 0 trains on all and keeps the last
+    # Each epoch, this share of the training digits is replaced by a copy redrawn as a picture would be
+    # read (rotated, slanted, wider or narrower, another pen; training/picture_jitter.py); 0 = off.
+    jitter: float = 0.0
+    jitter_copies: int = 8  # redrawn copies made per digit before training, among which each epoch picks
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,16 @@ class KimCNNConfig:
     dropout: float = 0.5
     max_norm: float = 3.0  # cap on the L2 norm of each class's output weight row
     embedding_init_range: float = 0.25  # rand vectors ~ U[-0.25, 0.25]
+    # Two details of Kim's code (CNN_sentence) that the defaults leave out, kept as switches so
+    # that cross-validation can measure what each costs (docs/training.md):
+    # - kim_init_length N > 0: the filters' init bound of Kim's Theano code, whose fan_out is
+    #   divided by the pool size N - width + 1 (every text padded to N tokens; TREC: 37 + 2 * 4 = 45);
+    #   about 0.63 of the Xavier bound used when 0.
+    # - pool_padding: Kim pads every text to the longest one and max-pools over all of it, so each
+    #   filter also sees windows of padding alone, which score relu(bias). Only the widest filters
+    #   miss them here: the edge padding (widest - 1 zeros each side) gives narrower ones such windows.
+    kim_init_length: int = 0
+    pool_padding: bool = False
     # Kim's training recipe: Adadelta (lr 1.0, rho 0.95, eps 1e-6), batch 50, 25 epochs.
     recipe: TrainingRecipe = field(default=TrainingRecipe())
 
@@ -80,8 +90,14 @@ class KimCNN(nn.Module):
             nn.init.uniform_(embedding.weight, -bound, bound)
             with torch.no_grad():
                 embedding.weight[0].zero_()  # <pad> stays a zero vector, as in Kim's set_zero
-        for convolution in self.convolutions:
-            nn.init.xavier_uniform_(convolution.weight)  # Theano's U(+-sqrt(6/(fan_in+fan_out)))
+        for convolution, width in zip(self.convolutions, self.config.filter_widths):
+            if self.config.kim_init_length:  # CNN_sentence: fan_out = maps * width * E / pooled length
+                fan_in = convolution.in_channels * width
+                fan_out = convolution.out_channels * width * convolution.in_channels / (self.config.kim_init_length - width + 1)
+                bound = (6.0 / (fan_in + fan_out)) ** 0.5
+                nn.init.uniform_(convolution.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(convolution.weight)  # Theano's U(+-sqrt(6/(fan_in+fan_out)))
             nn.init.zeros_(convolution.bias)
         nn.init.zeros_(self.output.weight)  # Kim's LogisticRegression layer starts at zero
         nn.init.zeros_(self.output.bias)
@@ -91,7 +107,8 @@ class KimCNN(nn.Module):
 
     def window_scores(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """Per filter width, every filter's score of every window: (B, F, T - width + 1), 0 for
-        a window that does not end inside its row's length."""
+        a window that does not end inside its row's length; with `pool_padding`, one more window of
+        padding alone at the end (B, F, T - width + 2)."""
         vectors = torch.cat([embedding(token_ids) for embedding in self.embeddings], dim=2)  # (B, T, C*E)
         vectors = vectors.transpose(1, 2)  # (B, C*E, T): Conv1d slides over the last axis
         scores = []
@@ -100,7 +117,13 @@ class KimCNN(nn.Module):
             window_starts = torch.arange(feature_maps.shape[2], device=token_ids.device)  # (T - width + 1,)
             # A window is real when it ends inside the row's own length.
             inside = window_starts.unsqueeze(0) <= (lengths - width).unsqueeze(1)  # (B, T - width + 1)
-            scores.append(feature_maps * inside.unsqueeze(1).to(feature_maps.dtype))
+            masked = feature_maps * inside.unsqueeze(1).to(feature_maps.dtype)
+            if self.config.pool_padding:
+                # One more window, of padding alone, past the end of every row: it scores relu(bias),
+                # as in Kim's code for any text shorter than the longest, whatever else is in the batch.
+                padding_window = torch.relu(convolution.bias).view(1, -1, 1).expand(masked.shape[0], -1, 1)
+                masked = torch.cat([masked, padding_window], dim=2)  # (B, F, T - width + 2)
+            scores.append(masked)
         return scores
 
     def pooled_features(self, token_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
+SHUFFLES = ("examples", "batches")
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,15 @@ class TrainingRecipe:
     max_halvings: int = 0
     grad_clip_norm: float = 0.0  # clip the global gradient norm; 0 = no clipping
     weight_init_std: float = 0.0  # > 0: Gaussian init of every weight with this std (Zhang et al.)
+    # examples: a new order of the examples every epoch; batches: Kim's CNN_sentence, which shuffles
+    # the examples once and then only the order of the same batches every epoch
+    shuffle: str = "examples"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"unknown shuffle {self.shuffle!r}; expected one of {SHUFFLES}")
 
     def learning_rate_at(self, epoch: int) -> float:
         """The rate for 1-based `epoch` under the halving schedule."""
@@ -33,6 +39,15 @@ class TrainingRecipe:
             return self.learning_rate
         halvings = min((epoch - 1) // self.halve_lr_every, self.max_halvings)
         return self.learning_rate / 2**halvings
+
+    def epoch_batches(self, examples: int, rng, fixed_order=None) -> list:
+        """The epoch's batches, each an array of example indices: a fresh order of the examples, or
+        (shuffle="batches", with `fixed_order` drawn once per run) the same batches in a new order."""
+        if self.shuffle == "examples" or fixed_order is None:
+            order = rng.permutation(examples)
+            return [order[start: start + self.batch_size] for start in range(0, examples, self.batch_size)]
+        batches = [fixed_order[start: start + self.batch_size] for start in range(0, examples, self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def config_from_dict(config_class, values: dict):

@@ -107,3 +107,72 @@ def test_training_loss_falls_and_beats_chance(trec_path, tmp_path):
     reloaded = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # plain data, no pickled module
     assert reloaded["labels"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 
+
+
+def test_kims_init_bound_is_theanos_with_the_pooled_fan_out():
+    torch.manual_seed(0)
+    model = KimCNN(kim_cnn_config("rand", vocab_size=10, num_classes=2, kim_init_length=45))
+    xavier = KimCNN(kim_cnn_config("rand", vocab_size=10, num_classes=2))
+    for convolution, reference, width in zip(model.convolutions, xavier.convolutions, (3, 4, 5)):
+        # By hand, CNN_sentence: fan_in = 300 * width, fan_out = 100 * width * 300 / (45 - width + 1).
+        bound = (6 / (300 * width + 100 * width * 300 / (46 - width))) ** 0.5
+        assert convolution.weight.abs().max() <= bound and convolution.weight.abs().max() > 0.99 * bound
+        assert bound / ((6 / (400 * width)) ** 0.5) == pytest.approx(0.63, abs=0.01)  # against Xavier's
+        assert reference.weight.abs().max() > 1.5 * bound
+
+
+def test_pooling_over_padding_adds_one_padding_window_whatever_the_batch():
+    torch.manual_seed(0)
+    model = KimCNN(kim_cnn_config("rand", vocab_size=50, num_classes=3, pool_padding=True)).eval()
+    with torch.no_grad():  # every real window of the width-5 filters scores below their biases
+        model.embeddings[0].weight.abs_()
+        model.convolutions[2].weight.abs_().neg_()
+        model.convolutions[2].bias.fill_(0.7)
+    short = [0, 0, 0, 0, 11, 12, 13, 0, 0, 0, 0]
+    (ids_alone, len_alone), (ids_batch, len_batch) = alone_and_padded(short)
+    with torch.no_grad():
+        features_alone, starts_alone = model.pooled_features(ids_alone, len_alone)
+        features_batch, _ = model.pooled_features(ids_batch, len_batch)
+        torch.testing.assert_close(features_alone[0], features_batch[0])  # the batch's padding changes nothing
+        width5 = slice(200, 300)
+        assert torch.all(features_alone[0, width5] == 0.7)  # each filter: relu(bias) of its padding window
+        assert torch.all(starts_alone[0, width5] == len(short) - 5 + 1)  # the window past the row's end
+        masked = KimCNN(kim_cnn_config("rand", vocab_size=50, num_classes=3))
+        masked.load_state_dict(model.state_dict())
+        assert torch.all(masked.eval().pooled_features(ids_alone, len_alone)[0][0, width5] == 0)
+
+
+def test_shuffling_batches_keeps_kims_batches_and_moves_only_their_order():
+    from models.recipe import TrainingRecipe
+
+    recipe = TrainingRecipe(batch_size=4, shuffle="batches")
+    rng = np.random.default_rng(3)
+    fixed = rng.permutation(10)
+    epochs = [recipe.epoch_batches(10, rng, fixed) for _ in range(3)]
+    expected = sorted(tuple(fixed[start:start + 4]) for start in (0, 4, 8))
+    for batches in epochs:
+        assert sorted(tuple(batch) for batch in batches) == expected  # the same three batches every epoch
+    assert len({tuple(tuple(batch) for batch in batches) for batches in epochs}) > 1  # in another order
+    fresh = TrainingRecipe(batch_size=4).epoch_batches(10, np.random.default_rng(3))
+    assert sorted(np.concatenate(fresh).tolist()) == list(range(10)) and [len(b) for b in fresh] == [4, 4, 2]
+    with pytest.raises(ValueError, match="unknown shuffle"):
+        TrainingRecipe(shuffle="never")
+
+
+def test_a_model_pooling_over_padding_exports_and_explains_as_served(trec_path, tmp_path):
+    from services.backends.explain import explain_texts
+    from services.backends.inference import TextClassifier, read_bundle
+    from training.export_onnx import export_bundle
+
+    train, dev = split_dev(read_trec(trec_path)[:300], dev_fraction=0.2, seed=1)
+    checkpoint = train_classifier(train, dev, epochs=1, show_progress=False,
+                                  overrides={"pool_padding": "true", "feature_maps": "8", "embedding_dim": "20"})
+    metrics = export_bundle(checkpoint, tmp_path / "padded", "padded", [e.text for e in dev], storage="float32")
+    assert metrics["parity_max_abs_logit_delta"] <= 1e-4  # the export's own gate, through the graph passes
+    classifier = TextClassifier(read_bundle(tmp_path / "padded"))
+    text = "Who wrote Hamlet ?"
+    alone = classifier.logits([text])[0]
+    np.testing.assert_allclose(classifier.logits([text, "What is the longest river in the whole wide world of ours ?"])[0], alone, atol=1e-5)
+    [explained] = explain_texts(classifier, [text], top_k=100)
+    total = explained["bias"] + sum(n["contribution"] for n in explained["ngrams"]) + explained["rest"]
+    assert total == pytest.approx(explained["logit"], abs=1e-4)

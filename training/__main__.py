@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     export_image.add_argument("--bundle", required=True, type=Path, help="bundle folder, e.g. models/zoo/digits-cnn")
     export_image.add_argument("--metrics-from", type=Path, action="append", default=[], help="JSON file of extra metrics (e.g. cv-image output)")
 
+    check_drawn = commands.add_parser("check-drawn", help="score an image bundle on digits drawn with a pen (training/drawn_digits.py); last line is JSON")
+    check_drawn.add_argument("--bundle", required=True, type=Path)
+    check_drawn.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+
     show_filters = commands.add_parser("show-filters", help="PNG of an image bundle's first-layer filters and their feature maps for one digit")
     show_filters.add_argument("--bundle", required=True, type=Path)
     show_filters.add_argument("--digit", type=int, default=0, help="which held-out digit image to show the feature maps of (index)")
@@ -415,9 +419,11 @@ def main(argv: list[str] | None = None) -> None:
         result = cv_image_cnn(train_part, label_names, args.preset, folds=args.folds, seed=args.seed,
                               overrides=parse_overrides(args.overrides), baseline=args.baseline)
         if args.baseline == "svm" and test_part is not None:  # a fixed baseline: it chooses nothing
-            from training.train_image import svm_accuracy
+            from training.train_image import svm_accuracy, svm_drawn_accuracy
 
             result["test_accuracy"] = svm_accuracy(train_part, test_part)
+            if label_names == [str(digit) for digit in range(10)]:
+                result["drawn_accuracy"] = svm_drawn_accuracy(train_part)
         result["command"] = command_line()
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -436,8 +442,17 @@ def main(argv: list[str] | None = None) -> None:
             cv = json.loads(path.read_text())
             extra.update({"cv_folds": cv["folds"], "cv_accuracy_mean": cv["mean_accuracy"], "cv_accuracy_std": cv["std_accuracy"],
                           "cv_fold_accuracies": cv["fold_accuracies"], "cv_command": cv["command"]})
+            if "mean_drawn_accuracy" in cv:
+                extra.update(cv_drawn_accuracy_mean=cv["mean_drawn_accuracy"], cv_drawn_accuracies=cv["drawn_accuracies"])
         metrics = export_image_bundle(checkpoint, args.bundle, args.bundle.name, parity_grids, extra)
         print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+    elif args.command == "check-drawn":
+        from training.drawn_digits import check_bundle
+
+        result = check_bundle(args.bundle, args.device)
+        for miss in result["missed"]:
+            print(f"misread: {miss}")
+        print(json.dumps({key: value for key, value in result.items() if key != "missed"}))
     elif args.command == "show-filters":
         from training.show_filters import show_filters
 

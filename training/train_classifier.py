@@ -142,6 +142,7 @@ def train_classifier(
     history = []
     step = 0
     order_rng = np.random.default_rng(seed)
+    fixed_order = order_rng.permutation(len(train_rows)) if recipe.shuffle == "batches" else None  # Kim's: once per run
     started = time.perf_counter()
     epoch_bar = tqdm(range(1, recipe.epochs + 1), desc="epochs", disable=not show_progress, leave=False)
     for epoch in epoch_bar:
@@ -149,11 +150,9 @@ def train_classifier(
         learning_rate = recipe.learning_rate_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        order = order_rng.permutation(len(train_rows))
         losses = []
-        batches = range(0, len(order), recipe.batch_size)
-        for start in tqdm(batches, desc=f"epoch {epoch}", disable=not show_progress, leave=False):
-            index = order[start : start + recipe.batch_size]
+        batches = recipe.epoch_batches(len(train_rows), order_rng, fixed_order)
+        for index in tqdm(batches, desc=f"epoch {epoch}", disable=not show_progress, leave=False):
             token_ids, lengths = batch_tensors([train_rows[i] for i in index])
             loss = F.cross_entropy(model(token_ids, lengths), torch.from_numpy(train_targets[index]))
             optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,10 @@ The images go through models/image_encoding.py (the service's own preprocessing)
 recipe's `dev_fraction` > 0 that share of the training images (seed 3435) is dev and the epoch
 with the best dev accuracy is kept; with 0 every training image is trained on for the recipe's
 epochs and the last epoch is kept (the count chosen by cross-validation). `shift` > 0 moves each
-training image by a random whole number of pixels per axis in every epoch (zeros come in).
+training image by a random whole number of pixels per axis in every epoch (zeros come in);
+`jitter` > 0 replaces that share of the digits in every epoch by copies redrawn as pictures are read
+(training/picture_jitter.py). Digit models also record `drawn_accuracy`, their score on the pen-drawn
+check set of training/drawn_digits.py, which chooses nothing in training.
 The test split of the digits is scored once, at the end, and recorded; it never chooses anything.
 
 Cross-validation cuts the training images into contiguous blocks, not a shuffle: scikit-learn's
@@ -28,10 +31,13 @@ import torch
 from torch import nn
 
 from models.image_cnn import PRESETS, ImageCNN, ImageCNNConfig
-from models.image_encoding import ImageEncoder
+from models.image_encoding import GRID, ImageEncoder
 from models.recipe import config_from_dict, with_overrides
+from training.drawn_digits import drawn_grids
+from training.picture_jitter import Jitter, pick, redrawn_copies
 
 ARCHITECTURE = "image-cnn"
+DIGIT_LABELS = [str(digit) for digit in range(10)]
 
 
 def split_dev(grids: np.ndarray, labels: np.ndarray, seed: int, dev_fraction: float = 0.1):
@@ -84,12 +90,15 @@ def train_image_cnn(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray
     else:
         (train_grids, train_labels), dev_images = train, None
     train_images = encoder.encode(train_grids)
+    copies = redrawn_copies(train_grids, recipe.jitter_copies, Jitter(), rng) if recipe.jitter > 0 else None
     model = ImageCNN(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.learning_rate)
     loss_function = nn.CrossEntropyLoss()
     history, best = [], (-1.0, 0, None)
     for epoch in range(1, recipe.epochs + 1):
         model.train()
+        if copies is not None:  # this epoch's mix of the digits and their redrawn copies
+            train_images = encoder.encode(pick(train_grids, copies, recipe.jitter, rng))
         order = torch.randperm(len(train_images)).numpy()
         losses = []
         for start in range(0, len(order), recipe.batch_size):
@@ -114,6 +123,10 @@ def train_image_cnn(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray
     metrics.update(history=history, train_images=int(len(train_images)), parameters=sum(p.numel() for p in model.parameters()))
     if test is not None:
         metrics.update(test_accuracy=accuracy(model, encoder.encode(test[0]), test[1]), test_images=int(len(test[0])))
+    if label_names == DIGIT_LABELS and train[0].shape[1:] == (GRID, GRID):  # digits: also the drawn check set
+        drawn, drawn_labels, _ = drawn_grids()
+        metrics.update(drawn_accuracy=accuracy(model, encoder.encode(drawn), np.array([int(label) for label in drawn_labels])),
+                       drawn_images=int(len(drawn)))
     return {"architecture": ARCHITECTURE, "preset": preset, "config": dataclasses.asdict(config),
             "encoding": encoder.to_config(), "labels": label_names, "state_dict": model.state_dict(), "metrics": metrics}
 
@@ -129,13 +142,19 @@ def svm_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
     return float((svm.predict(test[0].reshape(len(test[0]), -1)) == test[1]).mean())
 
 
+def svm_drawn_accuracy(train: tuple[np.ndarray, np.ndarray]) -> float:
+    """The same SVM on the drawn check set (training/drawn_digits.py), read as the service reads pictures."""
+    drawn, drawn_labels, _ = drawn_grids()
+    return svm_accuracy(train, (drawn, np.array([int(label) for label in drawn_labels])))
+
+
 def cv_image_cnn(train: tuple[np.ndarray, np.ndarray], label_names: list[str], preset: str, folds: int = 5,
                  seed: int = 3435, overrides: dict[str, str] | None = None, baseline: str | None = None) -> dict:
     """Accuracy of the preset (or of `baseline` "svm") on each of `folds` contiguous blocks of
     `train`, trained on the rest."""
     grids, labels = train
     edges = np.linspace(0, len(grids), folds + 1).round().astype(int)
-    accuracies = []
+    accuracies, drawn = [], []
     for fold, (start, stop) in enumerate(zip(edges, edges[1:]), 1):
         rest = np.r_[0:start, stop:len(grids)]
         held_out = (grids[start:stop], labels[start:stop])
@@ -145,10 +164,14 @@ def cv_image_cnn(train: tuple[np.ndarray, np.ndarray], label_names: list[str], p
             checkpoint = train_image_cnn((grids[rest], labels[rest]), held_out, label_names, preset=preset, seed=seed,
                                          overrides=overrides)
             accuracies.append(checkpoint["metrics"]["test_accuracy"])
-        print(f"fold {fold}/{folds}: images {start}..{stop - 1}, accuracy {accuracies[-1]:.4f}", flush=True)
+            if "drawn_accuracy" in checkpoint["metrics"]:
+                drawn.append(checkpoint["metrics"]["drawn_accuracy"])
+        drawn_note = f", drawn {drawn[-1]:.4f}" if len(drawn) == fold else ""
+        print(f"fold {fold}/{folds}: images {start}..{stop - 1}, accuracy {accuracies[-1]:.4f}{drawn_note}", flush=True)
     model = {"baseline": f"svm {SVM_BASELINE}"} if baseline == "svm" else {"preset": preset, "overrides": dict(overrides or {})}
     return {**model, "folds": folds, "fold_accuracies": accuracies,
-            "mean_accuracy": float(np.mean(accuracies)), "std_accuracy": float(np.std(accuracies))}
+            "mean_accuracy": float(np.mean(accuracies)), "std_accuracy": float(np.std(accuracies)),
+            **({"drawn_accuracies": drawn, "mean_drawn_accuracy": float(np.mean(drawn))} if drawn else {})}
 
 
 def load_image_model(checkpoint: dict) -> ImageCNN:
