@@ -27,6 +27,7 @@ from models.ensemble import ensemble_of
 from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
+from services.backends.inference import softmax
 from training.datasets import LabelledText, first_unknown_label, kfold, split_dev
 from training.word_vectors import embedding_matrix, read_word_vectors
 
@@ -255,11 +256,6 @@ def logits_of(model: torch.nn.Module, rows: Sequence[Sequence[int]], batch_size:
     model.eval()
     parts = [model(*batch_tensors(rows[start : start + batch_size])).numpy() for start in range(0, len(rows), batch_size)]
     return np.concatenate(parts)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 class CrossValidationMismatch(ValueError):

@@ -97,8 +97,9 @@ def make_session(onnx_path: Path, device: str = "cpu", threads: int = 0) -> ort.
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    """Probabilities over the last axis (the classes), for (B, K) or stacked (M, B, K) logits."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 class TextClassifier:
