@@ -41,6 +41,13 @@ class LanguageModelRecipe:
     # et al. 2017's averaged SGD), validated beside the raw weights after each epoch; the better
     # of the two is the epoch's candidate for the released weights. The rate rule reads the raw ones.
     average_from_halving: int = 0
+    # Not the paper's: after the recipe's epochs, `tail_epochs` more cycles of one epoch each, the
+    # rate falling linearly from `tail_learning_rate` to 0 within each; the recipe's last weights
+    # and the weights at the end of every cycle are averaged (stochastic weight averaging with a
+    # cyclical rate, Izmailov et al. 2018) and validated beside each cycle's own. A finished run's
+    # checkpoint is extended by rerunning it with these set: the first `epochs` do not change.
+    tail_epochs: int = 0
+    tail_learning_rate: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ per map), and C3 connects every S2 map (the paper's table connects each C3 map t
 the output is a linear layer, not the paper's RBF units. 61,706 parameters.
 
 `digits-16` is the recipe chosen by 5-fold cross-validation over writers on the 1,437 training
-digits (training/train_image.py `cv_image_cnn`; docs/training.md has the table; not released yet:
-it reads the playground's drawn 7 as a 3):
+digits (training/train_image.py `cv_image_cnn`; docs/training.md has the table; released as
+`digits-cnn` trained with `recipe.jitter=0.5` as an ensemble of 5 seeds, `train-image --members 5`):
 the 8x8 grid upsampled to 16x16 (bilinear, by models/image_encoding.py) so that two 3x3
 convolution stages see more than 2x2 cells, wider convolutions (32, 64), dense 256 with dropout
 0.5, and training on copies shifted by up to one pixel (the digits are centred by hand, and

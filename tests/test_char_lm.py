@@ -279,6 +279,35 @@ def test_averaging_starts_at_the_halving_it_names_and_is_validated_beside_the_ra
     assert stream_perplexity(released, valid_chars, valid_targets)[0] == pytest.approx(best, rel=1e-6)  # the weights that scored it
 
 
+def test_a_tail_of_cycles_extends_a_finished_run_and_averages_the_cycle_ends(ptb_slice, tmp_path):
+    train, valid = ptb_slice
+    tail = {"recipe.tail_epochs": "2", "recipe.tail_learning_rate": "0.5"}
+    finished = train_language_model(train, valid, tmp_path / "lm.pt", overrides=TINY, device="cpu", show_progress=False)
+    extended = train_language_model(train, valid, tmp_path / "lm.pt", overrides={**TINY, **tail}, device="cpu",
+                                    show_progress=False)
+    straight = train_language_model(train, valid, tmp_path / "straight.pt", overrides={**TINY, **tail}, device="cpu",
+                                    show_progress=False)
+    history = extended["metrics"]["history"]
+    assert history[:3] == finished["metrics"]["history"]  # the recipe's epochs are not touched
+    assert [(e.get("cycle"), e["learning_rate"], e.get("averaged_steps")) for e in history[3:]] == [(1, 0.5, 2), (2, 0.5, 3)]
+    for a, b in zip(history, straight["metrics"]["history"], strict=True):  # extending = running it all at once
+        assert a["valid_perplexity"] == pytest.approx(b["valid_perplexity"], rel=1e-6)
+        assert a.get("valid_perplexity_averaged", 0) == pytest.approx(b.get("valid_perplexity_averaged", 0), rel=1e-6)
+    best = min(min(e["valid_perplexity"], e.get("valid_perplexity_averaged", math.inf)) for e in history)
+    assert extended["metrics"]["valid_perplexity"] == best and extended["metrics"]["tail_epochs"] == 2
+    # the average of three points: the recipe's last weights and the two cycles' ends, by hand
+    first = load_language_model(finished, weights="current").state_dict()
+    ends = [first]
+    for run_epochs in (1, 2):
+        partial = train_language_model(train, valid, tmp_path / f"tail{run_epochs}.pt", device="cpu", show_progress=False,
+                                       overrides={**TINY, "recipe.tail_epochs": str(run_epochs), "recipe.tail_learning_rate": "0.5"})
+        ends.append(load_language_model(partial, weights="current").state_dict())
+    averaged = WeightAverage(load_language_model(extended, weights="current"))
+    averaged.load(extended["resume"]["average"], "cpu")
+    for name, mean in zip(averaged.names, averaged.means):
+        torch.testing.assert_close(mean, sum(end[name] for end in ends) / 3, rtol=1e-5, atol=1e-6)
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(ptb_slice, tmp_path):
     train, valid = ptb_slice
     train_language_model(train, valid, tmp_path / "lm.pt", overrides={**TINY, "recipe.epochs": "1"}, device="cpu",
@@ -411,6 +440,21 @@ def test_results_table_has_a_language_model_section(tiny_lm_bundle, tmp_path):
             assert all(n in vocab and n != word for n, _ in neighbors)
     first, similarity = row["neighbors"]["highway"]["looooook"][0]
     assert f"| looooook | " in text and f"{first} ({similarity:.2f})" in text
+
+
+def test_the_curve_shows_a_tail_cycle_as_a_rate_falling_to_zero():
+    from training.results_table import TABLE6_WORDS, render_language_models
+
+    history = [{"epoch": 1, "learning_rate": 1.0, "train_perplexity": 300.0, "valid_perplexity": 200.0},
+               {"epoch": 2, "learning_rate": 0.25, "train_perplexity": 250.0, "valid_perplexity": 190.0,
+                "valid_perplexity_averaged": 185.0, "averaged_steps": 2, "cycle": 1}]
+    row = {"bundle": "char-lm-x", "preset": "small", "valid_perplexity": 185.0, "valid_tokens": 10, "best_epoch": 2,
+           "best_weights": "averaged", "epochs_run": 2, "epochs": 2, "parameters": 5, "onnx_mb": 1.0,
+           "tokens_per_second": 1.0, "step_ms": 1.0, "train_hours": 0.1, "device": "cpu", "paper": "none",
+           "history": history, "commands": {}, "neighbors": {layer: {word: [] for word in TABLE6_WORDS} for layer in ("cnn", "highway")}}
+    text = "\n".join(render_language_models([row]))
+    assert "| 1 | 1 | 300.0 | 200.0 | |" in text and "| 2 | 0.25 → 0 | 250.0 | 190.0 | 185.0 |" in text
+    assert "SWA, `recipe.tail_epochs`" in text and "the averaged weights of epoch 2" in text
 
 
 def test_served_text_is_read_with_penn_treebank_conventions():

@@ -187,7 +187,7 @@ CASES = [
     Case("too-many-images", post("/classify-image", {"model": "digits-cnn", "images": [[[1] * 8] * 8] * 65}), 413,
          "65 images in one request; the limit is 64 (TEXTSERVE_MAX_IMAGES_PER_REQUEST)"),
     Case("v2-image-wrong-shape", post("/v2/models/digits-cnn/infer", {"inputs": [{"name": "images", "shape": [1, 1, 4, 4], "datatype": "FP32", "data": [0.5] * 16}]}),
-         400, "input 'images' must have shape [N, 1, 8, 8], got [1, 1, 4, 4]"),
+         400, "input 'images' must have shape [N, 1, 16, 16], got [1, 1, 4, 4]"),
     Case("slowloris-headers", slowloris, 408, f"the request headers did not arrive within {HEADER_TIMEOUT_S} s (TEXTSERVE_HEADER_TIMEOUT_S)"),
     Case("silent-connection", silent_connection, 408, "(TEXTSERVE_HEADER_TIMEOUT_S)"),
     Case("slow-body", slow_body, 504, f"no answer within {REQUEST_TIMEOUT_S} s (TEXTSERVE_REQUEST_TIMEOUT_S)"),

@@ -24,7 +24,7 @@ from tests.serving import running_server
 from training import image_data
 from training.export_image import export_image_bundle
 from training.show_filters import feature_maps, first_convolution, show_filters
-from training.train_image import cv_image_cnn, shifted, svm_accuracy, train_image_cnn
+from training.train_image import cv_image_cnn, load_image_model, shifted, svm_accuracy, train_image_cnn, train_image_ensemble
 
 DIGITS = ZOO / "digits-cnn"
 TRAIN, TEST, LABELS = image_data.digits()
@@ -102,6 +102,30 @@ def test_cross_validation_holds_out_contiguous_blocks_of_writers():
     assert result["mean_accuracy"] == pytest.approx(np.mean(result["fold_accuracies"]))
 
 
+def test_an_ensemble_of_seeds_is_one_graph_serving_the_mean_of_its_members_logits(tmp_path):
+    ensemble = train_image_ensemble(TRAIN, TEST, LABELS, 2, preset="digits", epochs=2)
+    singles = [train_image_cnn(TRAIN, TEST, LABELS, preset="digits", epochs=2, seed=seed) for seed in (3435, 4435)]
+    assert ensemble["metrics"]["member_seeds"] == [3435, 4435]  # member 0 is the single model of --seed
+    assert ensemble["metrics"]["member_test_accuracies"] == [single["metrics"]["test_accuracy"] for single in singles]
+    images = ImageEncoder.from_config(ensemble["encoding"]).encode(TEST[0])
+    with torch.no_grad():  # by hand: the two networks' logits, averaged
+        by_hand = np.mean([load_image_model(single)(torch.from_numpy(images)).numpy() for single in singles], axis=0)
+    assert ensemble["metrics"]["test_accuracy"] == pytest.approx((by_hand.argmax(1) == TEST[1]).mean())
+    metrics = export_image_bundle(ensemble, tmp_path / "digits-pair", "digits-pair", TEST[0])
+    bundle = read_bundle(tmp_path / "digits-pair")
+    assert bundle.config["ensemble"]["members"] == 2 and metrics["parameters"] == 2 * singles[0]["metrics"]["parameters"]
+    np.testing.assert_allclose(ImageClassifier(bundle).logits_of_images(images), by_hand, atol=1e-4)  # one graph, one request
+
+
+def test_cross_validation_of_an_ensemble_scores_it_as_served_and_its_members_beside_it():
+    result = cv_image_cnn(TRAIN, LABELS, preset="digits", folds=2, overrides={"recipe.epochs": "1"}, members=2)
+    half = int(np.linspace(0, len(TRAIN[0]), 3).round()[1])  # fold 1 holds out the first half, as cv_image_cnn cuts it
+    first_block, rest = (TRAIN[0][:half], TRAIN[1][:half]), (TRAIN[0][half:], TRAIN[1][half:])
+    members = [train_image_cnn(rest, first_block, LABELS, preset="digits", epochs=1, seed=seed) for seed in (3435, 4435)]
+    assert result["members"] == 2 and len(result["fold_accuracies"]) == 2
+    assert result["member_mean_accuracies"][0] == pytest.approx(np.mean([m["metrics"]["test_accuracy"] for m in members]))
+
+
 def test_a_picture_of_a_digit_becomes_the_digits_grid():
     errors = [np.abs(grid_from_picture(picture(grid), 10**6) - grid).mean() for grid in TEST[0][:50]]
     assert np.median(errors) < 2.0  # on the 0..16 scale: resampling blurs, the shape stays
@@ -140,8 +164,10 @@ def test_idx_pairs_and_picture_folders_are_read_like_the_digits(tmp_path):
 
 def test_show_filters_draws_the_first_layer_and_its_maps_as_the_served_graph_computes_them(tmp_path):
     weights, bias, padding = first_convolution(DIGITS / "model.onnx")
-    assert weights.shape == (25, 1, 3, 3) and padding == 1
-    image = ImageEncoder().encode(TEST[0][:1])[0, 0]
+    config = read_bundle(DIGITS).config
+    channels, kernel = config["model"]["conv_channels"][0], config["model"]["kernel_size"]
+    assert weights.shape == (channels, 1, kernel, kernel) and padding == config["model"]["padding"]
+    image = ImageEncoder.from_config(config["encoding"]).encode(TEST[0][:1])[0, 0]
     expected = F.relu(F.conv2d(torch.from_numpy(image)[None, None], torch.from_numpy(weights), torch.from_numpy(bias), padding=padding))[0]
     np.testing.assert_allclose(feature_maps(image, weights, bias, padding), expected.numpy(), atol=1e-5)
     out = tmp_path / "filters.png"
@@ -186,10 +212,11 @@ def test_classify_image_takes_arrays_base64_pictures_and_multipart(server):
 
 
 def test_oip_v2_takes_the_fp32_image_tensor(server):
+    side = read_bundle(DIGITS).config["model"]["input_size"]  # the grid as the released network reads it (16 for digits-16)
     metadata = requests.get(f"{server}/v2/models/digits-cnn", timeout=10).json()
-    assert metadata["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
-    images = ImageEncoder().encode(TEST[0][:3])
-    body = {"inputs": [{"name": "images", "shape": [3, 1, 8, 8], "datatype": "FP32", "data": images.flatten().tolist()}]}
+    assert metadata["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 1, side, side]}]
+    images = ImageEncoder(size=side).encode(TEST[0][:3])
+    body = {"inputs": [{"name": "images", "shape": [3, 1, side, side], "datatype": "FP32", "data": images.flatten().tolist()}]}
     answer = requests.post(f"{server}/v2/models/digits-cnn/infer", json=body, timeout=30)
     assert answer.status_code == 200, answer.text
     outputs = {o["name"]: o for o in answer.json()["outputs"]}
@@ -198,7 +225,7 @@ def test_oip_v2_takes_the_fp32_image_tensor(server):
     assert outputs["label"]["data"] == [LABELS[i] for i in expected.argmax(axis=1)]
     wrong = {"inputs": [{"name": "images", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": [0.0] * 784}]}
     refused = requests.post(f"{server}/v2/models/digits-cnn/infer", json=wrong, timeout=30)
-    assert refused.status_code == 400 and "[N, 1, 8, 8]" in refused.json()["error"]
+    assert refused.status_code == 400 and f"[N, 1, {side}, {side}]" in refused.json()["error"]
 
 
 @pytest.mark.parametrize("images, status, says", [
@@ -235,7 +262,11 @@ def test_the_results_table_has_an_image_section_with_the_re_measured_accuracy(tm
     [row] = write_results(zoo, tmp_path / "results.md")
     assert row["test_accuracy"] == pytest.approx(row["recorded_test_accuracy"])
     text = (tmp_path / "results.md").read_text()
-    assert "## Image classifiers" in text and "| `digits-cnn` | digits | 94.4 / 94.4 | 97.2 (dev) | 96.4 (C=10, gamma=0.001) |" in text
+    metrics, config = read_bundle(DIGITS).metrics, read_bundle(DIGITS).config
+    recorded = 100 * metrics["test_accuracy"]
+    members = f" × {config['ensemble']['members']} seeds" if "ensemble" in config else ""
+    assert "## Image classifiers" in text and (f"| `digits-cnn` | {config['preset']}{members} | {recorded:.1f} / {recorded:.1f} | "
+                                               f"{row['selection']} | 96.4 (C=10, gamma=0.001) |") in text
     assert "train-image" in text and "cv-image" in text and row["svm_test_accuracy"] == pytest.approx(100 * 347 / 360)
 
 

@@ -401,23 +401,27 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device)))
     elif args.command == "train-image":
+        if args.members < 1:
+            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
         import torch
 
-        from training.train_image import train_image_cnn
+        from training.train_image import train_image_ensemble
 
         train_part, test_part, label_names = read_image_data(args)
-        checkpoint = train_image_cnn(train_part, test_part, label_names, preset=args.preset, seed=args.seed, epochs=args.epochs,
-                                     overrides=parse_overrides(args.overrides))
+        checkpoint = train_image_ensemble(train_part, test_part, label_names, args.members, preset=args.preset, seed=args.seed,
+                                          epochs=args.epochs, overrides=parse_overrides(args.overrides))
         checkpoint["metrics"]["train_command"] = command_line()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, args.out)
-        print(json.dumps({k: v for k, v in checkpoint["metrics"].items() if k != "history"}))
+        print(json.dumps({k: v for k, v in checkpoint["metrics"].items() if k not in ("history", "member_histories")}))
     elif args.command == "cv-image":
+        if args.members < 1:
+            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
         from training.train_image import cv_image_cnn
 
         train_part, test_part, label_names = read_image_data(args)  # a CNN's test split is never looked at
         result = cv_image_cnn(train_part, label_names, args.preset, folds=args.folds, seed=args.seed,
-                              overrides=parse_overrides(args.overrides), baseline=args.baseline)
+                              overrides=parse_overrides(args.overrides), baseline=args.baseline, members=args.members)
         if args.baseline == "svm" and test_part is not None:  # a fixed baseline: it chooses nothing
             from training.train_image import svm_accuracy, svm_drawn_accuracy
 
@@ -445,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             if "mean_drawn_accuracy" in cv:
                 extra.update(cv_drawn_accuracy_mean=cv["mean_drawn_accuracy"], cv_drawn_accuracies=cv["drawn_accuracies"])
         metrics = export_image_bundle(checkpoint, args.bundle, args.bundle.name, parity_grids, extra)
-        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+        print(json.dumps({k: v for k, v in metrics.items() if k not in ("history", "member_histories")}))
     elif args.command == "check-drawn":
         from training.drawn_digits import check_bundle
 
@@ -470,6 +474,8 @@ def add_image_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override a config value, e.g. --set dropout=0.3 --set recipe.shift=2 --set recipe.epochs=60")
     parser.add_argument("--seed", type=int, default=3435)
+    parser.add_argument("--members", type=int, default=1,
+                        help="train this many seeds (--seed, --seed + 1000, ...) and serve the mean of their logits as one model")
 
 
 def add_image_data_arguments(parser: argparse.ArgumentParser) -> None:

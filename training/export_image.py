@@ -1,6 +1,7 @@
 """Export a trained image CNN to ONNX, prove parity with PyTorch, and write a model bundle.
 
-checkpoint -> model.onnx (input `images` float32 (B, 1, S, S), symbolic batch; output `logits`)
+checkpoint -> model.onnx (input `images` float32 (B, 1, S, S), symbolic batch; output `logits`;
+an ensemble's graph returns the mean of its members' logits)
 -> parity on the held-out images at batch sizes 1, 7 and 64 through the service's own
 ImageClassifier (max |delta logit| <= 1e-4 and identical argmax, else refused) -> bundle with a
 sha256 manifest (model.onnx, labels.json, config.json, metrics.json).
@@ -17,7 +18,7 @@ import torch
 
 from services.backends.bundle_format import FORMAT_VERSION as BUNDLE_FORMAT
 from services.backends.inference import IMAGE_ARCHITECTURE, ImageClassifier, read_bundle
-from training.export_onnx import OPSET, PARITY_ATOL, ExportRefused, staged_bundle, write_json, write_manifest
+from training.export_onnx import OPSET, PARITY_ATOL, ExportRefused, ensemble_config, staged_bundle, write_json, write_manifest
 from training.train_image import load_image_model
 
 PARITY_BATCH_SIZES = (1, 7, 64)
@@ -33,7 +34,8 @@ def export_image_bundle(checkpoint: dict, bundle_dir: Path, name: str, parity_gr
         write_json(staging / "labels.json", list(checkpoint["labels"]))
         write_json(staging / "config.json", {
             "format": BUNDLE_FORMAT, "name": name, "architecture": IMAGE_ARCHITECTURE, "preset": checkpoint["preset"], "model": checkpoint["config"],
-            "encoding": checkpoint["encoding"], "onnx": {"opset": OPSET, "inputs": ["images"], "outputs": ["logits"]}})
+            "encoding": checkpoint["encoding"], "onnx": {"opset": OPSET, "inputs": ["images"], "outputs": ["logits"]},
+            **ensemble_config(checkpoint)})
         metrics = {**checkpoint["metrics"], **(extra_metrics or {}), "parameters": sum(p.numel() for p in model.parameters())}
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)

@@ -146,7 +146,7 @@ def lm_row(path: Path) -> dict:
         "best_epoch": metrics["best_epoch"],
         "best_weights": metrics.get("best_weights", "raw"),
         "epochs_run": metrics["epochs_run"],
-        "epochs": metrics["epochs"],
+        "epochs": metrics["epochs"] + metrics.get("tail_epochs", 0),
         "parameters": metrics["parameters"],
         "onnx_mb": sum((path / graph).stat().st_size for graph in (STEP_GRAPH, WORD_ENCODER_GRAPH)) / 2**20,
         "tokens_per_second": tokens_per_second,
@@ -182,14 +182,19 @@ def render_language_models(rows: list[dict]) -> list[str]:
     for row in rows:
         averaged = any("valid_perplexity_averaged" in entry for entry in row["history"])
         lines += ["", f"Validation curve of `{row['bundle']}` (from its metrics.json; PyTorch, the same stream):", ""]
+        tail = any("cycle" in entry for entry in row["history"])
         if averaged:  # recipe.average_from_halving: the running mean of the weights, validated beside the raw ones
-            lines += [f"The averaged column is the running mean of the weights (Polyak averaging, `recipe.average_from_halving`);",
+            lines += ["The averaged column is the running mean of the weights: in the recipe's epochs over every step",
+                      "since the halving `recipe.average_from_halving` names (Polyak averaging)" + (
+                          "; in the tail's cycles (rate falling from the value shown to 0 within the epoch) over the"
+                          " recipe's last weights and each cycle's last weights (SWA, `recipe.tail_epochs`)" if tail else "") + ";",
                       f"the bundle holds the {row['best_weights']} weights of epoch {row['best_epoch']}.", ""]
         lines += ["| epoch | learning rate | train perplexity | valid perplexity |" + (" valid, averaged weights |" if averaged else ""),
                   "|---|---|---|---|" + ("---|" if averaged else "")]
         for entry in row["history"]:
             cell = (f" {entry['valid_perplexity_averaged']:.1f} |" if "valid_perplexity_averaged" in entry else " |") if averaged else ""
-            lines.append(f"| {entry['epoch']} | {entry['learning_rate']:g} | {entry['train_perplexity']:.1f} | {entry['valid_perplexity']:.1f} |{cell}")
+            rate = f"{entry['learning_rate']:g} → 0" if "cycle" in entry else f"{entry['learning_rate']:g}"
+            lines.append(f"| {entry['epoch']} | {rate} | {entry['train_perplexity']:.1f} | {entry['valid_perplexity']:.1f} |{cell}")
         lines += ["", f"Nearest vocabulary words of `{row['bundle']}` by cosine (the paper's Table 6; the last",
                   "three words are not in PTB's vocabulary, their vectors come from their characters):", "",
                   "| word | before the highway layers | after the highway layers |", "|---|---|---|"]
@@ -241,7 +246,9 @@ def image_row(path: Path) -> dict:
     metrics = bundle.metrics
     cv = (f"{100 * metrics['cv_accuracy_mean']:.1f} ± {100 * metrics['cv_accuracy_std']:.1f} ({metrics['cv_folds']} folds)"
           if "cv_accuracy_mean" in metrics else f"{100 * metrics['dev_accuracy']:.1f} (dev)")
-    return {"bundle": bundle.name, "preset": bundle.config.get("preset", ""), "test_accuracy": 100 * accuracy,
+    members = bundle.config.get("ensemble", {}).get("members")
+    preset = bundle.config.get("preset", "") + (f" × {members} seeds" if members else "")
+    return {"bundle": bundle.name, "preset": preset, "test_accuracy": 100 * accuracy,
             "recorded_test_accuracy": 100 * metrics["test_accuracy"], "selection": cv,
             "svm_test_accuracy": 100 * svm_accuracy(train_part, (grids, labels)), "svm": SVM_BASELINE,
             "drawn_accuracy": 100 * check_bundle(path)["drawn_accuracy"], "svm_drawn_accuracy": 100 * svm_drawn_accuracy(train_part),

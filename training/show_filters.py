@@ -6,7 +6,8 @@ One PNG with three rows, as in the lecture notes:
 - the first layer's feature maps for that digit (after ReLU): where each pattern fires.
 
 The filters are read from the bundle's ONNX graph (its first Conv's weights) and the maps
-computed from them with numpy, so the picture shows exactly what the served model holds.
+computed from them with numpy, so the picture shows exactly what the served model holds. In an
+ensemble (train-image --members) the first Conv is the first member's: the picture says so.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def show_filters(bundle: Path, digit_index: int, out: Path) -> None:
         axes[3 + row, column].imshow(fmap, cmap="magma")
     axes[1, 0].set_title("first-layer filters (red: +, blue: -)", fontsize=7, loc="left")
     axes[3, 0].set_title("their feature maps for this digit (ReLU)", fontsize=7, loc="left")
-    figure.suptitle(f"{config['name']}: what the first layer learned", fontsize=9)
+    members = config.get("ensemble", {}).get("members", 1)
+    whose = f" (member 1 of {members})" if members > 1 else ""
+    figure.suptitle(f"{config['name']}: what the first layer{whose} learned", fontsize=9)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=120)

@@ -30,11 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.ensemble import ensemble_of
 from models.image_cnn import PRESETS, ImageCNN, ImageCNNConfig
 from models.image_encoding import GRID, ImageEncoder
 from models.recipe import config_from_dict, with_overrides
 from training.drawn_digits import drawn_grids
 from training.picture_jitter import Jitter, pick, redrawn_copies
+from training.train_classifier import member_seeds
 
 ARCHITECTURE = "image-cnn"
 DIGIT_LABELS = [str(digit) for digit in range(10)]
@@ -121,14 +123,51 @@ def train_image_cnn(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray
     else:
         metrics = {"kept_epoch": recipe.epochs}
     metrics.update(history=history, train_images=int(len(train_images)), parameters=sum(p.numel() for p in model.parameters()))
+    metrics.update(held_out_metrics(model, encoder, test, label_names, train[0].shape[1:]))
+    return {"architecture": ARCHITECTURE, "preset": preset, "config": dataclasses.asdict(config),
+            "encoding": encoder.to_config(), "labels": label_names, "state_dict": model.state_dict(), "metrics": metrics}
+
+
+def held_out_metrics(model: nn.Module, encoder: ImageEncoder, test: tuple[np.ndarray, np.ndarray] | None,
+                     label_names: list[str], grid_shape: tuple[int, ...]) -> dict:
+    """The test split's accuracy (chooses nothing) and, for digits, the drawn check set's."""
+    metrics = {}
     if test is not None:
         metrics.update(test_accuracy=accuracy(model, encoder.encode(test[0]), test[1]), test_images=int(len(test[0])))
-    if label_names == DIGIT_LABELS and train[0].shape[1:] == (GRID, GRID):  # digits: also the drawn check set
+    if label_names == DIGIT_LABELS and grid_shape == (GRID, GRID):  # digits: also the drawn check set
         drawn, drawn_labels, _ = drawn_grids()
         metrics.update(drawn_accuracy=accuracy(model, encoder.encode(drawn), np.array([int(label) for label in drawn_labels])),
                        drawn_images=int(len(drawn)))
-    return {"architecture": ARCHITECTURE, "preset": preset, "config": dataclasses.asdict(config),
-            "encoding": encoder.to_config(), "labels": label_names, "state_dict": model.state_dict(), "metrics": metrics}
+    return metrics
+
+
+MEMBER_FIGURES = {"test_accuracy": "member_test_accuracies", "drawn_accuracy": "member_drawn_accuracies",
+                  "dev_accuracy": "member_dev_accuracies", "best_epoch": "member_best_epochs"}
+
+
+def train_image_ensemble(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray] | None,
+                         label_names: list[str], members: int, seed: int = 3435, **options) -> dict:
+    """`members` copies of the recipe, seeds apart (member_seeds: member 0 is the single model of
+    `seed`), in one checkpoint (`member_state_dicts`) served as the mean of their logits
+    (models/ensemble.py). Its test and drawn accuracies are the ensemble's; each member's stay beside them."""
+    checkpoints = [train_image_cnn(train, test, label_names, seed=member_seed, **options) for member_seed in member_seeds(seed, members)]
+    if members == 1:
+        return checkpoints[0]
+    first = checkpoints[0]
+    ensemble = ensemble_of([load_image_model(checkpoint) for checkpoint in checkpoints]).eval()
+    member_metrics = [checkpoint["metrics"] for checkpoint in checkpoints]
+    metrics = {
+        **{key: value for key, value in first["metrics"].items() if key not in ("history", "best_epoch", "dev_accuracy")},
+        **held_out_metrics(ensemble, ImageEncoder.from_config(first["encoding"]), test, label_names, train[0].shape[1:]),
+        "ensemble_members": members,
+        "ensemble_combine": "mean of the members' logits",
+        "member_seeds": member_seeds(seed, members),
+        "parameters": sum(m["parameters"] for m in member_metrics),
+        "member_histories": [m["history"] for m in member_metrics],
+        **{plural: [m[key] for m in member_metrics] for key, plural in MEMBER_FIGURES.items() if key in first["metrics"]},
+    }
+    return {**{key: value for key, value in first.items() if key not in ("state_dict", "metrics")},
+            "member_state_dicts": [checkpoint["state_dict"] for checkpoint in checkpoints], "metrics": metrics}
 
 
 SVM_BASELINE = {"C": 10.0, "gamma": 0.001}  # scikit-learn's RBF SVC on the flat 0..16 grids, as its digits example
@@ -149,32 +188,42 @@ def svm_drawn_accuracy(train: tuple[np.ndarray, np.ndarray]) -> float:
 
 
 def cv_image_cnn(train: tuple[np.ndarray, np.ndarray], label_names: list[str], preset: str, folds: int = 5,
-                 seed: int = 3435, overrides: dict[str, str] | None = None, baseline: str | None = None) -> dict:
+                 seed: int = 3435, overrides: dict[str, str] | None = None, baseline: str | None = None,
+                 members: int = 1) -> dict:
     """Accuracy of the preset (or of `baseline` "svm") on each of `folds` contiguous blocks of
-    `train`, trained on the rest."""
+    `train`, trained on the rest; with `members` >= 2, of the ensemble as served, its members'
+    mean accuracy beside it."""
     grids, labels = train
     edges = np.linspace(0, len(grids), folds + 1).round().astype(int)
-    accuracies, drawn = [], []
+    accuracies, drawn, member_means = [], [], []
     for fold, (start, stop) in enumerate(zip(edges, edges[1:]), 1):
         rest = np.r_[0:start, stop:len(grids)]
         held_out = (grids[start:stop], labels[start:stop])
         if baseline == "svm":
             accuracies.append(svm_accuracy((grids[rest], labels[rest]), held_out))
         else:
-            checkpoint = train_image_cnn((grids[rest], labels[rest]), held_out, label_names, preset=preset, seed=seed,
-                                         overrides=overrides)
+            checkpoint = train_image_ensemble((grids[rest], labels[rest]), held_out, label_names, members, preset=preset,
+                                              seed=seed, overrides=overrides)
             accuracies.append(checkpoint["metrics"]["test_accuracy"])
+            if members > 1:
+                member_means.append(float(np.mean(checkpoint["metrics"]["member_test_accuracies"])))
             if "drawn_accuracy" in checkpoint["metrics"]:
                 drawn.append(checkpoint["metrics"]["drawn_accuracy"])
         drawn_note = f", drawn {drawn[-1]:.4f}" if len(drawn) == fold else ""
         print(f"fold {fold}/{folds}: images {start}..{stop - 1}, accuracy {accuracies[-1]:.4f}{drawn_note}", flush=True)
     model = {"baseline": f"svm {SVM_BASELINE}"} if baseline == "svm" else {"preset": preset, "overrides": dict(overrides or {})}
+    if members > 1:
+        model.update(members=members, member_mean_accuracies=member_means, mean_member_accuracy=float(np.mean(member_means)))
     return {**model, "folds": folds, "fold_accuracies": accuracies,
             "mean_accuracy": float(np.mean(accuracies)), "std_accuracy": float(np.std(accuracies)),
             **({"drawn_accuracies": drawn, "mean_drawn_accuracy": float(np.mean(drawn))} if drawn else {})}
 
 
-def load_image_model(checkpoint: dict) -> ImageCNN:
-    model = ImageCNN(config_from_dict(ImageCNNConfig, checkpoint["config"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+def load_image_model(checkpoint: dict) -> nn.Module:
+    """The checkpoint's network in eval mode, or the ensemble of its members (train-image --members)."""
+    members = []
+    for state in checkpoint.get("member_state_dicts") or [checkpoint["state_dict"]]:
+        member = ImageCNN(config_from_dict(ImageCNNConfig, checkpoint["config"]))
+        member.load_state_dict(state)
+        members.append(member)
+    return (members[0] if len(members) == 1 else ensemble_of(members)).eval()

@@ -6,6 +6,8 @@
       -> SGD lr 1.0 on the per-step mean losses summed over the chunk, global norm clipped at 5
       -> after each epoch: validation perplexity of the whole file as one stream; the rate is
          halved when it improved by less than 1.0 (from the third validation on)
+      -> optional tail (not the paper's): `tail_epochs` cycles of one epoch, the rate falling from
+         `tail_learning_rate` to 0 within each, the cycles' last weights averaged (SWA)
       -> checkpoint: the best validation epoch's weights, plus everything needed to resume
 
 The job resumes from its checkpoint: the file is rewritten every few minutes and at every
@@ -110,6 +112,18 @@ def stream_perplexity(model: CharAwareLM, input_chars: np.ndarray, targets: np.n
 
 
 # --------------------------------------------------------------------------- checkpoint
+
+
+def without_tail(values: dict | None) -> dict | None:
+    """Settings or config without the recipe's tail: a run extended by a tail resumes the same run."""
+    if values is None:
+        return None
+    values = copy.deepcopy(values)
+    if "overrides" in values:
+        values["overrides"] = {k: v for k, v in values["overrides"].items() if not k.startswith("recipe.tail_")}
+    if "recipe" in values:
+        values["recipe"] = {k: v for k, v in values["recipe"].items() if not k.startswith("tail_")}
+    return values
 
 
 def save_atomically(value: dict, path: Path) -> None:
@@ -221,7 +235,8 @@ def train_language_model(
     averaged = WeightAverage(model)
     if out.exists():
         previous = torch.load(out, map_location="cpu", weights_only=True)
-        if previous.get("settings") != settings or previous["config"] != config_values(config):
+        if without_tail(previous.get("settings")) != without_tail(settings) or \
+                without_tail(previous["config"]) != without_tail(config_values(config)):
             raise SystemExit(f"{out} holds a run with other settings ({previous.get('settings')}); "
                              f"remove it or choose another --out to start afresh")
         model.load_state_dict(previous["resume"]["state_dict"])
@@ -251,6 +266,7 @@ def train_language_model(
                 "best_epoch": progress["best_epoch"],
                 "best_weights": progress.get("best_weights", "raw"),
                 "epochs": recipe.epochs,
+                "tail_epochs": recipe.tail_epochs,
                 "epochs_run": len(progress["history"]),
                 "train_tokens": len(train_tokens),
                 "valid_tokens": len(valid_tokens),
@@ -273,18 +289,27 @@ def train_language_model(
 
     # ---- loop ----
     run_started = time.perf_counter()
-    while progress["epoch"] <= recipe.epochs:
+    total_epochs = recipe.epochs + recipe.tail_epochs
+    while progress["epoch"] <= total_epochs:
         epoch = progress["epoch"]
+        in_tail = epoch > recipe.epochs
+        if in_tail and not progress.get("tail_started"):  # the average restarts from the recipe's last weights
+            averaged = WeightAverage(model)
+            averaged.add(model)
+            progress["tail_started"] = True
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = progress["learning_rate"]
         epoch_nll = progress.get("epoch_nll", 0.0)
         last_save = started = time.perf_counter()
-        bar = tqdm(range(progress["chunk"], chunks), desc=f"epoch {epoch}/{recipe.epochs}", initial=progress["chunk"],
+        bar = tqdm(range(progress["chunk"], chunks), desc=f"epoch {epoch}/{total_epochs}", initial=progress["chunk"],
                    total=chunks, disable=not show_progress, mininterval=2.0)
         for chunk in bar:
             window = slice(chunk * recipe.bptt_steps, (chunk + 1) * recipe.bptt_steps)
             carried = tuple(t.detach() for t in carried)  # truncated BPTT: no gradient into the last chunk
+            if in_tail:  # one cycle per epoch: the rate falls linearly to 0
+                for group in optimizer.param_groups:
+                    group["lr"] = recipe.tail_learning_rate * (1 - chunk / chunks)
             logits, carried = model(inputs[:, window].to(device), carried)  # (B, 35, V)
             loss = summed_step_loss(logits, targets[:, window].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -293,13 +318,14 @@ def train_language_model(
             optimizer.step()
             with torch.no_grad():
                 model.char_cnn.embedding.weight[0].zero_()  # the padding character stays zero
-            if recipe.average_from_halving and progress["learning_rate"] <= recipe.learning_rate * recipe.decay ** recipe.average_from_halving:
+            if not in_tail and recipe.average_from_halving and \
+                    progress["learning_rate"] <= recipe.learning_rate * recipe.decay ** recipe.average_from_halving:
                 averaged.add(model)
             epoch_nll += loss.item() / recipe.bptt_steps  # the chunk's mean NLL per token
             progress["step"] += 1
             progress["chunk"] = chunk + 1
             if show_progress and chunk % 20 == 0:
-                bar.set_postfix(ppl=f"{math.exp(epoch_nll / (chunk + 1)):.1f}", lr=f"{progress['learning_rate']:g}")
+                bar.set_postfix(ppl=f"{math.exp(epoch_nll / (chunk + 1)):.1f}", lr=f"{optimizer.param_groups[0]['lr']:g}")
             out_of_time = time_limit_seconds is not None and time.perf_counter() - run_started > time_limit_seconds
             if out_of_time or time.perf_counter() - last_save > checkpoint_every_seconds:
                 progress["seconds"] += time.perf_counter() - started
@@ -313,9 +339,11 @@ def train_language_model(
         bar.close()
 
         # ---- end of epoch: validate, keep the best, apply the rate rule ----
+        if in_tail:
+            averaged.add(model)  # the cycle's end
         valid_perplexity, _ = stream_perplexity(model, valid_chars, valid_targets, device=device)
         progress["seconds"] += time.perf_counter() - started
-        entry = {"epoch": epoch, "learning_rate": progress["learning_rate"],
+        entry = {"epoch": epoch, "learning_rate": recipe.tail_learning_rate if in_tail else progress["learning_rate"],
                  "train_perplexity": math.exp(epoch_nll / chunks), "valid_perplexity": valid_perplexity,
                  "step": progress["step"], "seconds": round(progress["seconds"], 1)}
         candidate, candidate_perplexity = model.state_dict(), valid_perplexity
@@ -330,7 +358,10 @@ def train_language_model(
             progress["best_valid_perplexity"], progress["best_epoch"] = candidate_perplexity, epoch
             progress["best_weights"] = "averaged" if candidate_perplexity < valid_perplexity else "raw"
             best_state = copy.deepcopy(candidate)
-        progress["learning_rate"] = next_learning_rate(progress["history"], progress["learning_rate"], recipe)
+        if in_tail:
+            entry["cycle"] = epoch - recipe.epochs  # the rate ran from learning_rate down to 0
+        else:
+            progress["learning_rate"] = next_learning_rate(progress["history"], progress["learning_rate"], recipe)
         progress.update(epoch=epoch + 1, chunk=0, epoch_nll=0.0)
         save_atomically(checkpoint(), out)
         with open(curve_path, "a") as curve:
