@@ -86,7 +86,8 @@ def bundle_row(path: Path) -> dict:
     latency_ms, throughput = measure_speed(classifier, sample_texts(data_set))
     metrics = bundle.metrics
     if "cv_accuracy_mean" in metrics:
-        accuracy = f"{100 * metrics['cv_accuracy_mean']:.1f} ± {100 * metrics['cv_accuracy_std']:.1f} (10-fold CV)"
+        accuracy = (f"{100 * metrics['cv_accuracy_mean']:.1f} ± {100 * metrics['cv_accuracy_std']:.1f} "
+                    f"({metrics.get('cv_folds', 10)}-fold CV" + (f"; dev {100 * metrics['dev_accuracy']:.1f})" if data_set != "mr" else ")"))
     elif data_set == "mr":
         accuracy = f"{100 * metrics['dev_accuracy']:.1f} (dev; CV not run yet)"
     else:
