@@ -54,3 +54,12 @@ class ExplainableLogitMean(LogitMeanEnsemble):
 def ensemble_of(members: Sequence[nn.Module]) -> LogitMeanEnsemble:
     explainable = all(hasattr(member, "forward_with_evidence") for member in members)
     return (ExplainableLogitMean if explainable else LogitMeanEnsemble)(members)
+
+
+# Member m of an ensemble trains with seed + m * MEMBER_SEED_STRIDE: member 0 is the single model
+# of that seed, and no member's seed is another fold's (cross-validation's folds use seed + fold).
+MEMBER_SEED_STRIDE = 1000
+
+
+def member_seeds(seed: int, members: int) -> list[int]:
+    return [seed + MEMBER_SEED_STRIDE * member for member in range(members)]

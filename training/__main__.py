@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=3435, help="seed for the split, the init and the batch order")
     train.add_argument("--patience", type=int, default=None, help="stop after this many epochs without a better dev accuracy (default: Kim's full run)")
     train.add_argument("--min-count", type=int, default=1, help="keep words seen this often in training; rarer ones become <unk>")
-    train.add_argument("--members", type=int, default=1,
+    train.add_argument("--members", type=member_count, default=1,
                        help="train this many seeds (--seed, --seed + 1000, ...) on the same split and export them as one "
                             "model, the mean of their logits (models/ensemble.py); 1: a single model")
     train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     cv.add_argument("--seed", type=int, default=3435)
     cv.add_argument("--min-count", type=int, default=1)
     cv.add_argument("--patience", type=int, default=None)
-    cv.add_argument("--members", type=int, default=1, help="an ensemble of this many seeds per fold, as train --members")
+    cv.add_argument("--members", type=member_count, default=1, help="an ensemble of this many seeds per fold, as train --members")
     cv.add_argument("--out", type=Path, default=None, help="write the result as JSON here; each fold is saved as it ends and a rerun resumes")
 
     train_lm = commands.add_parser("train-lm", help="train (or resume) the character-aware language model on PTB")
@@ -245,8 +245,6 @@ def main(argv: list[str] | None = None) -> None:
         from training.train_classifier import train_ensemble
         import torch
 
-        if args.members < 1:
-            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
         examples = read_examples(args)
         train_part, dev_part = split_dev(examples, dev_fraction=args.dev_fraction, seed=args.seed)
         checkpoint = train_ensemble(
@@ -275,8 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "cv":
         from training.train_classifier import CrossValidationMismatch, cross_validate, write_json_atomically
 
-        if args.members < 1:
-            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
         # Everything that defines the run; a rerun with the same settings resumes from --out. (--members 1 is
         # left out, so that files written before --members existed still resume.)
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(args).items())
@@ -401,8 +397,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device)))
     elif args.command == "train-image":
-        if args.members < 1:
-            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
         import torch
 
         from training.train_image import train_image_ensemble
@@ -415,8 +409,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.save(checkpoint, args.out)
         print(json.dumps({k: v for k, v in checkpoint["metrics"].items() if k not in ("history", "member_histories")}))
     elif args.command == "cv-image":
-        if args.members < 1:
-            raise SystemExit(f"--members {args.members}: give 1 (a single model) or more")
         from training.train_image import cv_image_cnn
 
         train_part, test_part, label_names = read_image_data(args)  # a CNN's test split is never looked at
@@ -465,6 +457,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {out}")
 
 
+def member_count(text: str) -> int:
+    """--members: how many networks of one recipe, 1 (a single model) or more."""
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--members {count}: give 1 (a single model) or more")
+    return count
+
+
 def add_image_model_arguments(parser: argparse.ArgumentParser) -> None:
     from models.image_cnn import PRESETS
 
@@ -474,7 +474,7 @@ def add_image_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
                         help="override a config value, e.g. --set dropout=0.3 --set recipe.shift=2 --set recipe.epochs=60")
     parser.add_argument("--seed", type=int, default=3435)
-    parser.add_argument("--members", type=int, default=1,
+    parser.add_argument("--members", type=member_count, default=1,
                         help="train this many seeds (--seed, --seed + 1000, ...) and serve the mean of their logits as one model")
 
 

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from models.ensemble import ensemble_of
+from models.ensemble import ensemble_of, member_seeds
 from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
@@ -201,15 +201,6 @@ def train_classifier(
         # Real texts for export's parity check and float16 decision when `export --data` is not given.
         "parity_texts": [example.text for example in [*dev, *train][:PARITY_TEXTS]],
     }
-
-
-# Member m of an ensemble trains with seed + m * MEMBER_SEED_STRIDE: member 0 is the single model
-# of that seed, and no member's seed is another fold's (cross-validation's folds use seed + fold).
-MEMBER_SEED_STRIDE = 1000
-
-
-def member_seeds(seed: int, members: int) -> list[int]:
-    return [seed + MEMBER_SEED_STRIDE * member for member in range(members)]
 
 
 def train_ensemble(train: Sequence[LabelledText], dev: Sequence[LabelledText], members: int, seed: int = 3435,

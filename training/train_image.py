@@ -30,13 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.ensemble import ensemble_of
+from models.ensemble import ensemble_of, member_seeds
 from models.image_cnn import PRESETS, ImageCNN, ImageCNNConfig
 from models.image_encoding import GRID, ImageEncoder
 from models.recipe import config_from_dict, with_overrides
 from training.drawn_digits import drawn_grids
 from training.picture_jitter import Jitter, pick, redrawn_copies
-from training.train_classifier import member_seeds
 
 ARCHITECTURE = "image-cnn"
 DIGIT_LABELS = [str(digit) for digit in range(10)]
