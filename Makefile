@@ -68,7 +68,7 @@ bento-gpu: install
 # Only the deployment checks of make test: manifests, schemas, policy scan, rules, a real
 # Prometheus, the bento and the SIGTERM drain.
 deploy-check: install $(TOOLS)/.installed
-	$(BIN)/python -m pytest -q tests/test_deploy.py tests/test_deploy_monitoring.py tests/test_bento.py tests/test_drain.py
+	$(BIN)/python -m pytest -q tests/test_deploy.py tests/test_deploy_monitoring.py tests/test_bento.py tests/test_drain.py tests/test_training_job.py
 
 # Schemathesis over the OpenAPI document with 100 examples per operation and phase (over a
 # thousand requests; make test runs 20), against a fresh server: no 5xx, every error a message.

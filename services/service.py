@@ -36,7 +36,7 @@ from services.api.image_api import router as image_api
 from services.api.lm_api import json_lines, router as language_model_api
 from services.api.open_inference import router as open_inference_api
 from services.backends.in_process import InProcessRunner
-from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
+from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle, text_problem
 from services.backends.inference import BundleError
 from services.backends.model_control import Desired, ModelState, Repository, ServedModels, ZooPoller, participants, state_folder, watch
 from services.backends.model_store import served, zoo_tags
@@ -233,10 +233,9 @@ class TextService:
             raise ApiError(413, f"{len(texts)} {field} in one request; the limit is {limits.max_texts_per_request} (TEXTSERVE_MAX_TEXTS_PER_REQUEST)")
         max_chars = getattr(limits, max_chars_setting)
         for index, text in enumerate(texts):
-            if not text.strip():
-                raise ApiError(400, f"{field}[{index}] is empty or only whitespace")
-            if len(text) > max_chars:
-                raise ApiError(413, f"{field}[{index}] has {len(text)} characters; the limit is {max_chars} (TEXTSERVE_{max_chars_setting.upper()})")
+            problem = text_problem(text, max_chars, f"TEXTSERVE_{max_chars_setting.upper()}")
+            if problem:
+                raise ApiError(problem[0], f"{field}[{index}] {problem[1]}")
 
     async def probabilities(self, model: str, texts: list[str]) -> np.ndarray:
         """Validate, admit and run `texts` through the batched runner: (len(texts), K) float32."""

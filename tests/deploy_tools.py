@@ -49,9 +49,34 @@ def tool(name: str) -> str:
 def render(name: str) -> list[dict]:
     """`kubectl kustomize` of one of RENDERINGS, as objects."""
     folder, flags = RENDERINGS[name]
+    return render_folder(folder, flags)
+
+
+def render_folder(folder: Path, flags: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """`kubectl kustomize` of any kustomization folder, as objects."""
     result = subprocess.run([tool("kubectl"), "kustomize", *flags, str(folder)], capture_output=True, text=True)
     assert result.returncode == 0, f"kubectl kustomize {folder} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def policy_scan(renderings: dict[str, list[dict]], folder: Path) -> tuple[list, list, int]:
+    """checkov's Kubernetes checks over rendered objects, offline (--skip-download: the built-in
+    policies only): (failed (check, resource)), (skipped (check, resource, reason)), passed count."""
+    import json
+
+    files = []
+    for name, objects in renderings.items():
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+        files += ["--file", str(path)]
+    result = subprocess.run([tool("checkov"), "--skip-download", "--framework", "kubernetes", "--output", "json", *files],
+                            capture_output=True, text=True, cwd=folder)
+    report = json.loads(result.stdout)
+    reports = report if isinstance(report, list) else [report]
+    failed = [(check["check_id"], check["resource"]) for r in reports for check in r["results"]["failed_checks"]]
+    skipped = [(check["check_id"], check["resource"], check.get("check_result", {}).get("suppress_comment", ""))
+               for r in reports for check in r["results"]["skipped_checks"]]
+    return failed, skipped, sum(len(r["results"]["passed_checks"]) for r in reports)
 
 
 def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
@@ -123,3 +148,13 @@ def selector_names(expression) -> set[str]:
         if isinstance(node, promql_parser.Call):
             stack.extend(node.args)
     return names
+
+
+def assert_policy_scan_clean(renderings: dict[str, list[dict]], folder: Path, justified_skips: set[str], least_passed: int) -> None:
+    """checkov finds nothing, skips only `justified_skips` (each with a reason in the manifest) and
+    ran at least `least_passed` checks (fewer: it did not parse the manifests)."""
+    failed, skipped, passed = policy_scan(renderings, folder)
+    assert failed == [], f"checkov findings: {failed}"
+    assert passed > least_passed, "checkov ran few checks: did it parse the manifests?"
+    assert {check for check, _, _ in skipped} == justified_skips
+    assert all(len(reason) > 20 for _, _, reason in skipped), skipped

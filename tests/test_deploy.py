@@ -13,12 +13,11 @@ import subprocess
 import kubernetes_validate
 import promql_parser
 import pytest
-import yaml
 
 from tests.conftest import REPOSITORY
 from tests.deploy_tools import (
     DASHBOARD, RENDERINGS, UNIT_TESTS, adapter_query, adapter_rule, alert_and_record_queries,
-    dashboard_queries, one, render, rule_groups, selector_names, tool, write_rule_file,
+    assert_policy_scan_clean, dashboard_queries, one, render, rule_groups, selector_names, tool, write_rule_file,
 )
 
 # The oldest Kubernetes we support (HPA autoscaling/v2, PDB policy/v1 and every field used are
@@ -91,25 +90,7 @@ def test_strict_validation_at_the_oldest_version_rejects_what_it_lacks(rendered)
 
 
 def test_policy_scan_finds_nothing_but_the_justified_skips(rendered, tmp_path):
-    checkov = tool("checkov")
-    files = []
-    for name, objects in rendered.items():
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump_all(objects, sort_keys=False))
-        files += ["--file", str(path)]
-    # --skip-download: offline, the built-in policies only (no Prisma Cloud guidelines).
-    result = subprocess.run([checkov, "--skip-download", "--framework", "kubernetes", "--output", "json", *files],
-                            capture_output=True, text=True, cwd=tmp_path)
-    report = json.loads(result.stdout)
-    reports = report if isinstance(report, list) else [report]
-    failed = [(check["check_id"], check["resource"]) for r in reports for check in r["results"]["failed_checks"]]
-    skipped = [(check["check_id"], check["resource"], check.get("check_result", {}).get("suppress_comment", ""))
-               for r in reports for check in r["results"]["skipped_checks"]]
-    passed = sum(len(r["results"]["passed_checks"]) for r in reports)
-    assert failed == [], f"checkov findings: {failed}"
-    assert passed > 50, "checkov ran no checks: did it parse the manifests?"
-    assert {check for check, _, _ in skipped} == JUSTIFIED_SKIPS
-    assert all(len(reason) > 20 for _, _, reason in skipped), skipped
+    assert_policy_scan_clean(rendered, tmp_path, JUSTIFIED_SKIPS, least_passed=50)
 
 
 def test_service_monitor_service_pods_pdb_and_hpa_point_at_each_other(rendered):

@@ -5,11 +5,14 @@
     python -m training export   --checkpoint checkpoints/kim-cnn-trec6.pt --bundle models/zoo/kim-cnn-trec6
     python -m training import-onnx --onnx model.onnx --labels labels.txt --tokenizer tokenizer.json --bundle models/zoo/NAME
     python -m training evaluate --bundle models/zoo/kim-cnn-trec6 --data FILE --format trec
+    python -m training predict  --bundle models/zoo/kim-cnn-trec6 --data FILE --out predictions.jsonl   (docs/training.md)
     python -m training optimize --bundle models/zoo/kim-cnn-trec6   (graph passes, parity with the old graph)
     python -m training quantize --bundle models/zoo/lstm-trec6      (writes models/zoo/lstm-trec6-int8)
     python -m training results  (regenerates docs/results.md from models/zoo)
 
-`evaluate` prints one JSON object on its last line.
+`evaluate` prints one JSON object on its last line. `train`, `cv` and `train-lm` run unchanged under
+`torchrun --nproc_per_node N` (or --nnodes): data-parallel, one share of every batch per rank
+(training/distributed.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from training.datasets import (CLASSIFICATION_FORMATS, FORMAT_HELP, ColumnError, MalformedDataError, UnknownLabelError,
                                read_labelled, split_dev)
 from training.export_onnx import STORAGE_CHOICES
+from training.predict import add_predict_parser
 
 CASED_FORMATS = ("trec", "trec50")  # Kim keeps case for TREC, lower-cases everything else
 
@@ -126,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--members", type=member_count, default=1,
                        help="train this many seeds (--seed, --seed + 1000, ...) on the same split and export them as one "
                             "model, the mean of their logits (models/ensemble.py); 1: a single model")
-    train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: a CUDA GPU when one is usable")
+    train.add_argument("--out", required=True, type=Path,
+                       help="checkpoint file to write; the run in progress is kept in OUT.resume/ after every epoch, and a "
+                            "rerun of the same command resumes it")
 
     cv = commands.add_parser("cv", help="k-fold cross-validation (Kim's protocol for MR); prints mean and std")
     add_data_arguments(cv)
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     cv.add_argument("--min-count", type=int, default=1)
     cv.add_argument("--patience", type=int, default=None)
     cv.add_argument("--members", type=member_count, default=1, help="an ensemble of this many seeds per fold, as train --members")
+    cv.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: a CUDA GPU when one is usable")
     cv.add_argument("--out", type=Path, default=None, help="write the result as JSON here; each fold is saved as it ends and a rerun resumes")
 
     train_lm = commands.add_parser("train-lm", help="train (or resume) the character-aware language model on PTB")
@@ -239,58 +247,80 @@ def main(argv: list[str] | None = None) -> None:
     show_filters.add_argument("--bundle", required=True, type=Path)
     show_filters.add_argument("--digit", type=int, default=0, help="which held-out digit image to show the feature maps of (index)")
     show_filters.add_argument("--out", type=Path, default=None, help="PNG to write (default: BUNDLE-filters.png under docs/)")
+    add_predict_parser(commands)
 
     args = parser.parse_args(argv)
     if args.command == "train":
-        from training.train_classifier import train_ensemble
+        from training import distributed
+        from training.train_classifier import remove_resume_state, resume_folder, train_ensemble
+        from training.train_lm import resolve_training_device
         import torch
 
         examples = read_examples(args)
         train_part, dev_part = split_dev(examples, dev_fraction=args.dev_fraction, seed=args.seed)
-        checkpoint = train_ensemble(
-            train_part, dev_part, args.members, **model_options(args), lowercase=args.format not in CASED_FORMATS,
-            seed=args.seed, epochs=args.epochs, min_count=args.min_count, patience=args.patience,
-        )
+        device = resolve_training_device(args.device)
+        with distributed.job(device, str(resume_folder(args.out))) as ranks:
+            checkpoint = train_ensemble(
+                train_part, dev_part, args.members, **model_options(args), lowercase=args.format not in CASED_FORMATS,
+                seed=args.seed, epochs=args.epochs, min_count=args.min_count, patience=args.patience, device=device,
+                resume=resume_folder(args.out),
+            )
+        if not ranks.is_main:
+            return
         checkpoint["metrics"]["train_command"] = command_line()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, args.out)
+        remove_resume_state(resume_folder(args.out))
         keys = ("dev_accuracy", "best_epoch", "member_dev_accuracies", "member_best_epochs", "train_examples", "dev_examples")
         summary = {k: checkpoint["metrics"][k] for k in keys if k in checkpoint["metrics"]}
         print(json.dumps({"checkpoint": str(args.out), **summary}))
     elif args.command == "train-lm":
+        from training import distributed
         from training.datasets import read_ptb
-        from training.train_lm import set_threads, train_language_model
+        from training.train_lm import resolve_training_device, set_threads, train_language_model
 
         set_threads(args.threads)
         overrides = dict(item.partition("=")[::2] for item in args.overrides)
-        checkpoint = train_language_model(
-            read_ptb(args.data / "train.txt"), read_ptb(args.data / "valid.txt"), args.out, preset=args.preset,
-            overrides=overrides, seed=args.seed, device=args.device, curve_path=args.curve,
-            checkpoint_every_seconds=args.checkpoint_every, time_limit_seconds=args.minutes * 60 if args.minutes else None, command=command_line(),
-        )
+        device = resolve_training_device(args.device)
+        with distributed.job(device, str(args.out)) as ranks:
+            checkpoint = train_language_model(
+                read_ptb(args.data / "train.txt"), read_ptb(args.data / "valid.txt"), args.out, preset=args.preset,
+                overrides=overrides, seed=args.seed, device=device, curve_path=args.curve,
+                checkpoint_every_seconds=args.checkpoint_every, time_limit_seconds=args.minutes * 60 if args.minutes else None, command=command_line(),
+            )
+        if not ranks.is_main:
+            return
         metrics = checkpoint["metrics"]
         print(json.dumps({"checkpoint": str(args.out), **{k: metrics[k] for k in ("valid_perplexity", "best_epoch", "epochs_run", "epochs")}}))
     elif args.command == "cv":
-        from training.train_classifier import CrossValidationMismatch, cross_validate, write_json_atomically
+        from training import distributed
+        from training.train_classifier import (CrossValidationMismatch, cross_validate, remove_resume_state, resume_folder,
+                                               write_json_atomically)
+        from training.train_lm import resolve_training_device
 
         # Everything that defines the run; a rerun with the same settings resumes from --out. (--members 1 is
         # left out, so that files written before --members existed still resume.)
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(args).items())
-                    if key not in ("command", "out") and not (key == "members" and value == 1)}
+                    if key not in ("command", "out", "device") and not (key == "members" and value == 1)}
+        device = resolve_training_device(args.device)
         try:
-            result = cross_validate(
-                read_examples(args), folds=args.folds, seed=args.seed, members=args.members, **model_options(args),
-                lowercase=args.format not in CASED_FORMATS, epochs=args.epochs, min_count=args.min_count,
-                patience=args.patience, progress_path=args.out, progress_key=settings,
-            )
+            with distributed.job(device, str(args.out) if args.out else None) as ranks:
+                result = cross_validate(
+                    read_examples(args), folds=args.folds, seed=args.seed, members=args.members, **model_options(args),
+                    lowercase=args.format not in CASED_FORMATS, epochs=args.epochs, min_count=args.min_count,
+                    patience=args.patience, progress_path=args.out, progress_key=settings, device=device,
+                )
         except CrossValidationMismatch as error:
             raise SystemExit(str(error)) from None
+        if not ranks.is_main:
+            return
         result["cv_command"] = command_line()
         if args.out:
             progress = json.loads(args.out.read_text()) if args.out.exists() else {}
             kept = {key: progress[key] for key in ("cv_fold_curves", "cv_member_runs") if key in progress}
             write_json_atomically(args.out, {**result, "cv_settings": settings, **kept,
                                              "cv_fold_progress": dict(enumerate(result["cv_fold_accuracies"], start=1))})
+            remove_resume_state(resume_folder(args.out))
         print(json.dumps(result))
     elif args.command == "export":
         from training.export_onnx import export_bundle
@@ -455,6 +485,10 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or Path("docs") / f"{args.bundle.name}-filters.png"
         show_filters(args.bundle, args.digit, out)
         print(f"wrote {out}")
+    elif args.command == "predict":
+        from training.predict import run_predict
+
+        run_predict(args)
 
 
 def member_count(text: str) -> int:

@@ -10,7 +10,6 @@ metrics, step}, loadable with torch.load(weights_only=True); never a pickled mod
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import statistics
@@ -28,6 +27,7 @@ from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
 from services.backends.inference import softmax
+from training import distributed
 from training.datasets import LabelledText, first_unknown_label, kfold, split_dev
 from training.word_vectors import embedding_matrix, read_word_vectors
 
@@ -59,12 +59,13 @@ def batch_tensors(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, rows: Sequence[Sequence[int]], targets: np.ndarray, batch_size: int = 500) -> float:
+def accuracy(model: torch.nn.Module, rows: Sequence[Sequence[int]], targets: np.ndarray, batch_size: int = 500,
+             device: str = "cpu") -> float:
     model.eval()
     correct = 0
     for start in range(0, len(rows), batch_size):
         token_ids, lengths = batch_tensors(rows[start : start + batch_size])
-        predictions = model(token_ids, lengths).argmax(dim=1).numpy()
+        predictions = model(token_ids.to(device), lengths.to(device)).argmax(dim=1).cpu().numpy()
         correct += int((predictions == targets[start : start + batch_size]).sum())
     return correct / len(rows)
 
@@ -92,8 +93,14 @@ def train_classifier(
     vectors_format: str = "auto",
     show_progress: bool = True,
     held_out: Sequence[LabelledText] | None = None,
+    device: str = "cpu",
+    resume_path: Path | None = None,
 ) -> dict:
     """Train on `train`, early-stop on `dev`, return the checkpoint dict of the best dev epoch.
+
+    Under torchrun (training/distributed.py) each rank computes its share of every batch and
+    rank 0 alone validates; with `resume_path`, rank 0 writes the run's state there after every
+    epoch and a rerun with the same settings, with any number of ranks, continues from it.
 
     `held_out` (cross-validation's fold) is scored after every epoch into the history as
     `held_out_accuracy`, so that selection rules can be compared on one run; it chooses nothing.
@@ -129,7 +136,8 @@ def train_classifier(
     held_out_rows, held_out_targets = encode_examples(encoder, held_out, labels) if held_out else (None, None)
 
     # ---- model and optimiser, both from the preset ----
-    model = build_model(architecture_name, config_values(config))
+    ranks = distributed.current_ranks()
+    model = build_model(architecture_name, config_values(config)).to(device)
     if pretrained is not None:
         with torch.no_grad():
             for embedding in model.embeddings:  # every channel starts from the same vectors
@@ -137,25 +145,57 @@ def train_classifier(
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(recipe, parameters)
 
-    # ---- loop: shuffle, step, clip, constrain; keep the best dev epoch ----
+    # ---- the run so far, when a rerun resumes one (rank 0 reads it, every rank gets it) ----
     best = {"dev_accuracy": -1.0}
     best_state: dict[str, torch.Tensor] = {}
     history = []
     step = 0
     order_rng = np.random.default_rng(seed)
     fixed_order = order_rng.permutation(len(train_rows)) if recipe.shuffle == "batches" else None  # Kim's: once per run
-    started = time.perf_counter()
-    epoch_bar = tqdm(range(1, recipe.epochs + 1), desc="epochs", disable=not show_progress, leave=False)
+    run_key = {"architecture": architecture_name, "preset": preset, "config": config_values(config), "seed": seed,
+               "labels": labels, "vocab_size": len(vocab) if vocab else 0, "train_examples": len(train),
+               "dev_examples": len(dev), "patience": patience}
+    resumed = distributed.from_main(read_epoch_state(resume_path, run_key) if ranks.is_main else None)
+    if resumed and "refused" in resumed:
+        raise SystemExit(resumed["refused"])
+    if resumed:
+        model.load_state_dict(resumed["state_dict"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        best, best_state, history, step = resumed["best"], resumed["best_state"], resumed["history"], resumed["step"]
+        order_rng.bit_generator.state = resumed["order_rng"]
+        if ranks.is_main:
+            torch.set_rng_state(resumed["torch_rng"])
+            print(f"resuming {resume_path}: {len(history)} of {recipe.epochs} epochs done", flush=True)
+    distributed.reseed_dropout(seed, step)
+    trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
+    stopped_early = bool(history) and patience is not None and history[-1]["epoch"] - best["best_epoch"] >= patience
+
+    # ---- loop: shuffle, step, clip, constrain; keep the best dev epoch ----
+    started = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
+    first_epoch = len(history) + 1
+    epoch_bar = tqdm(range(first_epoch, recipe.epochs + 1 if not stopped_early else first_epoch), desc="epochs",
+                     disable=not (show_progress and ranks.is_main), leave=False)
     for epoch in epoch_bar:
         model.train()
         learning_rate = recipe.learning_rate_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        losses = []
-        batches = recipe.epoch_batches(len(train_rows), order_rng, fixed_order)
-        for index in tqdm(batches, desc=f"epoch {epoch}", disable=not show_progress, leave=False):
-            token_ids, lengths = batch_tensors([train_rows[i] for i in index])
-            loss = F.cross_entropy(model(token_ids, lengths), torch.from_numpy(train_targets[index]))
+        batch_losses = 0.0  # sum over batches of this rank's part of the batch's mean loss
+        batches = recipe.epoch_batches(len(train_rows), order_rng, fixed_order)  # the same global batches on every rank
+        for index in tqdm(batches, desc=f"epoch {epoch}", disable=not (show_progress and ranks.is_main), leave=False):
+            share = ranks.share(index)
+            # A rank whose share is empty (a last batch smaller than the world) still joins the
+            # all-reduce, with one example weighted 0.
+            weight = ranks.world_size / len(index) if len(share) else 0.0
+            share = share if len(share) else index[:1]
+            token_ids, lengths = batch_tensors([train_rows[i] for i in share])
+            logits = trained(token_ids.to(device), lengths.to(device))
+            share_targets = torch.from_numpy(train_targets[share]).to(device)
+            if ranks.distributed:  # this share's loss sum over the global batch size, times the world
+                # size: DDP's mean over the ranks turns the gradients back into the batch mean's
+                loss = F.cross_entropy(logits, share_targets, reduction="sum") * weight
+            else:
+                loss = F.cross_entropy(logits, share_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip_norm:
@@ -163,17 +203,27 @@ def train_classifier(
             optimizer.step()
             if hasattr(model, "apply_constraints"):
                 model.apply_constraints()  # Kim's max-norm on the output rows
-            losses.append(loss.item())
+            batch_losses += loss.item() / ranks.world_size
             step += 1
-        dev_accuracy = accuracy(model, dev_rows, dev_targets)
-        history.append({"epoch": epoch, "learning_rate": learning_rate, "train_loss": float(np.mean(losses)), "dev_accuracy": dev_accuracy})
-        if held_out_rows is not None:
-            history[-1]["held_out_accuracy"] = accuracy(model, held_out_rows, held_out_targets)
-        epoch_bar.set_postfix(loss=f"{np.mean(losses):.4f}", dev=f"{dev_accuracy:.4f}")
-        if dev_accuracy > best["dev_accuracy"]:
-            best = {"dev_accuracy": dev_accuracy, "best_epoch": epoch, "step": step}
-            best_state = copy.deepcopy(model.state_dict())
-        elif patience is not None and epoch - best["best_epoch"] >= patience:
+        train_loss = distributed.sum_over_ranks([batch_losses])[0] / len(batches)
+        entry = {"epoch": epoch, "learning_rate": learning_rate, "train_loss": train_loss}
+        if ranks.is_main:  # rank 0 validates; the others take its figures, so all decide alike
+            entry["dev_accuracy"] = accuracy(model, dev_rows, dev_targets, device=device)
+            if held_out_rows is not None:
+                entry["held_out_accuracy"] = accuracy(model, held_out_rows, held_out_targets, device=device)
+        entry = distributed.from_main(entry)
+        history.append(entry)
+        epoch_bar.set_postfix(loss=f"{train_loss:.4f}", dev=f"{entry['dev_accuracy']:.4f}")
+        if entry["dev_accuracy"] > best["dev_accuracy"]:
+            best = {"dev_accuracy": entry["dev_accuracy"], "best_epoch": epoch, "step": step}
+            best_state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        stop = patience is not None and epoch - best["best_epoch"] >= patience
+        if resume_path is not None and ranks.is_main:
+            save_atomically({
+                "key": run_key, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
+                "best_state": best_state, "history": history, "step": step, "order_rng": order_rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(), "seconds": time.perf_counter() - started}, resume_path)
+        if stop:
             break
 
     metrics = {
@@ -183,6 +233,8 @@ def train_classifier(
         "epochs": recipe.epochs,
         "epochs_run": len(history),
         "patience": patience,
+        "global_batch": recipe.batch_size,  # examples per step, over all ranks
+        "world_size": ranks.world_size,  # ranks that ran the last invocation (a resumed run may have changed it)
         "parameters": sum(p.numel() for p in model.parameters()),
         **({"vectors_file": Path(vectors_path).name, "vectors_coverage": vectors_found / (len(vocab) - 2)} if pretrained is not None else {}),
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -203,15 +255,65 @@ def train_classifier(
     }
 
 
+def read_epoch_state(path: Path | None, run_key: dict) -> dict | None:
+    """The state a stopped run left in `path` (save_atomically), or None when there is none;
+    a state written under other settings is refused ({"refused": why}), not mixed in."""
+    if path is None or not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors, numbers, strings: nothing to unpickle
+    if state["key"] != run_key:
+        return {"refused": f"{path} holds a stopped run with other settings; remove it to start afresh"}
+    return state
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """torch.save through a sibling temporary file, so a stop mid-write keeps the previous file
+    (checkpoints, and the state of a run in progress)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial")
+    torch.save(state, staging)
+    staging.replace(path)
+
+
+def resume_folder(out: Path) -> Path:
+    """Where `train --out OUT` (and `cv --out OUT`) keep the state of runs in progress: OUT.resume/,
+    removed once the checkpoint (the cv result) is written."""
+    return out.with_name(out.name + ".resume")
+
+
+def remove_resume_state(folder: Path, pattern: str = "*") -> None:
+    """Drop the kept state of finished runs, and the folder once it is empty."""
+    if folder.is_dir():
+        for path in folder.glob(pattern):
+            path.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
 def train_ensemble(train: Sequence[LabelledText], dev: Sequence[LabelledText], members: int, seed: int = 3435,
-                   **train_options) -> dict:
+                   resume: Path | None = None, **train_options) -> dict:
     """Train `members` copies of one recipe on the same split, seeds apart (member_seeds), each
     keeping its own best dev epoch; one member is the plain checkpoint of train_classifier.
 
     Two or more: one checkpoint holding every member's weights (`member_state_dicts`), served as
     the mean of their logits (models/ensemble.py); its `dev_accuracy` is the ensemble's, and the
-    metrics keep each member's figures and curve."""
-    checkpoints = [train_classifier(train, dev, seed=member_seed, **train_options) for member_seed in member_seeds(seed, members)]
+    metrics keep each member's figures and curve.
+
+    With `resume` (a folder), each member's run in progress is kept there after every epoch and its
+    finished checkpoint when it ends, so a rerun continues where the last one stopped."""
+    checkpoints = []
+    for member, member_seed in enumerate(member_seeds(seed, members)):
+        done_path = resume / f"member-{member}.done.pt" if resume else None
+        finished = distributed.from_main(load_checkpoint(done_path) if done_path and done_path.exists() and
+                                         distributed.current_ranks().is_main else None)
+        if finished is not None:
+            checkpoints.append(finished)
+            continue
+        checkpoint = train_classifier(train, dev, seed=member_seed, resume_path=resume / f"member-{member}.pt" if resume else None,
+                                      **train_options)
+        if done_path is not None and distributed.current_ranks().is_main and members > 1:
+            save_atomically(checkpoint, done_path)
+        checkpoints.append(checkpoint)
     if members == 1:
         return checkpoints[0]
     first = checkpoints[0]
@@ -275,33 +377,35 @@ def cross_validate(
     With `progress_path`, each finished fold (and member) is written there at once, and a rerun with
     the same `progress_key` (the settings that define the run) skips what is already scored: a
     ten-fold run of hours survives being stopped. A file written under other settings is refused."""
-    done: dict[str, float] = {}
-    curves: dict[str, list[list[float]]] = {}  # fold -> [dev accuracy, fold accuracy] per epoch (member 0)
-    scored: dict[str, dict] = {}  # members >= 2: fold -> {"targets": [...], "members": [{"curve", "logits"}, ...]}
-    if progress_path is not None and progress_path.exists():
-        previous = json.loads(progress_path.read_text())
-        if previous.get("cv_settings") != progress_key:
-            raise CrossValidationMismatch(f"{progress_path} holds a cross-validation run with other settings "
-                             f"({previous.get('cv_settings')}); remove it or write to another --out")
-        done = {str(fold): accuracy for fold, accuracy in previous.get("cv_fold_progress", {}).items()}
-        curves = previous.get("cv_fold_curves", {})
-        scored = previous.get("cv_member_runs", {})
+    main = distributed.current_ranks().is_main  # under torchrun, rank 0 reads, prints and writes
+    previous = distributed.from_main(json.loads(progress_path.read_text()) if main and progress_path is not None
+                                     and progress_path.exists() else {})
+    if previous and previous.get("cv_settings") != progress_key:
+        raise CrossValidationMismatch(f"{progress_path} holds a cross-validation run with other settings "
+                                      f"({previous.get('cv_settings')}); remove it or write to another --out")
+    done: dict[str, float] = {str(fold): accuracy for fold, accuracy in previous.get("cv_fold_progress", {}).items()}
+    curves: dict[str, list[list[float]]] = previous.get("cv_fold_curves", {})  # fold -> [dev, fold accuracy] per epoch (member 0)
+    scored: dict[str, dict] = previous.get("cv_member_runs", {})  # members >= 2: fold -> {"targets", "members": [{"curve", "logits"}]}
+    say = print if main else (lambda *args, **kwargs: None)
 
     def save_progress() -> None:
-        if progress_path is not None:
+        if progress_path is not None and main:
             write_json_atomically(progress_path, {"cv_settings": progress_key, "cv_fold_progress": done, "cv_fold_curves": curves,
                                                   **({"cv_member_runs": scored} if members > 1 else {})})
 
     for fold, (train_part, test_part) in enumerate(kfold(examples, folds=folds, seed=seed), start=1):
         if str(fold) in done:
-            print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (from {progress_path})", flush=True)
+            say(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (from {progress_path})", flush=True)
             continue
         train, dev = split_dev(train_part, dev_fraction=dev_fraction, seed=seed + fold)
         runs = scored.setdefault(str(fold), {"members": []})
         for member, member_seed in enumerate(member_seeds(seed + fold, members)):
             if member < len(runs["members"]):
                 continue  # scored before a stop
-            checkpoint = train_classifier(train, dev, seed=member_seed, show_progress=show_progress, held_out=test_part, **train_options)
+            # The fold's run in progress, kept after every epoch: a rerun continues it mid-fold.
+            epoch_state = resume_folder(progress_path) / f"fold-{fold}-member-{member}.pt" if progress_path else None
+            checkpoint = train_classifier(train, dev, seed=member_seed, show_progress=show_progress, held_out=test_part,
+                                          resume_path=epoch_state, **train_options)
             curve = [[h["dev_accuracy"], h["held_out_accuracy"]] for h in checkpoint["metrics"]["history"]]
             if member == 0:
                 curves[str(fold)] = curve
@@ -310,16 +414,18 @@ def cross_validate(
                 runs["targets"] = targets.tolist()
                 runs["members"].append({"seed": member_seed, "curve": curve,
                                         "logits": np.round(logits_of(load_model(checkpoint), rows), 5).tolist()})
-                print(f"fold {fold}/{folds}, member {member + 1}/{members}: accuracy {select_epoch(curve, 'first-best-dev'):.4f} "
+                say(f"fold {fold}/{folds}, member {member + 1}/{members}: accuracy {select_epoch(curve, 'first-best-dev'):.4f} "
                       f"(best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
                 save_progress()
         if members > 1:
             done[str(fold)] = ensemble_accuracy(runs, members)
-            print(f"fold {fold}/{folds}: ensemble of {members}: accuracy {done[str(fold)]:.4f}", flush=True)
+            say(f"fold {fold}/{folds}: ensemble of {members}: accuracy {done[str(fold)]:.4f}", flush=True)
         else:
             done[str(fold)] = select_epoch(curves[str(fold)], "first-best-dev")  # the epoch the checkpoint keeps
-            print(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
+            say(f"fold {fold}/{folds}: accuracy {done[str(fold)]:.4f} (best dev epoch {checkpoint['metrics']['best_epoch']})", flush=True)
         save_progress()
+        if progress_path is not None and main:  # the fold is in the progress file now
+            remove_resume_state(resume_folder(progress_path), f"fold-{fold}-member-*.pt")
     fold_accuracies = [done[str(fold)] for fold in range(1, folds + 1)]
     result = {
         "cv_folds": folds,

@@ -36,7 +36,8 @@ from models.char_lm import CharAwareLM, CharLMConfig, LanguageModelRecipe, char_
 from models.recipe import config_from_dict, with_overrides
 from models.text_encoding import LanguageModelVocab, WordCharEncoder, scoring_stream
 from models.registry import config_values
-from training.train_classifier import seed_everything
+from training import distributed
+from training.train_classifier import save_atomically, seed_everything
 
 ARCHITECTURE = "char-lm"
 
@@ -73,12 +74,16 @@ def training_batches(stream: TokenStream, rows: int, steps: int) -> tuple[torch.
 # --------------------------------------------------------------------------- the recipe's two rules
 
 
-def summed_step_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def summed_step_loss(logits: torch.Tensor, targets: torch.Tensor, share: float = 1.0) -> torch.Tensor:
     """logits (B, T, V), targets (B, T) -> the sum over the T steps of each step's batch-mean
     NLL, as Torch's ClassNLLCriterion per step gives it: T times the token-mean loss, so the
-    gradient clipped at norm 5 is T times a token mean's (the recipe's lr 1.0 assumes this)."""
+    gradient clipped at norm 5 is T times a token mean's (the recipe's lr 1.0 assumes this).
+
+    Under torchrun a rank holds B' of the global batch's rows: `share` = B' * ranks / B weights
+    its mean so that DDP's mean over the ranks is the global batch's (1 when the rows split evenly)."""
     steps = logits.shape[1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) * steps
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)) * steps
+    return loss if share == 1.0 else loss * share
 
 
 def next_learning_rate(history: list[dict], learning_rate: float, recipe: LanguageModelRecipe) -> float:
@@ -124,14 +129,6 @@ def without_tail(values: dict | None) -> dict | None:
     if "recipe" in values:
         values["recipe"] = {k: v for k, v in values["recipe"].items() if not k.startswith("tail_")}
     return values
-
-
-def save_atomically(value: dict, path: Path) -> None:
-    """Write through a sibling temporary file, so a stop mid-write keeps the previous checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    torch.save(value, staging)
-    staging.replace(path)
 
 
 def resolve_training_device(requested: str) -> str:
@@ -212,6 +209,7 @@ def train_language_model(
     from which a rerun resumes exactly. A checkpoint written under other settings is refused, not mixed in."""
     curve_path = curve_path or out.with_suffix(".curve.jsonl")
     device = resolve_training_device(device)
+    ranks = distributed.current_ranks()  # under torchrun: this rank carries every world_size-th row of the batch
     settings = {"preset": preset, "overrides": dict(sorted((overrides or {}).items())), "seed": seed,
                 "train_tokens": len(train_tokens), "valid_tokens": len(valid_tokens)}
 
@@ -223,6 +221,11 @@ def train_language_model(
     recipe: LanguageModelRecipe = config.recipe
     inputs, targets = training_batches(make_stream(train_tokens, vocab, chars), recipe.batch_size, recipe.bptt_steps)
     chunks = inputs.shape[1] // recipe.bptt_steps
+    if recipe.batch_size < ranks.world_size:
+        raise SystemExit(f"the batch's {recipe.batch_size} rows cannot be shared by {ranks.world_size} ranks")
+    rows = torch.tensor(ranks.share(range(recipe.batch_size)))  # this rank's rows (streams) of the batch
+    inputs, targets = inputs[rows], targets[rows]  # (B', chunks * steps, W), (B', chunks * steps)
+    row_share = len(rows) * ranks.world_size / recipe.batch_size
     valid_chars, valid_targets = scoring_stream(valid_tokens, vocab, chars)
 
     # ---- model, or the run to resume ----
@@ -230,18 +233,24 @@ def train_language_model(
     model = CharAwareLM(config).to(device)
     progress = {"epoch": 1, "chunk": 0, "learning_rate": recipe.learning_rate, "step": 0, "seconds": 0.0,
                 "history": [], "best_valid_perplexity": None, "best_epoch": None}
-    carried = model.initial_state(recipe.batch_size)
+    carried = model.initial_state(recipe.batch_size)  # the whole batch's; each rank keeps its rows below
     best_state = None
     averaged = WeightAverage(model)
-    if out.exists():
-        previous = torch.load(out, map_location="cpu", weights_only=True)
-        if without_tail(previous.get("settings")) != without_tail(settings) or \
-                without_tail(previous["config"]) != without_tail(config_values(config)):
-            raise SystemExit(f"{out} holds a run with other settings ({previous.get('settings')}); "
-                             f"remove it or choose another --out to start afresh")
+    # Rank 0 reads the checkpoint; every rank learns where the run stands and its rows' state.
+    # (The weights reach the other ranks through DDP, which broadcasts rank 0's when it wraps the model.)
+    previous = torch.load(out, map_location="cpu", weights_only=True) if ranks.is_main and out.exists() else None
+    if previous is not None and (without_tail(previous.get("settings")) != without_tail(settings) or
+                                 without_tail(previous["config"]) != without_tail(config_values(config))):
+        previous = {"refused": f"{out} holds a run with other settings ({previous.get('settings')}); "
+                               f"remove it or choose another --out to start afresh"}
+    shared = distributed.from_main(None if previous is None else previous.get("refused") or
+                                   {"progress": previous["resume"]["progress"], "carried": previous["resume"]["carried_state"]})
+    if isinstance(shared, str):
+        raise SystemExit(shared)
+    if shared is not None:
+        progress, carried = shared["progress"], tuple(shared["carried"])
+    if previous is not None:
         model.load_state_dict(previous["resume"]["state_dict"])
-        progress = previous["resume"]["progress"]
-        carried = tuple(t.to(device) for t in previous["resume"]["carried_state"])
         torch.set_rng_state(previous["resume"]["torch_rng"])
         if device == "cuda" and previous["resume"].get("cuda_rng"):
             torch.cuda.set_rng_state_all(previous["resume"]["cuda_rng"])  # dropout masks on the GPU
@@ -249,9 +258,23 @@ def train_language_model(
         averaged.load(previous["resume"].get("average"), device)
         print(f"resuming {out}: epoch {progress['epoch']}, chunk {progress['chunk']}/{chunks}, "
               f"lr {progress['learning_rate']:g}", flush=True)
+    carried = tuple(t[:, rows].to(device) for t in carried)  # (layers, B', H): this rank's rows
+    distributed.reseed_dropout(seed, progress["step"])
+    trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
     optimizer = torch.optim.SGD(model.parameters(), lr=progress["learning_rate"])  # plain SGD: no state to resume
 
-    def checkpoint() -> dict:
+    def whole_batch_state() -> list[torch.Tensor] | None:
+        """The carried state of all the batch's rows, (layers, B, H) each, on rank 0 (a collective)."""
+        parts = distributed.gather_to_main((rows, [t.detach().cpu() for t in carried]))
+        if parts is None:
+            return None
+        whole = [torch.zeros(t.shape[0], recipe.batch_size, t.shape[2]) for t in parts[0][1]]
+        for part_rows, tensors in parts:
+            for full, part in zip(whole, tensors):
+                full[:, part_rows] = part
+        return whole
+
+    def checkpoint(batch_state: list[torch.Tensor]) -> dict:
         weights = best_state if best_state is not None else model.state_dict()
         return {
             "architecture": ARCHITECTURE,
@@ -273,13 +296,15 @@ def train_language_model(
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "train_seconds": round(progress["seconds"], 1),
                 "device": device,
+                "world_size": ranks.world_size,  # ranks of the last invocation; each epoch's is in the history
+                "global_batch": recipe.batch_size,  # rows (streams) of bptt_steps words per step, over all ranks
                 "train_command": command,
                 "history": progress["history"],
             },
             "step": progress["step"],
             "resume": {
                 "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "carried_state": [t.detach().cpu().clone() for t in carried],
+                "carried_state": batch_state,
                 "progress": progress,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else [],
@@ -303,49 +328,62 @@ def train_language_model(
         epoch_nll = progress.get("epoch_nll", 0.0)
         last_save = started = time.perf_counter()
         bar = tqdm(range(progress["chunk"], chunks), desc=f"epoch {epoch}/{total_epochs}", initial=progress["chunk"],
-                   total=chunks, disable=not show_progress, mininterval=2.0)
+                   total=chunks, disable=not (show_progress and ranks.is_main), mininterval=2.0)
         for chunk in bar:
             window = slice(chunk * recipe.bptt_steps, (chunk + 1) * recipe.bptt_steps)
             carried = tuple(t.detach() for t in carried)  # truncated BPTT: no gradient into the last chunk
             if in_tail:  # one cycle per epoch: the rate falls linearly to 0
                 for group in optimizer.param_groups:
                     group["lr"] = recipe.tail_learning_rate * (1 - chunk / chunks)
-            logits, carried = model(inputs[:, window].to(device), carried)  # (B, 35, V)
-            loss = summed_step_loss(logits, targets[:, window].to(device))
+            logits, carried = trained(inputs[:, window].to(device), carried)  # (B', 35, V)
+            loss = summed_step_loss(logits, targets[:, window].to(device), row_share)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip_norm)
             optimizer.step()
             with torch.no_grad():
                 model.char_cnn.embedding.weight[0].zero_()  # the padding character stays zero
-            if not in_tail and recipe.average_from_halving and \
+            if ranks.is_main and not in_tail and recipe.average_from_halving and \
                     progress["learning_rate"] <= recipe.learning_rate * recipe.decay ** recipe.average_from_halving:
                 averaged.add(model)
-            epoch_nll += loss.item() / recipe.bptt_steps  # the chunk's mean NLL per token
+            # The chunk's mean NLL per token (this rank's part of it), and rank 0's clock deciding
+            # for every rank whether to checkpoint or stop now: one small all-reduce per step.
+            out_of_time = ranks.is_main and time_limit_seconds is not None and time.perf_counter() - run_started > time_limit_seconds
+            save_now = ranks.is_main and (out_of_time or time.perf_counter() - last_save > checkpoint_every_seconds)
+            chunk_nll, save_now, out_of_time = distributed.sum_over_ranks(
+                [loss.item() / recipe.bptt_steps / ranks.world_size, float(save_now), float(out_of_time)])
+            epoch_nll += chunk_nll
             progress["step"] += 1
             progress["chunk"] = chunk + 1
             if show_progress and chunk % 20 == 0:
                 bar.set_postfix(ppl=f"{math.exp(epoch_nll / (chunk + 1)):.1f}", lr=f"{optimizer.param_groups[0]['lr']:g}")
-            out_of_time = time_limit_seconds is not None and time.perf_counter() - run_started > time_limit_seconds
-            if out_of_time or time.perf_counter() - last_save > checkpoint_every_seconds:
+            if save_now:
                 progress["seconds"] += time.perf_counter() - started
                 progress["epoch_nll"] = epoch_nll
-                save_atomically(checkpoint(), out)
+                batch_state = whole_batch_state()
+                if ranks.is_main:
+                    save_atomically(checkpoint(batch_state), out)
                 last_save = started = time.perf_counter()
             if out_of_time:
                 bar.close()
-                print(f"time limit reached at epoch {epoch}, chunk {chunk + 1}/{chunks}; {out} resumes from here", flush=True)
-                return checkpoint()
+                if ranks.is_main:
+                    print(f"time limit reached at epoch {epoch}, chunk {chunk + 1}/{chunks}; {out} resumes from here", flush=True)
+                return checkpoint(batch_state) if ranks.is_main else None
         bar.close()
 
-        # ---- end of epoch: validate, keep the best, apply the rate rule ----
+        # ---- end of epoch: rank 0 validates, keeps the best, applies the rate rule; all follow ----
+        progress["seconds"] += time.perf_counter() - started
+        batch_state = whole_batch_state()
+        if not ranks.is_main:
+            progress = distributed.from_main(None)
+            continue
         if in_tail:
             averaged.add(model)  # the cycle's end
         valid_perplexity, _ = stream_perplexity(model, valid_chars, valid_targets, device=device)
-        progress["seconds"] += time.perf_counter() - started
         entry = {"epoch": epoch, "learning_rate": recipe.tail_learning_rate if in_tail else progress["learning_rate"],
                  "train_perplexity": math.exp(epoch_nll / chunks), "valid_perplexity": valid_perplexity,
-                 "step": progress["step"], "seconds": round(progress["seconds"], 1)}
+                 "step": progress["step"], "seconds": round(progress["seconds"], 1),
+                 **({"world_size": ranks.world_size} if ranks.distributed else {})}
         candidate, candidate_perplexity = model.state_dict(), valid_perplexity
         if averaged.steps:
             with averaged.swapped_in(model):
@@ -363,13 +401,15 @@ def train_language_model(
         else:
             progress["learning_rate"] = next_learning_rate(progress["history"], progress["learning_rate"], recipe)
         progress.update(epoch=epoch + 1, chunk=0, epoch_nll=0.0)
-        save_atomically(checkpoint(), out)
+        progress = distributed.from_main(progress)
+        save_atomically(checkpoint(batch_state), out)
         with open(curve_path, "a") as curve:
             curve.write(json.dumps(entry) + "\n")
         averaged_note = f" (averaged weights: {entry['valid_perplexity_averaged']:.2f})" if "valid_perplexity_averaged" in entry else ""
         print(f"epoch {epoch}: train ppl {entry['train_perplexity']:.2f}, valid ppl {valid_perplexity:.2f}{averaged_note}, "
               f"lr {entry['learning_rate']:g}, {entry['seconds'] / 60:.1f} min so far", flush=True)
-    return checkpoint()
+    batch_state = whole_batch_state()
+    return checkpoint(batch_state) if ranks.is_main else None
 
 
 def load_language_model(checkpoint: dict, weights: str = "best") -> CharAwareLM:

@@ -96,6 +96,17 @@ def make_session(onnx_path: Path, device: str = "cpu", threads: int = 0) -> ort.
     return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
 
+def text_problem(text: str, max_chars: int, limit_setting: str = "TEXTSERVE_MAX_TEXT_CHARS") -> tuple[int, str] | None:
+    """What is wrong with one text to classify, as (HTTP status, problem), or None: blank -> 400,
+    longer than `max_chars` (0: no limit) -> 413. The service and `python -m training predict`
+    both ask this, so a file scored offline meets the rules a request meets."""
+    if not text.strip():
+        return 400, "is empty or only whitespace"
+    if max_chars and len(text) > max_chars:
+        return 413, f"has {len(text)} characters; the limit is {max_chars} ({limit_setting})"
+    return None
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities over the last axis (the classes), for (B, K) or stacked (M, B, K) logits."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
