@@ -185,3 +185,24 @@ def test_cv_on_two_ranks_scores_the_folds_as_one_process(tmp_path):
     assert two["cv_fold_accuracies"] == one["cv_fold_accuracies"]
     assert json.loads((tmp_path / "two.json").read_text())["cv_fold_accuracies"] == one["cv_fold_accuracies"]
     assert not (tmp_path / "two.json.resume").exists()
+
+
+def test_patience_stops_only_after_epochs_without_a_better_dev_accuracy():
+    """--patience N ends the run at the first epoch that does not beat the best dev accuracy and
+    comes N or more epochs after the best; an epoch that improves never ends it (patience 0 too)."""
+    from training.datasets import read_labelled, split_dev
+    from training.train_classifier import train_classifier
+
+    train, dev = split_dev(read_labelled(SAMPLE_DATA / "trec.txt", "trec"), dev_fraction=0.1, seed=3435)
+    for patience in (0, 2):
+        run = train_classifier(train[:400], dev, epochs=12, patience=patience, show_progress=False)
+        curve = [entry["dev_accuracy"] for entry in run["metrics"]["history"]]
+        best_epoch, should_stop = 1, []
+        for epoch, accuracy in enumerate(curve, start=1):
+            improved = epoch == 1 or accuracy > max(curve[: epoch - 1])
+            best_epoch = epoch if improved else best_epoch
+            should_stop.append(not improved and epoch - best_epoch >= patience)
+        assert not any(should_stop[:-1]), (patience, curve)  # it ran on while the rule said go on
+        assert should_stop[-1] or len(curve) == 12, (patience, curve)  # and stopped when the rule said stop
+        assert run["metrics"]["best_epoch"] == best_epoch
+        assert len(curve) < 12 or patience == 2, curve  # the sample's dev curve has a setback early: patience 0 stops

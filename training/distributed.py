@@ -76,13 +76,19 @@ def start(device: str) -> Ranks:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device == "cuda" else "gloo"
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
+                             f"start at most that many ranks per machine (--nproc_per_node), or train on CPUs (--device cpu)")
         torch.cuda.set_device(local_rank)  # "cuda" means this rank's GPU from here on
     dist.init_process_group(backend, timeout=timedelta(seconds=RANK_TIMEOUT_S))
     return current_ranks()
 
 
 def stop() -> None:
+    """Leave the group once every rank is done: a rank that tears down its connections while
+    another still works (rank 0 writing the last checkpoint) can make gloo abort that rank."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -140,9 +146,9 @@ def lost_rank_message(error: BaseException, checkpoint: str | None) -> str | Non
     """The one line to print when a collective failed because another rank is gone; None when
     `error` is something else."""
     text = str(error)
-    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL", "timed out",
-               "DistBackendError", "Socket Timeout")
-    if not (isinstance(error, getattr(dist, "DistBackendError", RuntimeError)) or any(m in text for m in markers)):
+    lost = tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError") if hasattr(dist, name))
+    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words for a peer gone
+    if not (isinstance(error, lost) or (isinstance(error, RuntimeError) and any(m in text for m in markers))):
         return None
     ranks = current_ranks()
     resume = (f"rerun the same command, with any number of ranks, to resume from {checkpoint}" if checkpoint
@@ -181,7 +187,8 @@ def job(device: str, checkpoint: str | None):
         if message is None:
             raise
         raise SystemExit(message) from None
+    else:
+        stop()  # only after success: leaving a group whose peer is gone can wait on it (the process exits anyway)
     finally:
         if default_handler is not None:
             signal.signal(signal.SIGTERM, default_handler)
-        stop()

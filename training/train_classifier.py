@@ -10,6 +10,7 @@ metrics, step}, loadable with torch.load(weights_only=True); never a pickled mod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import statistics
@@ -154,7 +155,8 @@ def train_classifier(
     fixed_order = order_rng.permutation(len(train_rows)) if recipe.shuffle == "batches" else None  # Kim's: once per run
     run_key = {"architecture": architecture_name, "preset": preset, "config": config_values(config), "seed": seed,
                "labels": labels, "vocab_size": len(vocab) if vocab else 0, "train_examples": len(train),
-               "dev_examples": len(dev), "patience": patience}
+               "dev_examples": len(dev), "patience": patience, "data_sha256": examples_digest(train, dev),
+               "vectors": str(vectors_path) if vectors_path is not None else None}
     resumed = distributed.from_main(read_epoch_state(resume_path, run_key) if ranks.is_main else None)
     if resumed and "refused" in resumed:
         raise SystemExit(resumed["refused"])
@@ -165,10 +167,12 @@ def train_classifier(
         order_rng.bit_generator.state = resumed["order_rng"]
         if ranks.is_main:
             torch.set_rng_state(resumed["torch_rng"])
+            if device.startswith("cuda") and resumed.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(resumed["cuda_rng"])  # dropout masks on this rank's GPU
             print(f"resuming {resume_path}: {len(history)} of {recipe.epochs} epochs done", flush=True)
     distributed.reseed_dropout(seed, step)
     trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
-    stopped_early = bool(history) and patience is not None and history[-1]["epoch"] - best["best_epoch"] >= patience
+    stopped_early = bool(resumed and resumed["stopped"])  # a rerun of a run that patience had stopped
 
     # ---- loop: shuffle, step, clip, constrain; keep the best dev epoch ----
     started = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
@@ -214,15 +218,17 @@ def train_classifier(
         entry = distributed.from_main(entry)
         history.append(entry)
         epoch_bar.set_postfix(loss=f"{train_loss:.4f}", dev=f"{entry['dev_accuracy']:.4f}")
-        if entry["dev_accuracy"] > best["dev_accuracy"]:
+        improved = entry["dev_accuracy"] > best["dev_accuracy"]
+        if improved:
             best = {"dev_accuracy": entry["dev_accuracy"], "best_epoch": epoch, "step": step}
             best_state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-        stop = patience is not None and epoch - best["best_epoch"] >= patience
+        stop = not improved and patience is not None and epoch - best["best_epoch"] >= patience
         if resume_path is not None and ranks.is_main:
             save_atomically({
                 "key": run_key, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
                 "best_state": best_state, "history": history, "step": step, "order_rng": order_rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "seconds": time.perf_counter() - started}, resume_path)
+                "torch_rng": torch.get_rng_state(), "stopped": stop, "seconds": time.perf_counter() - started,
+                "cuda_rng": torch.cuda.get_rng_state() if device.startswith("cuda") else None}, resume_path)
         if stop:
             break
 
@@ -253,6 +259,16 @@ def train_classifier(
         # Real texts for export's parity check and float16 decision when `export --data` is not given.
         "parity_texts": [example.text for example in [*dev, *train][:PARITY_TEXTS]],
     }
+
+
+def examples_digest(*parts: Sequence[LabelledText]) -> str:
+    """sha256 of the examples (labels and texts, in order): a resumed run must be on the same data."""
+    digest = hashlib.sha256()
+    for part in parts:
+        for example in part:
+            digest.update(f"{example.label}\t{example.text}\n".encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def read_epoch_state(path: Path | None, run_key: dict) -> dict | None:

@@ -252,8 +252,9 @@ def train_language_model(
     if previous is not None:
         model.load_state_dict(previous["resume"]["state_dict"])
         torch.set_rng_state(previous["resume"]["torch_rng"])
-        if device == "cuda" and previous["resume"].get("cuda_rng"):
-            torch.cuda.set_rng_state_all(previous["resume"]["cuda_rng"])  # dropout masks on the GPU
+        cuda_rng = previous["resume"].get("cuda_rng")
+        if device == "cuda" and cuda_rng is not None and len(cuda_rng):  # dropout masks on this rank's GPU (a list:
+            torch.cuda.set_rng_state(cuda_rng[0] if isinstance(cuda_rng, list) else cuda_rng)  # written by older runs)
         best_state = previous["state_dict"] if progress["best_epoch"] else None
         averaged.load(previous["resume"].get("average"), device)
         print(f"resuming {out}: epoch {progress['epoch']}, chunk {progress['chunk']}/{chunks}, "
@@ -307,7 +308,7 @@ def train_language_model(
                 "carried_state": batch_state,
                 "progress": progress,
                 "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device == "cuda" else [],
+                "cuda_rng": torch.cuda.get_rng_state() if device == "cuda" else [],  # rank 0's GPU: any count resumes
                 "average": averaged.to_save(),
             },
         }
@@ -372,7 +373,6 @@ def train_language_model(
         bar.close()
 
         # ---- end of epoch: rank 0 validates, keeps the best, applies the rate rule; all follow ----
-        progress["seconds"] += time.perf_counter() - started
         batch_state = whole_batch_state()
         if not ranks.is_main:
             progress = distributed.from_main(None)
@@ -380,6 +380,7 @@ def train_language_model(
         if in_tail:
             averaged.add(model)  # the cycle's end
         valid_perplexity, _ = stream_perplexity(model, valid_chars, valid_targets, device=device)
+        progress["seconds"] += time.perf_counter() - started  # training and validation, as one process always counted
         entry = {"epoch": epoch, "learning_rate": recipe.tail_learning_rate if in_tail else progress["learning_rate"],
                  "train_perplexity": math.exp(epoch_nll / chunks), "valid_perplexity": valid_perplexity,
                  "step": progress["step"], "seconds": round(progress["seconds"], 1),
