@@ -253,12 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         from training import distributed
         from training.train_classifier import remove_resume_state, resume_folder, train_ensemble
-        from training.train_lm import resolve_training_device
         import torch
 
         examples = read_examples(args)
         train_part, dev_part = split_dev(examples, dev_fraction=args.dev_fraction, seed=args.seed)
-        device = resolve_training_device(args.device)
+        device = distributed.resolve_training_device(args.device)
         with distributed.job(device, str(resume_folder(args.out))) as ranks:
             checkpoint = train_ensemble(
                 train_part, dev_part, args.members, **model_options(args), lowercase=args.format not in CASED_FORMATS,
@@ -277,11 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "train-lm":
         from training import distributed
         from training.datasets import read_ptb
-        from training.train_lm import resolve_training_device, set_threads, train_language_model
+        from training.train_lm import set_threads, train_language_model
 
         set_threads(args.threads)
         overrides = dict(item.partition("=")[::2] for item in args.overrides)
-        device = resolve_training_device(args.device)
+        device = distributed.resolve_training_device(args.device)
         with distributed.job(device, str(args.out)) as ranks:
             checkpoint = train_language_model(
                 read_ptb(args.data / "train.txt"), read_ptb(args.data / "valid.txt"), args.out, preset=args.preset,
@@ -296,13 +295,12 @@ def main(argv: list[str] | None = None) -> None:
         from training import distributed
         from training.train_classifier import (CrossValidationMismatch, cross_validate, remove_resume_state, resume_folder,
                                                write_json_atomically)
-        from training.train_lm import resolve_training_device
 
         # Everything that defines the run; a rerun with the same settings resumes from --out. (--members 1 is
         # left out, so that files written before --members existed still resume.)
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in sorted(vars(args).items())
                     if key not in ("command", "out", "device") and not (key == "members" and value == 1)}
-        device = resolve_training_device(args.device)
+        device = distributed.resolve_training_device(args.device)
         try:
             with distributed.job(device, str(args.out) if args.out else None) as ranks:
                 result = cross_validate(

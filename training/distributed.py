@@ -67,6 +67,16 @@ def current_ranks() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def resolve_training_device(requested: str) -> str:
+    """--device of the training commands: auto is a CUDA GPU when one is usable; cuda without
+    one is refused, never run on the CPU instead."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no usable CUDA GPU here (torch.cuda.is_available() is False)")
+    return requested
+
+
 def start(device: str) -> Ranks:
     """Join torchrun's process group when the environment says there is one (WORLD_SIZE > 1):
     NCCL with each rank on its own GPU for `device` cuda, gloo on CPUs."""

@@ -131,14 +131,6 @@ def without_tail(values: dict | None) -> dict | None:
     return values
 
 
-def resolve_training_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no usable CUDA GPU here (torch.cuda.is_available() is False)")
-    return requested
-
-
 # --------------------------------------------------------------------------- weight averaging
 
 
@@ -208,7 +200,7 @@ def train_language_model(
     `time_limit_seconds` stops this invocation after the chunk that passes it, with a checkpoint
     from which a rerun resumes exactly. A checkpoint written under other settings is refused, not mixed in."""
     curve_path = curve_path or out.with_suffix(".curve.jsonl")
-    device = resolve_training_device(device)
+    device = distributed.resolve_training_device(device)
     ranks = distributed.current_ranks()  # under torchrun: this rank carries every world_size-th row of the batch
     settings = {"preset": preset, "overrides": dict(sorted((overrides or {}).items())), "seed": seed,
                 "train_tokens": len(train_tokens), "valid_tokens": len(valid_tokens)}
