@@ -165,28 +165,36 @@ def test_a_reload_with_new_weights_loses_no_request_in_flight(server, http, zoo,
     by_version = {old_version: expected(old_staged, QUESTIONS), new_version: expected(new_staged, QUESTIONS)}
     assert not np.allclose(by_version[old_version], by_version[new_version], atol=1e-3)  # the weights differ
 
-    answers: list[tuple[int, dict]] = []
+    # (when the request was sent, status, answer): a request takes its model's version when it
+    # starts, so one sent before the load returned may be answered, correctly, by the old version
+    # after it has returned; only those sent after it must name the new one.
+    answers: list[tuple[float, int, dict]] = []
     stop = threading.Event()
 
     def keep_asking() -> None:
         while not stop.is_set():
-            answers.append(http_infer(server["url"], OWN, QUESTIONS))
+            sent_at = time.monotonic()
+            answers.append((sent_at, *http_infer(server["url"], OWN, QUESTIONS)))
 
     askers = [threading.Thread(target=keep_asking) for _ in range(3)]
     for asker in askers:
         asker.start()
     time.sleep(1.0)
     http.load_model(OWN, headers=auth(ADMIN_KEY))
-    after_load = len(answers)
+    loaded_at = time.monotonic()
     time.sleep(1.0)
     stop.set()
     for asker in askers:
         asker.join()
-    assert len(answers) > after_load > 5
-    assert [status for status, _ in answers] == [200] * len(answers), [a for a in answers if a[0] != 200][:3]
-    for _, answer in answers:  # each answered by the version it names
+    sent_before = [answer for sent_at, _, answer in answers if sent_at < loaded_at]
+    sent_after = [answer for sent_at, _, answer in answers if sent_at > loaded_at]
+    assert len(sent_before) > 5 and len(sent_after) > 5
+    assert [status for _, status, _ in answers] == [200] * len(answers), [a for a in answers if a[1] != 200][:3]
+    for _, _, answer in answers:  # each answered by the version it names
         np.testing.assert_allclose(probabilities_of(answer), by_version[answer["model_version"]], atol=1e-5)
-    assert {answer["model_version"] for _, answer in answers[after_load:]} == {new_version}
+    assert {answer["model_version"] for answer in sent_before} <= {old_version, new_version}
+    assert sent_before[0]["model_version"] == old_version  # served until the switch
+    assert {answer["model_version"] for answer in sent_after} == {new_version}
     assert index_of(http)[OWN]["version"] == new_version
     with pytest.raises(InferenceServerException, match="not loaded") as refused:
         http.get_model_metadata(OWN, model_version=old_version, headers=auth(API_KEYS[0]))
