@@ -91,3 +91,29 @@ def running_server(home: Path, zoo: Path | None, import_zoo: bool = True, **sett
         yield url
     finally:
         stop_server(process)
+
+
+def read_connections(port: int) -> int:
+    """How many of the server's established TCP connections on `port` have nothing left unread
+    (/proc/net/tcp's rx_queue is 0): a request whose bytes were all taken up by a worker."""
+    read = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            next(rows)  # the header
+            for row in rows:
+                fields = row.split()  # sl local_address rem_address st tx_queue:rx_queue ...
+                local_port, state, rx_queue = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[4].split(":")[1]
+                read += local_port == port and state == "01" and int(rx_queue, 16) == 0
+    return read
+
+
+def wait_until_requests_are_read(url: str, count: int, seconds: float = 30) -> None:
+    """Wait until `count` connections to the server at `url` have been accepted and read (so a
+    signal sent now finds them in flight, however busy the machine is), then a moment more for
+    the last bytes to be parsed."""
+    port, deadline = int(url.rsplit(":", 1)[1].split("/")[0]), time.monotonic() + seconds
+    while read_connections(port) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {read_connections(port)} of {count} requests were read within {seconds} s")
+        time.sleep(0.02)
+    time.sleep(0.2)

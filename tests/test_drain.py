@@ -14,12 +14,13 @@ import pytest
 import requests
 
 from tests.conftest import ZOO
-from tests.serving import start_server
+from tests.serving import start_server, wait_until_requests_are_read
 
-REQUESTS = 6
-TEXTS_PER_REQUEST = 64
-# About 1 s of LSTM time per request on a 2-core machine: six of them keep both workers busy
-# for a few seconds after the signal.
+REQUESTS = 4
+TEXTS_PER_REQUEST = 256  # TEXTSERVE_MAX_TEXTS_PER_REQUEST
+# About 2.5 s of LSTM time per request on a 2-core machine (0.6 s for 64 texts, measured), so
+# even the first request, which a worker runs at once, is still running when the signal comes
+# about 0.3 s later; four of them keep both workers busy for several seconds after it.
 LONG_REVIEW = ("the film is a quiet , patient study of grief and the people who carry it " * 30)[:1990]
 EXIT_SECONDS = 60  # the pod's terminationGracePeriodSeconds
 
@@ -36,8 +37,9 @@ def test_sigterm_under_load_answers_every_accepted_request_then_exits(tmp_path):
     try:
         with concurrent.futures.ThreadPoolExecutor(REQUESTS) as pool:
             futures = [pool.submit(classify, i) for i in range(REQUESTS)]
-            time.sleep(0.5)  # every request sent and being worked on
-            assert not any(future.done() for future in futures), "the load finished before the signal: nothing to drain"
+            wait_until_requests_are_read(url, REQUESTS)  # every request sent and being worked on
+            finished = [future.exception() or future.result() for future in futures if future.done()]
+            assert not finished, f"requests finished before the signal: nothing to drain: {finished}"
             workers = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "_bentoml_impl.worker.service"],
                                      capture_output=True, text=True).stdout.split()
             assert len(workers) == 2

@@ -22,7 +22,7 @@ from loadtests.bench import sample_questions
 from loadtests.wrk import run_wrk
 from services.backends.inference import TextClassifier, read_bundle
 from tests.conftest import ZOO
-from tests.serving import running_server, start_server
+from tests.serving import running_server, start_server, wait_until_requests_are_read
 
 C, L = "kim-cnn-trec6", "char-lm-small-ptb"
 QUESTIONS = sample_questions(64)
@@ -79,6 +79,30 @@ def test_every_request_under_load_is_answered_and_batched_across_workers(runner_
     assert batch_means(runner_server) > 2
 
 
+def test_requests_larger_than_a_batch_come_back_whole_and_in_order_beside_each_other(runner_server):
+    # The runner on a CPU runs one batch per core: 256 texts are 4 batches of 64, and with four
+    # such requests at once slices of one request run side by side and finish in any order.
+    # Every answer must come back, each in its own text's place (distinct texts, so that a
+    # shuffled answer shows).
+    texts = list(dict.fromkeys(sample_questions(1500)))  # the sample repeats a few questions
+    requests_texts = [texts[i * 256:(i + 1) * 256] for i in range(4)]
+    assert all(len(set(chunk)) == 256 for chunk in requests_texts)
+
+    def classify(chunk: list[str]) -> requests.Response:
+        return requests.post(f"{runner_server}/classify", json={"model": C, "texts": chunk}, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(classify, requests_texts))
+    classifier = TextClassifier(read_bundle(ZOO / C))
+    order = np.argsort(classifier.labels)
+    for chunk, answer in zip(requests_texts, answers):
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert len(results) == 256
+        served = np.array([[r["probabilities"][label] for label in sorted(r["probabilities"])] for r in results])
+        assert np.abs(served - classifier.probabilities(chunk)[:, order]).max() <= 1e-5
+
+
 def test_a_killed_runner_fails_requests_fast_with_503_then_serves_again(tmp_path):
     with running_server(tmp_path / "home", ZOO, inference="runner", http_workers="1", models=C) as url:
         server_pid = server_pid_of(url)
@@ -108,14 +132,16 @@ def test_sigterm_under_load_drains_the_runner_too(tmp_path):
     review = ("the film is a quiet , patient study of grief and the people who carry it " * 30)[:1990]
 
     def classify(_: int) -> tuple[int, int]:
-        answer = requests.post(f"{url}/classify", json={"model": "lstm-mr", "texts": [review] * 64}, timeout=60)
+        # 256 texts: about 2.5 s of LSTM each, far longer than the wait for the requests to be read
+        answer = requests.post(f"{url}/classify", json={"model": "lstm-mr", "texts": [review] * 256}, timeout=60)
         return answer.status_code, len(answer.json().get("results", []))
 
     try:
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(classify, i) for i in range(6)]
-            time.sleep(0.5)
-            assert not any(future.done() for future in futures), "the load finished before the signal: nothing to drain"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(classify, i) for i in range(4)]
+            wait_until_requests_are_read(url, 4)
+            finished = [future.exception() or future.result() for future in futures if future.done()]
+            assert not finished, f"requests finished before the signal: nothing to drain: {finished}"
             os.kill(process.pid, signal.SIGTERM)
             outcomes = [future.result() for future in futures]
         exit_code = process.wait(timeout=60)
@@ -123,5 +149,5 @@ def test_sigterm_under_load_drains_the_runner_too(tmp_path):
         os.killpg(process.pid, signal.SIGKILL)
         raise
     log = (tmp_path / "serve.log").read_text()
-    assert outcomes == [(200, 64)] * 6, log[-3000:]
+    assert outcomes == [(200, 256)] * 4, log[-3000:]
     assert exit_code == 0, log[-3000:]

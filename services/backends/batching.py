@@ -37,7 +37,14 @@ class Job:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
     next_item: int = 0  # items before this one are in a batch already
-    answers: list = field(default_factory=list)
+    # Answers by the item's position: a request split over batches that run side by side
+    # (concurrent_batches > 1) gets its slices back in any order.
+    answers: list = field(init=False)
+    unanswered: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.answers = [None] * len(self.items)
+        self.unanswered = len(self.items)
 
 
 class IdleDispatchBatcher:
@@ -104,6 +111,8 @@ class IdleDispatchBatcher:
         items = [item for job, start, stop in batch for item in job.items[start:stop]]
         try:
             answers = await asyncio.get_running_loop().run_in_executor(self.threads, self.run, items)
+            if len(answers) != len(items):
+                raise RuntimeError(f"the model answered {len(answers)} of the batch's {len(items)} items")
         except Exception as error:
             if len(batch) > 1:  # whose texts failed? Each request alone: one client's bad text fails only its own request
                 for part in batch:
@@ -117,7 +126,8 @@ class IdleDispatchBatcher:
             return
         offset = 0
         for job, start, stop in batch:
-            job.answers.extend(answers[offset : offset + stop - start])
+            job.answers[start:stop] = answers[offset : offset + stop - start]
             offset += stop - start
-            if stop == len(job.items) and not job.future.done():
+            job.unanswered -= stop - start
+            if job.unanswered == 0 and not job.future.done():
                 job.future.set_result(job.answers)
