@@ -176,24 +176,34 @@ def test_a_reload_with_new_weights_loses_no_request_in_flight(server, http, zoo,
             sent_at = time.monotonic()
             answers.append((sent_at, *http_infer(server["url"], OWN, QUESTIONS)))
 
+    def sent_since(moment: float) -> int:
+        return sum(sent_at > moment for sent_at, _, _ in list(answers))
+
+    def wait_for_answers(since: float, count: int) -> None:
+        deadline = time.monotonic() + 60
+        while sent_since(since) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     askers = [threading.Thread(target=keep_asking) for _ in range(3)]
+    asking_from = time.monotonic()
     for asker in askers:
         asker.start()
-    time.sleep(1.0)
+    wait_for_answers(asking_from, 6)
     http.load_model(OWN, headers=auth(ADMIN_KEY))
     loaded_at = time.monotonic()
-    time.sleep(1.0)
+    wait_for_answers(loaded_at, 6)
     stop.set()
     for asker in askers:
         asker.join()
+    answers.sort(key=lambda answer: answer[0])
     sent_before = [answer for sent_at, _, answer in answers if sent_at < loaded_at]
     sent_after = [answer for sent_at, _, answer in answers if sent_at > loaded_at]
-    assert len(sent_before) > 5 and len(sent_after) > 5
+    assert len(sent_before) >= 6 and len(sent_after) >= 6
     assert [status for _, status, _ in answers] == [200] * len(answers), [a for a in answers if a[1] != 200][:3]
     for _, _, answer in answers:  # each answered by the version it names
         np.testing.assert_allclose(probabilities_of(answer), by_version[answer["model_version"]], atol=1e-5)
     assert {answer["model_version"] for answer in sent_before} <= {old_version, new_version}
-    assert sent_before[0]["model_version"] == old_version  # served until the switch
+    assert sent_before[0]["model_version"] == old_version  # the first one sent: served before the switch
     assert {answer["model_version"] for answer in sent_after} == {new_version}
     assert index_of(http)[OWN]["version"] == new_version
     with pytest.raises(InferenceServerException, match="not loaded") as refused:

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,19 @@ def metric_samples(url) -> dict[tuple[str, tuple], float]:
 
 def total(samples, name, **labels) -> float:
     return sum(v for (n, l), v in samples.items() if n == name and all(dict(l).get(k) == x for k, x in labels.items()))
+
+
+def settled_metric_samples(url, **labels) -> dict[tuple[str, tuple], float]:
+    """/metrics once textserve_requests_total{labels} reads the same twice, 0.2 s apart: a worker
+    counts a request just after answering it, so the last answers may not be counted yet."""
+    samples, deadline = metric_samples(url), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = metric_samples(url)
+        if total(again, "textserve_requests_total", **labels) == total(samples, "textserve_requests_total", **labels):
+            return again
+        samples = again
+    return samples
 
 
 def test_classifies_the_readme_example_as_num(server):
@@ -189,7 +203,8 @@ def test_without_model_control_the_index_is_readable_and_load_is_403(server):
 
 
 def test_concurrent_requests_are_batched_and_counted_across_workers(server):
-    before = metric_samples(server)
+    ok = dict(model="kim-cnn-trec6", endpoint="/classify", status="200")
+    before = settled_metric_samples(server, **ok)
     n_requests = 48
 
     def one(i):
@@ -200,8 +215,7 @@ def test_concurrent_requests_are_batched_and_counted_across_workers(server):
     with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
         statuses = [r.status_code for r in pool.map(one, range(n_requests))]
     assert statuses == [200] * n_requests
-    after = metric_samples(server)
-    ok = dict(model="kim-cnn-trec6", endpoint="/classify", status="200")
+    after = settled_metric_samples(server, **ok)
     assert total(after, "textserve_requests_total", **ok) - total(before, "textserve_requests_total", **ok) == n_requests
     texts = total(after, "textserve_texts_total", model="kim-cnn-trec6") - total(before, "textserve_texts_total", model="kim-cnn-trec6")
     assert texts == n_requests

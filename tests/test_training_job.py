@@ -691,7 +691,8 @@ def test_torchrun_with_the_manifests_options_survives_a_lost_node(rendered, tmp_
         if not as_in_the_manifest:
             # Recovery takes about 15 s here (the lost node's heartbeats expire); give it three times that.
             time.sleep(45)
-            assert step() == lost_at and agents[0].poll() is None and agents[2].poll() is None, logs()
+            # At most the step node 0 was writing when node 1 died: its next all-reduce needs node 1.
+            assert step() <= lost_at + 1 and agents[0].poll() is None and agents[2].poll() is None, logs()
             return
         for agent in (agents[0], agents[2]):
             assert agent.wait(timeout=240) == 0, logs()
