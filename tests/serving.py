@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from tests.conftest import REPOSITORY
@@ -36,7 +37,7 @@ def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path) -> Non
         except requests.RequestException:  # not listening yet, or still starting up
             pass
         if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_server(process)
             raise RuntimeError(f"not ready in {STARTUP_SECONDS} s:\n{log_path.read_text()[-3000:]}")
         time.sleep(0.5)
 
@@ -75,12 +76,35 @@ def start_server(home: Path, zoo: Path | None, target: str = SERVICE, cwd: Path 
     return process, url
 
 
-def stop_server(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
+def server_processes(process: subprocess.Popen) -> list[psutil.Process]:
+    """The `bentoml serve` process and every process under it. BentoML's workers run in
+    sessions of their own, so its process group does not reach them, and once it is gone they
+    are no longer its children: list them before signalling."""
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        arbiter = psutil.Process(process.pid)
+        return [arbiter, *arbiter.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_server(process: subprocess.Popen) -> None:
+    """SIGKILL the server and everything under it (a test that failed half-way)."""
+    for member in server_processes(process):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait(timeout=30)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM, as the kubelet sends it; whatever is still there 20 s later is killed."""
+    members = server_processes(process)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    _, left = psutil.wait_procs(members, timeout=20)
+    for member in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    process.wait(timeout=30)
 
 
 @contextlib.contextmanager

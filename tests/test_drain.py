@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import ZOO
-from tests.serving import start_server, wait_until_requests_are_read
+from tests.serving import kill_server, start_server, wait_until_requests_are_read
 
 REQUESTS = 4
 TEXTS_PER_REQUEST = 256  # TEXTSERVE_MAX_TEXTS_PER_REQUEST
@@ -48,7 +48,7 @@ def test_sigterm_under_load_answers_every_accepted_request_then_exits(tmp_path):
             outcomes = [future.result() for future in futures]
         exit_code = process.wait(timeout=EXIT_SECONDS)
     except BaseException:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_server(process)
         raise
     log = (tmp_path / "serve.log").read_text()
     assert [(status, results) for status, results, _ in outcomes] == [(200, TEXTS_PER_REQUEST)] * REQUESTS, log[-3000:]

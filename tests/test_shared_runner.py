@@ -22,7 +22,7 @@ from loadtests.bench import sample_questions
 from loadtests.wrk import run_wrk
 from services.backends.inference import TextClassifier, read_bundle
 from tests.conftest import ZOO
-from tests.serving import running_server, start_server, wait_until_requests_are_read
+from tests.serving import kill_server, running_server, start_server, wait_until_requests_are_read
 
 C, L = "kim-cnn-trec6", "char-lm-small-ptb"
 QUESTIONS = sample_questions(64)
@@ -146,7 +146,7 @@ def test_sigterm_under_load_drains_the_runner_too(tmp_path):
             outcomes = [future.result() for future in futures]
         exit_code = process.wait(timeout=60)
     except BaseException:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_server(process)
         raise
     log = (tmp_path / "serve.log").read_text()
     assert outcomes == [(200, 256)] * 4, log[-3000:]
