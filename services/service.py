@@ -494,6 +494,9 @@ def runner_error(error: BentoMLException) -> ApiError:
         return ApiError(429, "overloaded: the inference runner refuses more concurrent requests; retry shortly", {"Retry-After": "1"})
     if status == 504:
         return ApiError(504, f"inference did not finish within {SETTINGS.request_timeout_s} s (TEXTSERVE_REQUEST_TIMEOUT_S)")
+    if status == 404:  # this worker serves the model, the runner does not (its sessions failed there, or a reload is under way)
+        return ApiError(503, f"the inference runner does not have this model ({error}); its log says why; retry shortly",
+                        {"Retry-After": "1"})
     if isinstance(error, InferenceFailed):
         return ApiError(500, str(error))  # names the model and onnxruntime's reason
     return ApiError(500, f"inference failed in the runner: {error}")

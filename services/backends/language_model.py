@@ -196,8 +196,9 @@ class CharLanguageModel:
         if layer not in self._vocab_unit_vectors:
             candidates = [w for w in self.vocab.words if w not in (UNK_TOKEN, EOS_TOKEN)]
             table = np.concatenate([self.vectors(candidates[i : i + 2048], layer) for i in range(0, len(candidates), 2048)])
-            self._vocab_unit_vectors[layer] = table / np.linalg.norm(table, axis=1, keepdims=True).clip(1e-12)
+            # _candidates first: a concurrent call that sees the table must find the words too.
             self._candidates = candidates
+            self._vocab_unit_vectors[layer] = table / np.linalg.norm(table, axis=1, keepdims=True).clip(1e-12)
         unit = self._vocab_unit_vectors[layer]
         queries = self.vectors(words, layer)
         similarity = (queries / np.linalg.norm(queries, axis=1, keepdims=True).clip(1e-12)) @ unit.T  # (Q, V')

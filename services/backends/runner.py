@@ -286,6 +286,8 @@ def run_by_model(items: list, run: Callable[[str, list], list], payload: Callabl
         model_started = time.perf_counter()
         try:
             model_answers = run(model, [payload(items[row]) for row in rows])
+            if len(model_answers) != len(rows):  # zip below would drop or leave out answers silently
+                raise RuntimeError(f"the graph answered {len(model_answers)} rows for {len(rows)} inputs")
         except bentoml.exceptions.BentoMLException:
             raise
         except Exception as error:  # onnxruntime's own exception types, a failing encoder, ...

@@ -25,8 +25,9 @@ A frame is a 4-byte big-endian length and an orjson object. A request is one fra
 What happens when the runner dies: every request waiting on it fails at once with 503 ("the
 shared inference runner is unreachable...; retry shortly", Retry-After), BentoML's supervisor
 starts a new runner, and the next request connects to it (requests in the meantime fail fast
-the same way, without waiting). On SIGTERM the runner stops accepting connections, finishes the
-batches it holds, then BentoML stops it. The other runner APIs (explain, next words,
+the same way, without waiting). On SIGTERM the runner stops accepting connections, answers a
+request that still comes on an open one with that 503 ("the runner is stopping"), finishes every
+request it had taken, then BentoML stops it. The other runner APIs (explain, next words,
 generation, vectors, neighbours) are one call per request and keep BentoML's own client.
 
 The socket's path is derived from the process that started both (BentoML's arbiter, the
@@ -37,6 +38,7 @@ TEXTSERVE_RUNNER_SOCKET_DIR (default: the temporary folder)/textserve-<parent pi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -80,6 +82,7 @@ class FrameProtocol(asyncio.Protocol):
         self.on_lost = on_lost
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.lost = False  # connection_lost has run: nothing sent now would be answered
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -98,11 +101,19 @@ class FrameProtocol(asyncio.Protocol):
             self.on_message(orjson.loads(body))
 
     def connection_lost(self, exc) -> None:
+        self.lost = True
         self.on_lost(exc)
 
-    def send(self, message: dict) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(message))
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.lost and not self.transport.is_closing()
+
+    def send(self, message: dict) -> bool:
+        """Write one frame; False when the connection is closing or gone (nothing was sent)."""
+        if not self.usable:
+            return False
+        self.transport.write(frame(message))
+        return True
 
 
 # --------------------------------------------------------------------------- the runner's side
@@ -131,12 +142,15 @@ class RunnerSocketServer:
         self.server: asyncio.AbstractServer | None = None
         self.in_flight: set[asyncio.Task] = set()
         self.path: Path | None = None
+        self.inode: int | None = None  # of the socket file this process bound
+        self.stopping = False
 
     async def start(self, path: Path) -> None:
         path.unlink(missing_ok=True)  # a socket left by a runner that was killed
         self.path = path
         loop = asyncio.get_running_loop()
         self.server = await loop.create_unix_server(self.connection, str(path))
+        self.inode = path.stat().st_ino
         logger.info("shared runner listening on %s", path)
 
     def connection(self) -> FrameProtocol:
@@ -153,6 +167,10 @@ class RunnerSocketServer:
     async def answer(self, protocol: FrameProtocol, message: dict) -> None:
         request_id = message["id"]
         api = message["api"]
+        if self.stopping:  # asked after SIGTERM, on a connection opened before it: the HTTP worker says "retry"
+            protocol.send({"id": request_id, "status": 503, "kind": "Stopping",
+                           "error": "the runner is stopping (SIGTERM) and takes no new texts"})
+            return
         try:
             if api == "loaded_models":
                 protocol.send({"id": request_id, "answers": self.runner.loaded_models.local()})
@@ -170,69 +188,93 @@ class RunnerSocketServer:
         protocol.send({"id": request_id, "answers": [t["answer"] for t in timed],
                        "queue_s": [t["queue_s"] for t in timed], "inference_s": [t["inference_s"] for t in timed]})
 
-    async def drain(self) -> None:
-        """Stop accepting connections and finish what was asked (SIGTERM)."""
+    async def drain(self, timeout_s: float = 30) -> None:
+        """SIGTERM: stop accepting connections, refuse new requests on the open ones, and finish
+        every request already taken (up to `timeout_s`)."""
+        self.stopping = True
         if self.server is not None:
             self.server.close()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(list(self.in_flight), timeout=left)
         if self.in_flight:
-            await asyncio.wait(list(self.in_flight), timeout=30)
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            logger.warning("shared runner stopping with %d requests unfinished after %g s", len(self.in_flight), timeout_s)
+        # Only this process's socket: a runner restarted with the same index may have bound the path since.
+        with contextlib.suppress(FileNotFoundError):
+            if self.path is not None and self.path.stat().st_ino == self.inode:
+                self.path.unlink()
 
 
 # --------------------------------------------------------------------------- the HTTP worker's side
 
 class RunnerConnection:
-    """One connection to one runner worker, requests multiplexed by id."""
+    """One connection to one runner worker, requests multiplexed by id. No request waits on a
+    connection that is gone: one whose frame cannot be sent, or whose connection is lost before
+    its answer, fails at once with 503, and the next request connects afresh."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.protocol: FrameProtocol | None = None
-        self.waiting: dict[int, asyncio.Future] = {}
+        self.waiting: dict[int, tuple[FrameProtocol, asyncio.Future]] = {}  # id -> (its connection, its answer)
         self.ids = itertools.count()
-        self.connecting: asyncio.Future | None = None
+        self.connecting: asyncio.Task | None = None
 
     async def connected(self) -> FrameProtocol:
-        if self.protocol is not None:
+        if self.protocol is not None and self.protocol.usable:
             return self.protocol
         if self.connecting is None:  # one connection attempt at a time, shared by the requests waiting for it
             self.connecting = asyncio.get_running_loop().create_task(self.connect())
-        try:
-            return await asyncio.shield(self.connecting)
-        finally:
-            if self.connecting is not None and self.connecting.done():
-                self.connecting = None
+            # Forgotten once it ends, whether or not anyone still waits for it (a client that
+            # left while connecting), so that a later request never reuses an old attempt.
+            self.connecting.add_done_callback(self.connect_ended)
+        return await asyncio.shield(self.connecting)
+
+    def connect_ended(self, attempt: asyncio.Task) -> None:
+        if self.connecting is attempt:
+            self.connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here: every waiter may have left
 
     async def connect(self) -> FrameProtocol:
         loop = asyncio.get_running_loop()
+
+        def new_protocol() -> FrameProtocol:
+            protocol = FrameProtocol(self.on_message, lambda exc: self.on_lost(protocol))
+            return protocol
+
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_unix_connection(lambda: FrameProtocol(self.on_message, self.on_lost), str(self.path)),
-                CONNECT_TIMEOUT_S)
+            _, protocol = await asyncio.wait_for(loop.create_unix_connection(new_protocol, str(self.path)), CONNECT_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as error:
             raise unreachable(f"{type(error).__name__}: {error}") from None
+        if not protocol.usable:  # the runner closed it as soon as it accepted it (it was stopping or dying)
+            raise unreachable("the runner closed the connection at once")
         self.protocol = protocol
         return protocol
 
     def on_message(self, message: dict) -> None:
-        future = self.waiting.pop(message["id"], None)
+        _, future = self.waiting.pop(message["id"], (None, None))
         if future is not None and not future.done():
             future.set_result(message)
 
-    def on_lost(self, exc: Exception | None) -> None:
-        self.protocol = None
-        waiting, self.waiting = self.waiting, {}
-        for future in waiting.values():
-            if not future.done():
-                future.set_exception(unreachable("the connection was lost; it is being restarted"))
+    def on_lost(self, protocol: FrameProtocol) -> None:
+        """`protocol`'s connection is gone: the requests waiting on it fail now (not the ones on
+        a newer connection, if there is one already)."""
+        if self.protocol is protocol:
+            self.protocol = None
+        for request_id, (owner, future) in list(self.waiting.items()):
+            if owner is protocol:
+                del self.waiting[request_id]
+                if not future.done():
+                    future.set_exception(unreachable("the connection was lost; it is being restarted"))
 
     async def call(self, message: dict) -> dict:
         protocol = await self.connected()
         request_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
-        self.waiting[request_id] = future
-        protocol.send({**message, "id": request_id})
+        self.waiting[request_id] = (protocol, future)
         try:
+            if not protocol.send({**message, "id": request_id}):  # lost since it was connected
+                self.on_lost(protocol)
             return await future
         finally:
             self.waiting.pop(request_id, None)
@@ -272,6 +314,8 @@ class SharedRunnerClient:
         """One request's texts (or image rows) through the runner's batcher for `api`: per
         payload {"answer", "queue_s", "inference_s"}."""
         answer = await self.connection().call({"api": api, "model": model, "items": payloads, "sent_at": sent_at})
+        if answer.get("kind") == "Stopping":
+            raise unreachable(answer["error"])
         if "error" in answer:
             raise refusal(answer)
         return [{"answer": a, "queue_s": q, "inference_s": i}
@@ -282,6 +326,8 @@ class SharedRunnerClient:
         loaded = None
         for connection in self.connections:
             answer = await connection.call({"api": "loaded_models"})
+            if "error" in answer:  # a runner stopping
+                raise unreachable(answer["error"])
             loaded = set(answer["answers"]) if loaded is None else loaded & set(answer["answers"])
         return sorted(loaded or ())
 
