@@ -243,6 +243,14 @@ def test_bad_images_get_a_4xx_that_says_what_was_wrong(server, images, status, s
     assert answer.status_code == status and says in answer.json()["error"], answer.text
 
 
+@pytest.mark.parametrize("top_k", ["²", "9" * 5000, "-1", "two"])
+def test_a_multipart_top_k_that_is_not_a_whole_number_is_a_400(server, top_k):
+    # "²" passes str.isdigit() and int() refuses it; 5000 digits are past what int() converts.
+    answer = requests.post(f"{server}/classify-image", data={"model": "digits-cnn", "top_k": top_k}, timeout=30,
+                           files=[("images", ("a.png", picture(TEST[0][0]), "image/png"))])
+    assert answer.status_code == 400 and answer.json()["error"] == "top_k: must be a whole number"
+
+
 def test_a_huge_picture_is_refused_before_decoding_and_text_models_stay_separate(server):
     huge = base64.b64encode(picture(TEST[0][0], side=400)).decode()  # 160,000 pixels, limit 90,000 here
     answer = requests.post(f"{server}/classify-image", json={"model": "digits-cnn", "images": [huge]}, timeout=30)

@@ -8,6 +8,7 @@ over HTTP and gRPC; gRPC answers as HTTP does and its errors carry the right sta
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import json
 import re
 import shutil
@@ -418,6 +419,52 @@ def test_grpc_errors_carry_the_right_status_and_message(grpc_client, case):
     got_status, got_message = grpc_status(lambda: call(grpc_client))
     assert got_status == f"StatusCode.{status}"
     assert message in got_message
+
+
+ONE_TEXT = '"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["Who?"]}]'
+# Inputs that Python's or numpy's own limits used to turn into a 500: each is the client's
+# error, answered 400 with what was wrong. (what, body, extra headers, a fragment of the message)
+IMPOSSIBLE_OIP_BODIES = [
+    ("lone surrogate in a text", b'{"inputs":[{"name":"text","datatype":"BYTES","shape":[1],"data":["\\ud800"]}]}', {},
+     "BYTES element 0 is not valid Unicode"),
+    ("lone surrogate in the id", ('{"id":"\\ud800",' + ONE_TEXT + "}").encode(), {}, "request.id is not valid Unicode"),
+    ("integer of 5000 digits", ('{"x":' + "9" * 5000 + "," + ONE_TEXT + "}").encode(), {}, "not valid JSON"),
+    ("zero beside a huge dimension", json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [0, 2**70],
+                                                             "data": []}]}).encode(), {}, "is not a shape a tensor can have"),
+    ("65 dimensions", json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1] * 65, "data": ["Who?"]}]}).encode(),
+     {}, "is not a shape a tensor can have"),
+    ("header length of 5000 digits", ("{" + ONE_TEXT + "}").encode(), {"Inference-Header-Content-Length": "9" * 5000},
+     "has 5000 digits"),
+    ("200,000 empty gzip members", gzip.compress(b"") * 200_000, {"Content-Encoding": "gzip"}, "more than 64 concatenated gzip members"),
+]
+
+
+@pytest.mark.parametrize("case", IMPOSSIBLE_OIP_BODIES, ids=[case[0] for case in IMPOSSIBLE_OIP_BODIES])
+def test_impossible_oip_inputs_get_a_400_that_says_why(server, case):
+    _, body, headers, fragment = case
+    started = time.monotonic()
+    answer = requests.post(f"{server['url']}/v2/models/kim-cnn-trec6/infer", data=body, timeout=30,
+                           headers={**auth(API_KEYS[0]), "Content-Type": "application/json", **headers})
+    assert answer.status_code == 400 and fragment in answer.json()["error"], answer.text
+    assert time.monotonic() - started < 5  # the gzip members are refused at the 64th, not inflated for seconds
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62], [1] * 65], ids=["zero-beside-huge", "65-dimensions"])
+@pytest.mark.parametrize("raw", [True, False], ids=["raw-contents", "typed-contents"])
+def test_grpc_impossible_shapes_are_invalid_argument(server, shape, raw):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server["grpc"]))
+    elements = [b"Who?"] * (0 if 0 in shape else 1)
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=shape)
+    if raw:
+        request = service_pb2.ModelInferRequest(model_name="kim-cnn-trec6", inputs=[tensor],
+                                                raw_input_contents=[b"".join(len(e).to_bytes(4, "little") + e for e in elements)])
+    else:
+        tensor.contents.bytes_contents.extend(elements)
+        request = service_pb2.ModelInferRequest(model_name="kim-cnn-trec6", inputs=[tensor])
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(request, metadata=[("authorization", f"Bearer {API_KEYS[0]}")], timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not a shape a tensor can have" in refused.value.details()
 
 
 def test_grpc_overload_is_resource_exhausted_and_the_rest_are_answered(server):

@@ -33,7 +33,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services import metrics
-from services.api.oip import InferRequest, OIPError, decode_raw_tensor, encode_raw_tensor, numpy_dtype
+from services.api.oip import InferRequest, OIPError, decode_raw_tensor, encode_raw_tensor, numpy_dtype, shaped
 from services.api.open_inference import (SERVER_NAME, SERVER_VERSION, checked_bundle, infer_outputs, metadata_of,
                                          model_version)
 from services.config import ServiceSettings
@@ -99,7 +99,7 @@ def decoded_request(request: service_pb2.ModelInferRequest) -> InferRequest:
                 array = np.array(values, dtype=numpy_dtype(tensor.datatype))
             except OverflowError as error:  # int_contents carries int32: 300 does not fit INT8
                 raise OIPError(f"{label}: value out of range for {tensor.datatype}: {error}") from None
-        inputs[tensor.name] = array.reshape(shape)
+        inputs[tensor.name] = shaped(array, shape, label)
     if not inputs:
         raise OIPError("'inputs' must be a non-empty list")
     requested = [output.name for output in request.outputs] or None

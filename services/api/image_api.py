@@ -85,7 +85,8 @@ async def read_request(request: Request, settings) -> tuple[str, list, int | Non
         if any(isinstance(upload, str) for upload in uploads):
             raise ApiError(400, "images: send each image as a file (curl -F images=@digit.png)")
         top_k = form.get("top_k")
-        if top_k is not None and not (isinstance(top_k, str) and top_k.isdigit()):
+        # isdigit() alone would pass "²", which int() refuses; 9 digits is far past any label count
+        if top_k is not None and not (isinstance(top_k, str) and top_k.isascii() and top_k.isdigit() and len(top_k) <= 9):
             raise ApiError(400, "top_k: must be a whole number")
         return model, [await upload.read() for upload in uploads], int(top_k) if top_k else None
     body = await parse_body(request, ClassifyImageRequest)

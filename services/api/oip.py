@@ -167,6 +167,8 @@ def parse_header_length(value: str | None) -> int | None:
         raise OIPError(
             f"Inference-Header-Content-Length must be a non-negative integer, got {value!r}"
         )
+    if len(text) > 18:  # past any body the limits admit (and past what int() parses by default)
+        raise OIPError(f"Inference-Header-Content-Length has {len(text)} digits; no body is that long")
     return int(text)
 
 
@@ -199,12 +201,18 @@ def _decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     raise OIPError(f"request body is not valid {encoding} data: {last_error}")
 
 
+MAX_GZIP_MEMBERS = 64  # tritonclient sends one; each member copies the bytes after it (quadratic)
+
+
 def _bounded_inflate(data: bytes, wbits: int, limit: int) -> bytes:
-    """Inflate ``data`` (possibly several concatenated gzip members) up to ``limit`` bytes."""
+    """Inflate ``data`` (possibly several concatenated gzip members, at most
+    MAX_GZIP_MEMBERS) up to ``limit`` bytes."""
     out: list[bytes] = []
     total = 0
     remaining = data
     while True:
+        if len(out) == MAX_GZIP_MEMBERS:
+            raise OIPError(f"request body has more than {MAX_GZIP_MEMBERS} concatenated gzip members")
         inflater = zlib.decompressobj(wbits)
         chunk = inflater.decompress(remaining, limit - total + 1)
         total += len(chunk)
@@ -219,6 +227,25 @@ def _bounded_inflate(data: bytes, wbits: int, limit: int) -> bytes:
             if remaining:
                 raise zlib.error(f"{len(remaining)} trailing bytes after compressed stream")
             return b"".join(out)
+
+
+def _refuse_lone_surrogates(value: Any, where: str) -> None:
+    """Every string of the request but the inputs' data (checked as BYTES are encoded) must be
+    encodable as UTF-8: JSON's \\ud800 escapes make strings that are not, and the answer,
+    which may echo them (the id, a name in an error), could not be written."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise OIPError(f"{where} is not valid Unicode (a lone surrogate at character {exc.start})") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, f"a key of {where}")
+            if key != "data":
+                _refuse_lone_surrogates(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{where}[{index}]")
 
 
 def _expect_object(value: Any, what: str) -> dict[str, Any]:
@@ -288,7 +315,11 @@ def _json_to_array(flat: list[Any], datatype: str, label: str) -> np.ndarray:
                     f"{label}: BYTES data in JSON must be strings, "
                     f"element {i} is a {_json_type(item)}"
                 )
-            out[i] = item.encode("utf-8")
+            try:
+                out[i] = item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise OIPError(f"{label}: BYTES element {i} is not valid Unicode "
+                               f"(a lone surrogate at character {exc.start})") from None
         return out
 
     if datatype == "BOOL":
@@ -449,11 +480,12 @@ def decode_infer_request(
         raise OIPError(f"request JSON is not valid UTF-8: {exc}") from None
     try:
         request = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer too long to convert
         raise OIPError(f"request is not valid JSON: {exc}") from None
     except RecursionError:
         raise OIPError("request is not valid JSON: nesting too deep") from None
     request = _expect_object(request, "request")
+    _refuse_lone_surrogates(request, "request")
 
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -531,7 +563,7 @@ def decode_infer_request(
         else:
             raise OIPError(f"{label}: has neither 'data' nor parameters.binary_data_size")
 
-        inputs[name] = flat.reshape(shape)
+        inputs[name] = shaped(flat, shape, label)
 
     if offset != len(binary):
         # Either a header length that is too short, or blobs nobody claimed;
@@ -561,7 +593,17 @@ def decode_raw_tensor(raw: bytes, datatype: str, shape: tuple[int, ...], label: 
     carry them (BYTES: a 4-byte little-endian length before each element)."""
     if datatype not in DATATYPES:
         raise OIPError(f"{label}: unsupported datatype {datatype!r}; expected one of {_DATATYPES_LISTED}")
-    return _binary_to_array(memoryview(raw), datatype, math.prod(shape), label).reshape(shape)
+    return shaped(_binary_to_array(memoryview(raw), datatype, math.prod(shape), label), shape, label)
+
+
+def shaped(flat: np.ndarray, shape: tuple[int, ...], label: str) -> np.ndarray:
+    """`flat` (whose length matches the shape's element count) in `shape`; a shape numpy cannot
+    make is the client's error: over 64 dimensions, or a zero beside dimensions whose product
+    is past its limits ([0, 2**62] has no elements, yet no array has that shape)."""
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:
+        raise OIPError(f"{label}: shape {list(shape)} is not a shape a tensor can have: {exc}") from None
 
 
 def numpy_dtype(datatype: str) -> np.dtype:
