@@ -61,6 +61,22 @@ def test_a_bundle_off_the_contract_is_refused_by_read_bundle_with_what_differs(t
         read_bundle(altered(tmp_path, "kim-cnn-trec6", change))
 
 
+@pytest.mark.parametrize("manifest", ["[]", '{"files": []}', '{"files": {"model.onnx": 7}}', '"files"'])
+def test_a_manifest_of_the_wrong_shape_is_refused_as_a_bundle_error(tmp_path, manifest):
+    # A BundleError is what a load answers 400 with (a TypeError or AttributeError read as 500).
+    folder = tmp_path / "kim-cnn-trec6"
+    shutil.copytree(ZOO / "kim-cnn-trec6", folder)
+    (folder / "manifest.json").write_text(manifest)
+    with pytest.raises(BundleError, match="manifest.json must be an object whose \"files\" maps each file name to its sha256"):
+        read_bundle(folder)
+
+
+def test_a_config_that_is_not_an_object_is_refused_as_a_bundle_error(tmp_path):
+    folder = altered(tmp_path, "kim-cnn-trec6", lambda folder: (folder / "config.json").write_text("[1, 2]"))
+    with pytest.raises(BundleError, match="config.json must be a JSON object"):
+        read_bundle(folder)
+
+
 def test_a_graph_for_other_labels_is_refused_when_its_session_is_made(tmp_path):
     folder = altered(tmp_path, "lstm-trec6", lambda f: (f / "labels.json").write_text(json.dumps(list("ABCDEFG"))))
     with pytest.raises(BundleError, match=re.escape("model.onnx output 'logits' axis 1 is 6; the bundle's labels or encoding say 7")):

@@ -54,7 +54,10 @@ def read_bundle(path: str | Path) -> Bundle:
     if not manifest_path.is_file():
         raise BundleError(f"{path}: no {MANIFEST}; is this a model bundle?")
     manifest = json.loads(manifest_path.read_text())
-    for file_name, expected in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(value, str) for value in files.values()):
+        raise BundleError(f"{path}: {MANIFEST} must be an object whose \"files\" maps each file name to its sha256")
+    for file_name, expected in files.items():
         file_path = path / file_name
         if not file_path.is_file():
             raise BundleError(f"{path}: {file_name} is listed in the manifest but missing")
@@ -62,6 +65,8 @@ def read_bundle(path: str | Path) -> Bundle:
         if actual != expected:
             raise BundleError(f"{path}: {file_name} has sha256 {actual}, the manifest says {expected}")
     config = json.loads((path / "config.json").read_text())
+    if not isinstance(config, dict):
+        raise BundleError(f"{path}: config.json must be a JSON object")
     labelled = config.get("architecture") != LANGUAGE_MODEL_ARCHITECTURE  # a language model predicts words, not labels
     labels = json.loads((path / "labels.json").read_text()) if labelled and (path / "labels.json").is_file() else None
     check_files(path, config, labels if labelled else ())

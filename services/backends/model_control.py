@@ -558,6 +558,8 @@ class ZooPoller:
                 logger.info("model poll: %s serves version %s from %s", name, tag.partition(":")[2], path)
             except ApiError as error:
                 logger.error("model poll: %s not loaded: %s", name, error.message)
+                if error.status >= 500:  # the server's trouble (a process slow or restarting), not the bundle's: try it again next scan
+                    del self.known[name]
         self.missing_once &= set(self.known) - set(zoo)
         for name in set(self.known) - set(zoo):
             if name not in self.missing_once:

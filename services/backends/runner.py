@@ -236,7 +236,7 @@ class ModelRunner:
                 return
             used = {tag for name, ack in state.acks().items() if name.startswith("http-")
                     for tag in (*ack.get("serving", {}).values(), *ack.get("draining", []))}
-            for tag in [tag for tag in replaced if tag not in used and tag not in models.tags.values()]:
+            for tag in [tag for tag in replaced if tag not in used and tag not in models.tags.values() and tag not in models.prepared]:
                 replaced.discard(tag)
                 self.remove_model(tag)
 
@@ -245,6 +245,10 @@ class ModelRunner:
             free_unused()
 
         async def prepare(name: str, tag: str, bundle: Bundle) -> None:
+            # A rollback to a version still waiting to be freed (an HTTP worker was draining it):
+            # its new sessions are wanted, so it is no longer one to free (a load called off
+            # releases it again).
+            replaced.discard(tag)
             await asyncio.to_thread(self.add_model, tag, bundle)
 
         async def apply(desired: Desired) -> None:
