@@ -227,3 +227,36 @@ def test_docs_errors_md_has_one_row_per_case_with_its_status():
     rows = re.findall(r"^\| `([a-z0-9-]+)` \|.*\| (\d{3}) \|", first_table, re.M)
     assert dict(rows) == {case.id: str(case.status) for case in CASES}
     assert len(rows) == len(CASES)
+
+
+def explain_samples(url: str) -> dict[str, float]:
+    """requests_total on /explain by status, summed over the workers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "textserve_requests_total" and sample.labels.get("endpoint") == "/explain":
+                counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0) + sample.value
+    return counts
+
+
+def test_the_fastapi_path_counts_a_timeout_an_oversize_body_and_a_client_that_left_as_what_they_were(server):
+    # /explain is served by the FastAPI app (not the fast front): the 504 comes from the timeout
+    # layer around it and the 413 from the body limit, and the app itself sees neither.
+    time.sleep(1)  # the table's last requests are counted
+    before = explain_samples(server)
+    body = json.dumps({"model": C, "texts": ["Who wrote Hamlet ?"]}).encode()
+    head = f"POST /explain HTTP/1.1\r\nHost: textserve\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    timed_out = raw(server, head.encode(), lambda sock: trickle(sock, [bytes([byte]) for byte in body]))
+    assert timed_out.status == 504
+    oversize = requests.post(f"{server}/explain", data=(b"x" * 1_000_000 for _ in range(6)),
+                             headers={"content-type": "application/json"}, timeout=60)
+    assert oversize.status_code == 413
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + body[:10])  # a client that leaves half-way through its body
+    time.sleep(2)  # the server has seen it go, and every worker has counted
+    after = explain_samples(server)
+    delta = {status: after.get(status, 0) - before.get(status, 0) for status in set(after) | set(before)}
+    assert {status: n for status, n in delta.items() if n} == {"504": 1, "413": 1, "499": 1}

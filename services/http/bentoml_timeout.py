@@ -19,6 +19,7 @@ import asyncio
 from bentoml._internal.server.http import traffic
 from starlette.responses import JSONResponse
 
+from services.http.outcome import request_outcome
 
 REPOSITORY_PREFIX = "/v2/repository/"
 
@@ -71,11 +72,12 @@ class TimeoutMiddleware:
             return await self.app(scope, receive, send)
         task = asyncio.current_task()
         started = timed_out = False
+        outcome = request_outcome(scope)
 
         def expire() -> None:
             nonlocal timed_out
             if not started:
-                timed_out = True
+                timed_out = outcome["timed_out"] = True  # counted as the 504 it is (request_timing.py)
                 task.cancel()
 
         repository = scope.get("path", "").startswith(REPOSITORY_PREFIX)

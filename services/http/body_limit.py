@@ -14,6 +14,7 @@ import time
 
 from services import metrics
 from services.http.admission import admitting_route
+from services.http.outcome import request_outcome
 
 
 def too_large_message(limit: int, size: int | None) -> str:
@@ -69,6 +70,7 @@ class LimitBodySize:
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+        request_outcome(scope)["counted"] = True  # the app's own ending (the client "left") is not counted again
         endpoint = admitting_route(scope["method"], scope["path"]) or "unmatched"
         metrics.requests_total.labels(model="", endpoint=endpoint, status="413").inc()
         metrics.request_duration_seconds.labels(model="", endpoint=endpoint).observe(time.perf_counter() - started)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from services import metrics
+from services.http.outcome import request_outcome
 
 QUEUE_HEADER, INFERENCE_HEADER, TOTAL_HEADER = b"x-queue-time", b"x-inference-time", b"x-total-time"
 
@@ -62,7 +63,8 @@ class RequestTiming:
         started = time.perf_counter()
         timing = Timing()
         token = current_timing.set(timing)
-        status = 500
+        status = None  # none sent: the request was cancelled (a timeout) or failed past every handler
+        outcome = request_outcome(scope)
 
         async def send_with_headers(message) -> None:
             nonlocal status
@@ -78,6 +80,10 @@ class RequestTiming:
             await self.app(scope, receive, send_with_headers)
         finally:
             current_timing.reset(token)
+            if outcome.get("counted"):  # refused by an outer layer, which counted it (a body over the limit: 413)
+                return
+            if status is None:
+                status = 504 if outcome.get("timed_out") else 500  # the timeout middleware answers 504
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
             model = scope.get("state", {}).get("model", "")
