@@ -467,6 +467,45 @@ def test_grpc_impossible_shapes_are_invalid_argument(server, shape, raw):
     assert "is not a shape a tensor can have" in refused.value.details()
 
 
+def grpc_request(outputs=(), shared_memory=False, both_contents=False) -> service_pb2.ModelInferRequest:
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(b"Who wrote Hamlet ?")
+    if shared_memory:
+        tensor.parameters["shared_memory_region"].string_param = "region0"
+    request = service_pb2.ModelInferRequest(model_name="kim-cnn-trec6", inputs=[tensor], outputs=list(outputs))
+    if both_contents:
+        request.raw_input_contents.append((18).to_bytes(4, "little") + b"Who wrote Hamlet ?")
+    return request
+
+
+def requested(name: str, **parameters: int) -> service_pb2.ModelInferRequest.InferRequestedOutputTensor:
+    output = service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name)
+    for key, value in parameters.items():
+        output.parameters[key].int64_param = value
+    return output
+
+
+# What the HTTP codec refuses, gRPC refuses too, with the same words (oip.py).
+GRPC_REFUSALS = [
+    ("output-twice", grpc_request(outputs=[requested("label"), requested("label")]), "output 'label' is requested more than once"),
+    ("class-count", grpc_request(outputs=[requested("probabilities", classification=3)]), "(class_count) is not supported"),
+    ("shared-memory-output", grpc_request(outputs=[requested("label", shared_memory_byte_size=64)]),
+     "shared-memory outputs are not supported"),
+    ("shared-memory-input", grpc_request(shared_memory=True), "shared-memory inputs are not supported"),
+    ("raw-and-typed-contents", grpc_request(both_contents=True), "has both contents and raw_input_contents"),
+]
+
+
+@pytest.mark.parametrize("case", GRPC_REFUSALS, ids=[case[0] for case in GRPC_REFUSALS])
+def test_grpc_refuses_what_http_refuses_with_the_same_words(server, case):
+    _, request, fragment = case
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server["grpc"]))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(request, metadata=[("authorization", f"Bearer {API_KEYS[0]}")], timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in refused.value.details()
+
+
 def test_grpc_overload_is_resource_exhausted_and_the_rest_are_answered(server):
     """Requests of 40 texts sent at once on one connection (one worker, whose limit is 64): the
     worker admits one at a time and refuses the others that arrive meanwhile at once."""

@@ -33,7 +33,8 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services import metrics
-from services.api.oip import InferRequest, OIPError, decode_raw_tensor, encode_raw_tensor, numpy_dtype, shaped
+from services.api.oip import (InferRequest, OIPError, decode_raw_tensor, encode_raw_tensor, numpy_dtype,
+                              refuse_shared_memory_input, refuse_unsupported_output_parameters, shaped)
 from services.api.open_inference import (SERVER_NAME, SERVER_VERSION, checked_bundle, infer_outputs, metadata_of,
                                          model_version)
 from services.config import ServiceSettings
@@ -78,6 +79,9 @@ def decoded_request(request: service_pb2.ModelInferRequest) -> InferRequest:
             raise OIPError(f"inputs[{index}]: 'name' must be a non-empty string")
         if tensor.name in inputs:
             raise OIPError(f"{label} appears more than once in 'inputs'")
+        refuse_shared_memory_input(label, tensor.parameters)
+        if raw and tensor.contents.ByteSize():
+            raise OIPError(f"{label}: has both contents and raw_input_contents; send one of them")
         shape = tuple(tensor.shape)
         if any(dim < 0 for dim in shape):
             raise OIPError(f"{label}: 'shape' must be non-negative integers, got {list(shape)}")
@@ -102,8 +106,16 @@ def decoded_request(request: service_pb2.ModelInferRequest) -> InferRequest:
         inputs[tensor.name] = shaped(array, shape, label)
     if not inputs:
         raise OIPError("'inputs' must be a non-empty list")
-    requested = [output.name for output in request.outputs] or None
-    return InferRequest(id=request.id or None, inputs=inputs, requested_outputs=requested)
+    requested: list[str] = []
+    for index, output in enumerate(request.outputs):  # as the HTTP codec checks them (oip.py _parse_outputs)
+        if not output.name:
+            raise OIPError(f"outputs[{index}]: 'name' must be a non-empty string")
+        label = f"output '{output.name}'"
+        if output.name in requested:
+            raise OIPError(f"{label} is requested more than once")
+        refuse_unsupported_output_parameters(label, output.parameters)
+        requested.append(output.name)
+    return InferRequest(id=request.id or None, inputs=inputs, requested_outputs=requested or None)
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):

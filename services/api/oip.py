@@ -395,6 +395,26 @@ def _binary_to_array(
     return np.frombuffer(raw, dtype=dtype, count=count).astype(dtype.newbyteorder("="))
 
 
+def refuse_unsupported_output_parameters(label: str, names: Iterable[str]) -> None:
+    """An output's parameters this server does not offer (HTTP and gRPC alike)."""
+    names = set(names)
+    if "classification" in names:
+        # InferRequestedOutput(name, class_count=k) sends this; it asks
+        # Triton to return top-k "score:index:label" strings instead of
+        # the tensor. Our models already return labels/scores explicitly.
+        raise OIPError(
+            f"{label}: the 'classification' parameter (class_count) is not supported; "
+            "request the output without class_count"
+        )
+    if any(k.startswith("shared_memory") for k in names):
+        raise OIPError(f"{label}: shared-memory outputs are not supported")
+
+
+def refuse_shared_memory_input(label: str, names: Iterable[str]) -> None:
+    if any(k.startswith("shared_memory") for k in names):
+        raise OIPError(f"{label}: shared-memory inputs are not supported")
+
+
 def _parse_outputs(
     raw: Any, binary_default: bool
 ) -> tuple[list[str] | None, set[str]]:
@@ -418,16 +438,7 @@ def _parse_outputs(
         if name in names:
             raise OIPError(f"{label} is requested more than once")
         params = _expect_object(entry.get("parameters", {}), f"{label}: 'parameters'")
-        if "classification" in params:
-            # InferRequestedOutput(name, class_count=k) sends this; it asks
-            # Triton to return top-k "score:index:label" strings instead of
-            # the tensor. Our models already return labels/scores explicitly.
-            raise OIPError(
-                f"{label}: the 'classification' parameter (class_count) is not supported; "
-                "request the output without class_count"
-            )
-        if any(k.startswith("shared_memory") for k in params):
-            raise OIPError(f"{label}: shared-memory outputs are not supported")
+        refuse_unsupported_output_parameters(label, params)
         flag = params.get("binary_data")
         if flag is None:
             # Triton semantics: an unflagged output follows the request default.
@@ -529,8 +540,7 @@ def decode_infer_request(
             )
 
         in_params = _expect_object(entry.get("parameters", {}), f"{label}: 'parameters'")
-        if any(k.startswith("shared_memory") for k in in_params):
-            raise OIPError(f"{label}: shared-memory inputs are not supported")
+        refuse_shared_memory_input(label, in_params)
         size = in_params.get("binary_data_size")
         has_data = "data" in entry
 
