@@ -412,7 +412,8 @@ front.install(TextService, ADMISSION, lambda: SERVING, page_of=page_of)
 
 class GeneratedWords:
     """The words of a generation after its first line, as an async iterable; `close()` (also
-    called when the words run out or fail) gives back what the request held, once."""
+    called when the words run out or fail) gives back what the request held, once, and closes
+    the runner's stream, so that the runner stops generating for a client that has left."""
 
     def __init__(self, lines: AsyncIterator[dict], give_back) -> None:
         self.lines = lines
@@ -420,9 +421,19 @@ class GeneratedWords:
         self.closed = False
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.give_back()
+        if self.closed:
+            return
+        self.closed = True
+        self.give_back()
+        with contextlib.suppress(RuntimeError):  # no running loop: the process is ending
+            task = asyncio.get_running_loop().create_task(self.lines.aclose())
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: nobody awaits it
+
+    def __del__(self) -> None:
+        # A request cancelled (its timeout) after its handler returned the stream and before the
+        # response started runs neither the stream nor its background task: the last owner of
+        # this object is then the cancelled response, and what the request held comes back here.
+        self.close()
 
     async def __aiter__(self) -> AsyncIterator[dict]:
         try:

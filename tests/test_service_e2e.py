@@ -420,6 +420,21 @@ def test_lm_generation_streams_server_sent_events_word_by_word(server):
     assert accept.headers["content-type"].startswith("text/event-stream") and "event: done" in accept.text
 
 
+def test_a_client_that_leaves_a_stream_leaves_nothing_held(server):
+    # Each stream of 200 words holds 200 of a worker's MAX_PENDING_TEXTS (300) until it ends:
+    # had the six streams left below kept theirs, each worker would refuse the next generation.
+    body = {"model": TINY_LM, "prefix": "the company", "max_words": 200, "seed": 1, "stream": True}
+    for _ in range(6):
+        with requests.post(f"{server}/lm/generate", json=body, stream=True, timeout=60, headers={"Connection": "close"}) as response:
+            assert response.status_code == 200
+            assert next(response.iter_lines()).startswith(b"event: start")
+        # leaving here: the connection closes after the first event
+    time.sleep(1)
+    for _ in range(6):  # several connections: both workers
+        answer = requests.post(f"{server}/lm/generate", json={**body, "stream": False}, timeout=60, headers={"Connection": "close"})
+        assert answer.status_code == 200, answer.text
+
+
 def test_lm_vectors_and_neighbors_for_words_never_seen(server, tiny_lm):
     response = lm(server, "vectors", {"model": TINY_LM, "words": ["film", "Looooook"]})
     assert response.status_code == 200, response.text

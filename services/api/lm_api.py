@@ -118,14 +118,19 @@ async def generate(request: Request, service=Depends(bentoml.get_current_service
 
 
 async def json_lines(chunks):
-    """The runner's stream arrives in chunks that need not end at line ends; yield whole lines."""
+    """The runner's stream arrives in chunks that need not end at line ends; yield whole lines.
+    Closed early (a client that left), it closes the runner's stream too."""
     pending = ""
-    async for chunk in chunks:
-        pending += chunk
-        *whole, pending = pending.split("\n")
-        for line in whole:
-            if line:
-                yield json.loads(line)
+    try:
+        async for chunk in chunks:
+            pending += chunk
+            *whole, pending = pending.split("\n")
+            for line in whole:
+                if line:
+                    yield json.loads(line)
+    finally:
+        if hasattr(chunks, "aclose"):
+            await chunks.aclose()
     if pending:
         yield json.loads(pending)
 
