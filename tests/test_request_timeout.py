@@ -8,6 +8,7 @@ import gc
 import json
 import weakref
 
+import pytest
 from bentoml._internal.server.http.traffic import TimeoutMiddleware as BentoMLTimeoutMiddleware
 
 from services.http.bentoml_timeout import TimeoutMiddleware
@@ -90,3 +91,19 @@ def test_finished_requests_are_let_go_unlike_with_bentomls_own_middleware():
     assert finished_requests_still_alive(TimeoutMiddleware) <= 150
     # Why the replacement exists: BentoML's timer stays scheduled, holding its request for 30 s.
     assert finished_requests_still_alive(BentoMLTimeoutMiddleware) == 300
+
+
+def test_a_model_change_past_its_time_says_it_goes_on_and_a_request_that_it_was_cancelled():
+    from services.http.bentoml_timeout import within_timeout
+    from services.http.errors import ApiError
+
+    async def late(variable: str) -> ApiError:
+        with pytest.raises(ApiError) as late:
+            await within_timeout(asyncio.sleep(10), 0.05, variable)
+        return late.value
+
+    change = asyncio.run(late("TEXTSERVE_MODEL_LOAD_TIMEOUT_S"))
+    assert change.status == 504 and "the change goes on and may still complete" in change.message
+    assert "GET /v2/repository/index" in change.message and "cancelled" not in change.message
+    request = asyncio.run(late("TEXTSERVE_REQUEST_TIMEOUT_S"))
+    assert request.status == 504 and request.message.endswith("(TEXTSERVE_REQUEST_TIMEOUT_S); the request was cancelled")

@@ -28,6 +28,15 @@ def timeout_variable(path: str) -> str:
     return "TEXTSERVE_MODEL_LOAD_TIMEOUT_S" if path.startswith(REPOSITORY_PREFIX) else "TEXTSERVE_REQUEST_TIMEOUT_S"
 
 
+def timeout_message(timeout_s: float, variable: str) -> str:
+    """The 504's words. A model change is not cancelled with its request (model_control.py runs
+    it to the end, so that no process is left half-way): say so, and where to see its outcome."""
+    if variable == "TEXTSERVE_MODEL_LOAD_TIMEOUT_S":
+        return (f"no answer within {timeout_s:g} s ({variable}); the change goes on and may still complete: "
+                "GET /v2/repository/index shows what each model serves")
+    return f"no answer within {timeout_s:g} s ({variable}); the request was cancelled"
+
+
 async def within_timeout(work, timeout_s: float, variable: str = "TEXTSERVE_REQUEST_TIMEOUT_S"):
     """Await `work` in the current task, or cancel it and raise 504 once `timeout_s` has
     passed: one timer, cancelled as soon as the work ends, and no extra task (asyncio.wait_for
@@ -49,7 +58,7 @@ async def within_timeout(work, timeout_s: float, variable: str = "TEXTSERVE_REQU
         if not timed_out:
             raise
         task.uncancel()
-        raise ApiError(504, f"no answer within {timeout_s:g} s ({variable}); the request was cancelled") from None
+        raise ApiError(504, timeout_message(timeout_s, variable)) from None
     finally:
         timer.cancel()
 
@@ -97,8 +106,7 @@ class TimeoutMiddleware:
             if not timed_out:
                 raise
             task.uncancel()
-            await JSONResponse({"error": f"no answer within {timeout:g} s ({timeout_variable(scope.get('path', ''))}); "
-                                         "the request was cancelled"}, status_code=504)(scope, receive, send)
+            await JSONResponse({"error": timeout_message(timeout, timeout_variable(scope.get("path", "")))}, status_code=504)(scope, receive, send)
         finally:
             timer.cancel()
 
