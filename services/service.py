@@ -410,6 +410,9 @@ def page_of(page: str) -> str | None:
 front.install(TextService, ADMISSION, lambda: SERVING, page_of=page_of)
 
 
+CLOSING_STREAMS: set[asyncio.Task] = set()  # the runner's streams being closed (GeneratedWords.close)
+
+
 class GeneratedWords:
     """The words of a generation after its first line, as an async iterable; `close()` (also
     called when the words run out or fail) gives back what the request held, once, and closes
@@ -419,6 +422,7 @@ class GeneratedWords:
         self.lines = lines
         self.give_back = give_back
         self.closed = False
+        self.loop = asyncio.get_running_loop()
 
     def close(self) -> None:
         if self.closed:
@@ -427,13 +431,18 @@ class GeneratedWords:
         self.give_back()
         with contextlib.suppress(RuntimeError):  # no running loop: the process is ending
             task = asyncio.get_running_loop().create_task(self.lines.aclose())
+            CLOSING_STREAMS.add(task)  # held until done (the loop keeps only a weak reference)
+            task.add_done_callback(CLOSING_STREAMS.discard)
             task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: nobody awaits it
 
     def __del__(self) -> None:
         # A request cancelled (its timeout) after its handler returned the stream and before the
         # response started runs neither the stream nor its background task: the last owner of
-        # this object is then the cancelled response, and what the request held comes back here.
-        self.close()
+        # this object is then the cancelled response, and what the request held comes back here,
+        # on the event loop (a collection may run this in another thread; the counters are the loop's).
+        if not self.closed:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+                self.loop.call_soon_threadsafe(self.close)
 
     async def __aiter__(self) -> AsyncIterator[dict]:
         try:
@@ -505,7 +514,7 @@ def runner_error(error: BentoMLException) -> ApiError:
         return ApiError(429, "overloaded: the inference runner refuses more concurrent requests; retry shortly", {"Retry-After": "1"})
     if status == 504:
         return ApiError(504, f"inference did not finish within {SETTINGS.request_timeout_s} s (TEXTSERVE_REQUEST_TIMEOUT_S)")
-    if status == 404:  # this worker serves the model, the runner does not (its sessions failed there, or a reload is under way)
+    if status == 404 and "is not loaded" in str(error):  # this worker serves the model, the runner does not (its sessions failed there, or a reload is under way)
         return ApiError(503, f"the inference runner does not have this model ({error}); its log says why; retry shortly",
                         {"Retry-After": "1"})
     if isinstance(error, InferenceFailed):

@@ -129,8 +129,11 @@ def test_a_request_that_left_while_connecting_leaves_no_old_attempt_behind():
             left = asyncio.get_running_loop().create_task(connection.call({"api": "loaded_models"}))
             await asyncio.sleep(0)  # its connection attempt has started
             left.cancel()
-            while connection.protocol is None:  # the attempt finishes without the request that started it
-                await asyncio.sleep(0.01)
+            async def attempt_finished() -> None:  # without the request that started it
+                while connection.protocol is None:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(attempt_finished(), 5)
             assert connection.connecting is None
             connection.protocol.transport.close()  # the runner's connection is lost
             await asyncio.sleep(0.05)

@@ -248,8 +248,14 @@ class ModelRunner:
             # A rollback to a version still waiting to be freed (an HTTP worker was draining it):
             # its new sessions are wanted, so it is no longer one to free (a load called off
             # releases it again).
+            was_replaced = tag in replaced
             replaced.discard(tag)
-            await asyncio.to_thread(self.add_model, tag, bundle)
+            try:
+                await asyncio.to_thread(self.add_model, tag, bundle)
+            except BaseException:
+                if was_replaced:  # the old sessions are still there, and still to be freed
+                    replaced.add(tag)
+                raise
 
         async def apply(desired: Desired) -> None:
             await models.apply(desired, prepare, release, confirm, drain_timeout_s=0)

@@ -157,6 +157,10 @@ class RunnerSocketServer:
         protocol: FrameProtocol
 
         def on_message(message: dict) -> None:
+            if self.stopping:  # asked after SIGTERM, on a connection opened before it: the HTTP worker says "retry"
+                protocol.send({"id": message["id"], "status": 503, "kind": "Stopping",
+                               "error": "the runner is stopping (SIGTERM) and takes no new texts"})
+                return
             task = asyncio.get_running_loop().create_task(self.answer(protocol, message))
             self.in_flight.add(task)
             task.add_done_callback(self.in_flight.discard)
@@ -167,10 +171,6 @@ class RunnerSocketServer:
     async def answer(self, protocol: FrameProtocol, message: dict) -> None:
         request_id = message["id"]
         api = message["api"]
-        if self.stopping:  # asked after SIGTERM, on a connection opened before it: the HTTP worker says "retry"
-            protocol.send({"id": request_id, "status": 503, "kind": "Stopping",
-                           "error": "the runner is stopping (SIGTERM) and takes no new texts"})
-            return
         try:
             if api == "loaded_models":
                 protocol.send({"id": request_id, "answers": self.runner.loaded_models.local()})

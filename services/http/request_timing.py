@@ -80,12 +80,11 @@ class RequestTiming:
             await self.app(scope, receive, send_with_headers)
         finally:
             current_timing.reset(token)
-            if outcome.get("counted"):  # refused by an outer layer, which counted it (a body over the limit: 413)
-                return
-            if status is None:
-                status = 504 if outcome.get("timed_out") else 500  # the timeout middleware answers 504
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            model = scope.get("state", {}).get("model", "")
-            metrics.requests_total.labels(model=model, endpoint=endpoint, status=str(status)).inc()
-            metrics.request_duration_seconds.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
+            if not outcome.get("counted"):  # else refused by an outer layer, which counted it (a body over the limit: 413)
+                if status is None:
+                    status = 504 if outcome.get("timed_out") else 500  # the timeout middleware answers 504
+                route = scope.get("route")
+                endpoint = getattr(route, "path", "unmatched")
+                model = scope.get("state", {}).get("model", "")
+                metrics.requests_total.labels(model=model, endpoint=endpoint, status=str(status)).inc()
+                metrics.request_duration_seconds.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
