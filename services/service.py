@@ -422,7 +422,10 @@ class GeneratedWords:
         self.lines = lines
         self.give_back = give_back
         self.closed = False
-        self.loop = asyncio.get_running_loop()
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()  # where close() must run
+        except RuntimeError:  # made outside a loop (a test): close() runs wherever it is called
+            self.loop = None
 
     def close(self) -> None:
         if self.closed:
@@ -440,9 +443,13 @@ class GeneratedWords:
         # response started runs neither the stream nor its background task: the last owner of
         # this object is then the cancelled response, and what the request held comes back here,
         # on the event loop (a collection may run this in another thread; the counters are the loop's).
-        if not self.closed:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
-                self.loop.call_soon_threadsafe(self.close)
+        if getattr(self, "closed", True):  # closed already, or __init__ never finished
+            return
+        if self.loop is None:
+            self.close()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            self.loop.call_soon_threadsafe(self.close)
 
     async def __aiter__(self) -> AsyncIterator[dict]:
         try:
