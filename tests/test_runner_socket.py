@@ -67,6 +67,20 @@ def runner_with(run: Callable[[list], list]) -> SimpleNamespace:
     return SimpleNamespace(**apis, loaded_models=SimpleNamespace(local=lambda: ["m:1"]))
 
 
+async def started_runner(path: Path, run: Callable[[list], list] | None = None) -> RunnerSocketServer:
+    """The real RunnerSocketServer listening on `path`, its batches running `run`."""
+    runner = RunnerSocketServer(runner_with(run or UpperCasing()), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
+    await runner.start(path)
+    return runner
+
+
+def client_of(path: Path) -> SharedRunnerClient:
+    """An HTTP worker's client of the one runner at `path`."""
+    client = SharedRunnerClient(fallback=None, runner_workers=1)
+    client.connections = [RunnerConnection(path)]
+    return client
+
+
 async def expect_fast_503(call) -> ApiError:
     started = time.monotonic()
     with pytest.raises(ApiError) as refused:
@@ -88,8 +102,7 @@ def test_a_runner_that_hangs_up_fails_every_request_at_once_and_no_dead_connecti
                 assert connection.protocol is None or connection.protocol.usable
             server.close()
             # The runner back (BentoML restarts it): the next request connects to it.
-            runner = RunnerSocketServer(runner_with(UpperCasing()), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
-            await runner.start(path)
+            runner = await started_runner(path)
             answer = await asyncio.wait_for(connection.call({"api": "loaded_models"}), 5)
             assert answer["answers"] == ["m:1"]
             await runner.drain()
@@ -123,12 +136,12 @@ def test_a_request_that_left_while_connecting_leaves_no_old_attempt_behind():
     async def main():
         with tempfile.TemporaryDirectory() as folder:
             path = socket_in(folder)
-            runner = RunnerSocketServer(runner_with(UpperCasing()), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
-            await runner.start(path)
+            runner = await started_runner(path)
             connection = RunnerConnection(path)
             left = asyncio.get_running_loop().create_task(connection.call({"api": "loaded_models"}))
             await asyncio.sleep(0)  # its connection attempt has started
             left.cancel()
+
             async def attempt_finished() -> None:  # without the request that started it
                 while connection.protocol is None:
                     await asyncio.sleep(0.01)
@@ -150,10 +163,8 @@ def test_a_stopping_runner_finishes_what_it_took_and_refuses_new_texts_with_503(
             path = socket_in(folder)
             run = UpperCasing()
             run.release = threading.Event()
-            runner = RunnerSocketServer(runner_with(run), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
-            await runner.start(path)
-            client = SharedRunnerClient(fallback=None, runner_workers=1)
-            client.connections = [RunnerConnection(path)]
+            runner = await started_runner(path, run)
+            client = client_of(path)
             taken = asyncio.get_running_loop().create_task(client.batched("classify_batch", "m:1", ["a", "b"], time.time()))
             await asyncio.to_thread(run.started.wait, 10)  # its batch is running
             draining = asyncio.get_running_loop().create_task(runner.drain())
@@ -174,10 +185,8 @@ def test_a_stopping_runner_leaves_the_socket_of_the_runner_that_replaced_it():
     async def main():
         with tempfile.TemporaryDirectory() as folder:
             path = socket_in(folder)
-            old = RunnerSocketServer(runner_with(UpperCasing()), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
-            await old.start(path)
-            new = RunnerSocketServer(runner_with(UpperCasing()), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
-            await new.start(path)  # the restarted runner binds the same path
+            old = await started_runner(path)
+            new = await started_runner(path)  # the restarted runner binds the same path
             await old.drain()
             assert path.exists()
             answer = await asyncio.wait_for(RunnerConnection(path).call({"api": "loaded_models"}), 5)
@@ -202,10 +211,8 @@ def test_a_model_the_runner_lacks_reads_as_a_503_that_says_so_not_a_500():
     async def main():
         with tempfile.TemporaryDirectory() as folder:
             path = socket_in(folder)
-            runner = RunnerSocketServer(runner_with(lacks_the_model), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
-            await runner.start(path)
-            client = SharedRunnerClient(fallback=None, runner_workers=1)
-            client.connections = [RunnerConnection(path)]
+            runner = await started_runner(path, lacks_the_model)
+            client = client_of(path)
             with pytest.raises(ApiError) as refused:
                 with runner_errors():
                     await client.batched("classify_batch", "kim-cnn-trec6:abc", ["a"], time.time())
