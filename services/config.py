@@ -17,15 +17,16 @@
 | TEXTSERVE_MAX_TEXT_CHARS         | 2000         | a longer text -> 413                                       |
 | TEXTSERVE_MAX_IMAGES_PER_REQUEST | 64           | /classify-image: more images in one request -> 413         |
 | TEXTSERVE_MAX_IMAGE_PIXELS       | 4194304      | /classify-image: a picture with more pixels -> 413, before it is decoded |
-| TEXTSERVE_MAX_BODY_BYTES         | 4194304      | a larger request body -> 413, refused before it is read (body_limit.py) |
+| TEXTSERVE_MAX_BODY_BYTES         | 4194304      | a larger request body -> 413, refused before it is read; a compressed body that inflates past it -> 413 as it passes (http/body.py) |
 | TEXTSERVE_MAX_PENDING_TEXTS      | 2048         | texts in flight per HTTP worker before new requests get 429 |
-| TEXTSERVE_REQUESTS_PER_CONNECTION| 100          | a response closes its keep-alive connection with probability 1/N, so connections spread over the HTTP workers again (keep_alive.py); 0 = never |
+| TEXTSERVE_REQUESTS_PER_CONNECTION| 100          | a response closes its keep-alive connection with probability 1/N, so connections spread over the HTTP workers again (http/pipeline.py); 0 = never |
 | TEXTSERVE_DEFAULT_TOP_K          | 3            | top-k when a request does not say                          |
-| TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | BentoML traffic timeout per request                        |
-| TEXTSERVE_HEADER_TIMEOUT_S       | 10           | a request's headers must arrive within this, from the connection's opening or the request's first byte, else 408 and the connection closes (slow_clients.py) |
-| TEXTSERVE_ACCESS_LOG             | 0            | 1: BentoML's access log line per request (method, path, status, time; never the body) |
-| TEXTSERVE_FAST_FRONT             | 1            | 1: POST /classify, /lm/score and /v2/models/{name}/infer are answered by services/http/front.py ahead of BentoML's middleware stack (same checks, limits, headers and metrics in one pass); 0: every route goes through BentoML's stack. Access log or tracing on turns it off |
-| TEXTSERVE_TRACING                | 0            | 1: BentoML's OpenTelemetry span per request (configure an exporter in BentoML's config); 0: every path excluded, the middleware passes requests straight through |
+| TEXTSERVE_REQUEST_TIMEOUT_S      | 30           | no answer started within this -> 504 (http/deadline.py)     |
+| TEXTSERVE_HEADER_TIMEOUT_S       | 10           | a request's headers must arrive within this, from the connection's opening or the request's first byte, else 408 and the connection closes (http/connection_limits.py) |
+| TEXTSERVE_MAX_HEADER_BYTES       | 16384        | a request line and headers of more bytes -> 431 and the connection closes, as soon as they pass it (http/connection_limits.py) |
+| TEXTSERVE_MAX_HEADERS            | 100          | more header lines in one request -> 431 and the connection closes |
+| TEXTSERVE_ACCESS_LOG             | 0            | 1: one access log line per request (client, method, path, status, time; never the body), logger bentoml.access |
+| TEXTSERVE_TRACING                | 0            | 1: an OpenTelemetry span per request, with BentoML's configured tracer (set an exporter in BentoML's config) |
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
 | TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
@@ -76,9 +77,10 @@ class ServiceSettings:
     default_top_k: int = 3
     request_timeout_s: int = 30
     header_timeout_s: int = 10
+    max_header_bytes: int = 16 * 1024  # nginx's large_client_header_buffers and Node's --max-http-header-size: 16 KiB
+    max_headers: int = 100
     access_log: bool = False
     tracing: bool = False
-    fast_front: bool = True
     runner_socket_dir: str = ""  # empty: the temporary folder
     max_generate_words: int = 200
     max_neighbors: int = 100
@@ -107,7 +109,7 @@ class ServiceSettings:
                 values[field.name] = raw
             elif field.name == "models":
                 values[field.name] = tuple(name.strip() for name in raw.split(",") if name.strip())
-            elif field.name in ("access_log", "tracing", "fast_front", "protect_metrics"):
+            elif field.name in ("access_log", "tracing", "protect_metrics"):
                 if raw.strip().lower() not in ("0", "1", "true", "false"):
                     raise ValueError(f"TEXTSERVE_{field.name.upper()}={raw!r}; expected 0 or 1")
                 values[field.name] = raw.strip().lower() in ("1", "true")
@@ -132,7 +134,7 @@ class ServiceSettings:
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"TEXTSERVE_GRPC_PORT={self.grpc_port}; expected a port number, or 0 to turn gRPC off")
         for name in ("runner_workers", "http_workers", "max_batch_texts", "max_texts_per_request",
-                     "max_text_chars", "max_images_per_request", "max_image_pixels", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_generate_words", "max_neighbors",
+                     "max_text_chars", "max_images_per_request", "max_image_pixels", "max_body_bytes", "max_pending_texts", "default_top_k", "max_latency_ms", "request_timeout_s", "header_timeout_s", "max_header_bytes", "max_headers", "max_generate_words", "max_neighbors",
                      "max_word_chars", "model_load_timeout_s", "model_poll_interval_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")

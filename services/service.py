@@ -1,15 +1,17 @@
-"""The HTTP front of the model server: `bentoml serve services.service:TextService`.
+"""The model server: `bentoml serve services.service:TextService`.
 
-    client -> TextService (this file; JSON API in http_api.py and lm_api.py, OIP v2 in
-              open_inference.py) -> validation, admission -> ModelRunner (runner.py):
-              classify_batch / score_batch (adaptive batching), or one call per request
-              (explain, next words, generation, word vectors) -> onnxruntime -> JSON / OIP
+    client -> the pipeline (http/pipeline.py: keys, route, admission, body, timeout, errors,
+              timing, metrics; one pass for every route) -> a route (JSON API in http_api.py
+              and lm_api.py, OIP v2 in open_inference.py; the hot ones through hot_routes.py)
+              -> TextService (this file): validation, admission -> the runner: classify_batch /
+              score_batch (adaptive batching), or one call per request (explain in slices,
+              next words, generation, word vectors) -> onnxruntime -> JSON / OIP
 
 Where the runner runs is TEXTSERVE_INFERENCE:
-- `inline` (default): in this process (in_process.py), behind the batcher of batching.py; no
-  second hop, so a small model's request costs a fraction of the CPU.
-- `runner`: a separate BentoML service behind `bentoml.depends`; BentoML batches calls to its
-  own APIs, so every HTTP worker shares that process's one batcher (and one GPU's memory).
+- `inline` (default on a CPU): in this process (in_process.py), behind the batcher of
+  batching.py; no second hop, so a small model's request costs a fraction of the CPU.
+- `runner`: one separate process (shared_runner.py, started by BentoML through
+  `bentoml.depends`) whose batchers merge every HTTP worker's texts (and own one GPU's memory).
 """
 
 from __future__ import annotations
@@ -23,35 +25,38 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 
-import aiohttp
-import bentoml
-import httpx
-import numpy as np
-from bentoml.exceptions import BentoMLException
-from fastapi import FastAPI
+from services import lifecycle
 
-from services import metrics
-from services.api.http_api import router as json_api
-from services.api.image_api import router as image_api
-from services.api.lm_api import json_lines, router as language_model_api
-from services.api.open_inference import router as open_inference_api
-from services.backends.in_process import InProcessRunner
-from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle, text_problem
-from services.backends.inference import BundleError
-from services.backends.model_control import Desired, ModelState, Repository, ServedModels, ZooPoller, participants, state_folder, watch
-from services.backends.model_store import served, zoo_tags
-from services.backends.runner import InferenceFailed, ModelRunner
-from services.backends.shared_runner import SharedRunnerClient
-from services.config import SETTINGS, ServiceSettings
-from services.http import access, bentoml_timeout, docs_page, front, request_timing, slow_clients
-from services.http.admission import Admission, RefuseWhenFull
-from services.http.body_limit import LimitBodySize
-from services.http.errors import ApiError, JsonNotFound, document_errors, install_error_handlers
-from services.http.keep_alive import RecycleConnections
+lifecycle.enter()  # first: this server's own metrics folder, before any metric exists in this process
+
+import aiohttp  # noqa: E402 (after the server's folder is set)
+import bentoml  # noqa: E402
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from bentoml.exceptions import BentoMLException  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from services import metrics  # noqa: E402
+from services.api import hot_routes  # noqa: E402
+from services.api.http_api import router as json_api  # noqa: E402
+from services.api.image_api import router as image_api  # noqa: E402
+from services.api.lm_api import json_lines, router as language_model_api  # noqa: E402
+from services.api.open_inference import router as open_inference_api  # noqa: E402
+from services.backends.in_process import InProcessRunner  # noqa: E402
+from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle, BundleError, text_problem  # noqa: E402
+from services.backends.model_control import Desired, ModelState, Repository, ServedModels, ZooPoller, participants, state_folder, watch  # noqa: E402
+from services.backends.model_store import served, zoo_tags  # noqa: E402
+from services.backends.runner import InferenceFailed, ModelRunner  # noqa: E402
+from services.backends.shared_runner import SharedRunnerClient  # noqa: E402
+from services.config import SETTINGS, ServiceSettings  # noqa: E402
+from services.errors import ApiError, overloaded  # noqa: E402
+from services.http import access, bentoml_hook, connection_limits, docs_page, request_timing, routes  # noqa: E402
+from services.http.admission import Admission  # noqa: E402
+from services.http.errors import document_errors, install_error_handlers  # noqa: E402
+from services.http.pipeline import Pipeline  # noqa: E402
 
 logger = logging.getLogger("bentoml.textserve")
-bentoml_timeout.install()  # before BentoML builds this server's middleware stack
-slow_clients.install(SETTINGS.header_timeout_s)  # before the worker starts uvicorn
+connection_limits.install(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes, SETTINGS.max_headers)  # before uvicorn starts
 # The HTTP workers share one listening socket. libuv (uvloop, under uvicorn) accepts every
 # pending connection on one wake-up, so the first worker to wake took a whole burst of
 # keep-alive connections: `make bench` saw one of two workers serve every connection at 8 and
@@ -69,15 +74,16 @@ app = FastAPI(
     description="Neural text classifiers (ONNX, onnxruntime) with adaptive batching. "
     "Errors are {\"error\": \"...\"}; OIP v2 under /v2; Prometheus metrics at /metrics.",
     version=docs_page.service_version(),
-    docs_url=None, redoc_url=None,  # FastAPI's pages load Swagger from a CDN; ours (docs_page.py) are served at / and /docs
+    # FastAPI's pages load Swagger from a CDN; ours (docs_page.py) are served at / and /docs, and the
+    # OpenAPI document by the pipeline (a caller without a key gets it without the model names)
+    docs_url=None, redoc_url=None, openapi_url=None,
 )
 install_error_handlers(app)
 app.include_router(json_api)
 app.include_router(image_api)
 app.include_router(language_model_api)
 app.include_router(open_inference_api)
-app.add_middleware(request_timing.RequestTiming)
-document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else [],  # after the routes: each one's error statuses,
+OPENAPI = document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else [],  # after the routes: each one's error statuses,
                 lambda document: docs_page.add_examples(document, names_by_kind(), model_versions()))  # the loaded model names, real examples
 
 
@@ -86,10 +92,10 @@ document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else
     workers=SETTINGS.http_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
     # One log line per request costs about a tenth of a small model's request (docs/performance.md).
-    logging={"access": {"enabled": SETTINGS.access_log}},
-    # BentoML wraps every request in an OpenTelemetry span, exporter or not; off by default
-    # (every URL excluded), since a profile put it at a fifth of a small request's CPU.
-    **({} if SETTINGS.tracing else {"tracing": {"excluded_urls": [".*"]}}),
+    # The access log and tracing are the pipeline's (http/pipeline.py); BentoML's own would see only
+    # the probes and /metrics, which reach its app.
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": [".*"]},
 )
 @bentoml.asgi_app(app, path="/")
 class TextService:
@@ -98,6 +104,7 @@ class TextService:
     if SETTINGS.inference_mode == "runner":
         runner_service = bentoml.depends(ModelRunner)  # started by BentoML as its own process
 
+    @lifecycle.stops_server_on_failure
     def __init__(self) -> None:
         self.settings: ServiceSettings = SETTINGS
         # Read here first (TextService.bento is set when BentoML serves a bento), so that the
@@ -117,6 +124,7 @@ class TextService:
             metrics.model_loaded.labels(model=name).set(0)
             logger.error("model %s failed to load and is not served: %s", name, reason)
         self.admission = ADMISSION
+        self.explain_lane = Lane(SETTINGS.max_latency_ms, "explanations")
         self.ready_models: set[str] = set()  # tags the runner has said are loaded and warm
         control = SETTINGS.model_control != "none"
         self.model_state = ModelState(state_folder(SETTINGS)) if control else None
@@ -127,7 +135,7 @@ class TextService:
         self.grpc_server = self.grpc_port_lock = None
         access.announce(SETTINGS)
         global SERVING
-        SERVING = self  # the fast front answers through this instance from now on
+        SERVING = self  # the pipeline answers through this instance from now on
         freeze_what_lives()
 
     @property
@@ -143,6 +151,16 @@ class TextService:
         return self.model_set.tags
 
     @bentoml.on_startup
+    @lifecycle.stops_server_on_failure
+    async def check_the_patches(self) -> None:
+        """The one patch of BentoML and the one of uvicorn took, and the route table is the app's:
+        without them the pipeline's protections would be silently missing."""
+        bentoml_hook.check()
+        connection_limits.check()
+        routes.check_against_document(OPENAPI(with_models=False))
+
+    @bentoml.on_startup
+    @lifecycle.stops_server_on_failure
     async def follow_model_changes(self) -> None:
         """With model control: apply every load and unload, this worker's own and the others'."""
         if self.model_state is None:
@@ -157,6 +175,7 @@ class TextService:
             self.poller = asyncio.get_running_loop().create_task(ZooPoller(self.repository, SETTINGS.model_poll_interval_s).run())
 
     @bentoml.on_startup
+    @lifecycle.stops_server_on_failure
     async def listen_for_grpc(self) -> None:
         """OIP v2 over gRPC in this worker, beside HTTP (api/grpc_inference.py)."""
         if SETTINGS.grpc_port:
@@ -196,7 +215,7 @@ class TextService:
         def confirm(failures: dict[str, str]) -> None:
             for name in desired.models:
                 metrics.model_loaded.labels(model=name).set(1 if name in self.bundles else 0)
-            app.openapi_schema = None  # the document lists the loaded models: built again on its next request
+            OPENAPI.forget()  # the document lists the loaded models: built again on its next request
             self.acknowledge(me, failures)
 
         await self.model_set.apply(desired, prepare, release, confirm, SETTINGS.request_timeout_s,
@@ -284,9 +303,23 @@ class TextService:
             return await self.call_runner(runner_api, tag, texts)
 
     async def explanations(self, model: str, texts: list[str], top_k: int) -> list[dict]:
-        """Validate and run `texts` through the runner's (unbatched) explain API."""
+        """Validate, admit and explain `texts` in slices of at most TEXTSERVE_MAX_BATCH_TEXTS, one
+        slice at a time per worker: an explanation keeps every filter's activations of its batch,
+        so 256 long texts as one batch took a worker from 550 MB to over 2 GB, for good (onnxruntime
+        keeps its arena). A slice that cannot start within TEXTSERVE_MAX_LATENCY_MS is refused
+        with 503, as /classify's batches are."""
         self.check_texts(texts)
-        return await self.unbatched("explain", cost=len(texts), model=model, texts=texts, top_k=top_k)
+        tag = self.store_tags[model]
+        size = self.settings.max_batch_texts
+        explained: list[dict] = []
+        with self.admitted(len(texts)), self.model_set.holding(tag), runner_errors():
+            for start in range(0, len(texts), size):
+                async with self.explain_lane.turn():
+                    started = time.perf_counter()
+                    explained += await with_connection_retry(
+                        lambda: self.runner.to_async.explain(model=tag, texts=texts[start:start + size], top_k=top_k))
+                    request_timing.record(0.0, time.perf_counter() - started)
+        return explained
 
     async def unbatched(self, api: str, cost: int, **arguments):
         """One call of a runner API that is not batched, admitted at `cost` (texts or words it
@@ -376,14 +409,6 @@ class TextService:
 if SETTINGS.zoo.is_dir():
     TextService.models.extend(bentoml.models.BentoModel(tag) for tag in zoo_tags(SETTINGS))
 
-# Outermost of ours: connections move between workers now and then (keep_alive.py), a full
-# worker refuses before a body is read (admission.py), and so does a body over the size limit
-# (body_limit.py).
-TextService.add_asgi_middleware(RecycleConnections, requests_per_connection=SETTINGS.requests_per_connection)
-TextService.add_asgi_middleware(RefuseWhenFull, admission=ADMISSION)
-TextService.add_asgi_middleware(LimitBodySize, limit=SETTINGS.max_body_bytes)
-TextService.add_asgi_middleware(JsonNotFound)
-# Outside all of that, and of BentoML's own middlewares: the hot routes in one pass (http/front.py).
 def names_by_kind() -> dict[str, list[str]]:
     """The loaded models' names by kind ("classifier", "language model", "image classifier")."""
     kinds: dict[str, list[str]] = {}
@@ -396,18 +421,56 @@ def model_versions() -> dict[str, str]:
     return {name: tag.partition(":")[2] for name, tag in SERVING.store_tags.items()} if SERVING is not None else {}
 
 
-def page_of(page: str) -> str | None:
-    """The docs page or the playground, once this worker serves (docs_page.py, playground.py)."""
+def page_of(route: str, with_models: bool) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """A PAGE route's answer (body, headers) once this worker serves, else None: the docs page
+    and the playground (docs_page.py), the OpenAPI document and BentoML's client schema; the
+    model names and examples only `with_models` (a caller with a key, or a server without keys)."""
     if SERVING is None:
         return None
-    if page == "schema":
-        return json.dumps(docs_page.bentoml_schema(app.openapi()))
-    explainable = [name for name, bundle in SERVING.bundles.items()
-                   if "window_starts" in bundle.config.get("onnx", {}).get("outputs", [])]  # /explain can answer
-    return docs_page.render(app.openapi(), names_by_kind(), page, sorted(explainable), model_versions())
+    document = OPENAPI(with_models)
+    if route == "/openapi.json":
+        return json.dumps(document).encode(), [(b"content-type", b"application/json")]
+    if route == "/schema.json":
+        return json.dumps(docs_page.bentoml_schema(document)).encode(), [(b"content-type", b"application/json")]
+    kinds = names_by_kind() if with_models else {}
+    explainable = sorted(name for name, bundle in SERVING.bundles.items()
+                         if "window_starts" in bundle.config.get("onnx", {}).get("outputs", [])) if with_models else []
+    page = "playground" if route == "/playground" else "docs"
+    html = docs_page.render(document, kinds, page, explainable, model_versions() if with_models else {})
+    return html.encode(), [(b"content-type", docs_page.HTML), (b"content-security-policy", docs_page.CONTENT_SECURITY_POLICY),
+                           (b"cache-control", b"no-cache")]
 
 
-front.install(TextService, ADMISSION, lambda: SERVING, page_of=page_of)
+def build_pipeline(bentoml_app):
+    """The app uvicorn runs in each HTTP worker (http/bentoml_hook.py installs it)."""
+    pipeline = Pipeline(bentoml_app, app, ADMISSION, lambda: SERVING, hot_routes.ANSWERS, page_of)
+    return bentoml_hook.traced(pipeline, SETTINGS)
+
+
+bentoml_hook.install(TextService, build_pipeline)
+
+
+class Lane:
+    """Work that runs one at a time in this worker, or is refused (503) when its turn does not
+    come within `max_wait_ms`: a queue that cannot grow past what the worker clears in time."""
+
+    def __init__(self, max_wait_ms: int, what: str) -> None:
+        self.max_wait_s = max_wait_ms / 1000
+        self.what = what
+        self.free = asyncio.Semaphore(1)
+
+    @contextlib.asynccontextmanager
+    async def turn(self):
+        try:
+            async with asyncio.timeout(self.max_wait_s):
+                await self.free.acquire()
+        except TimeoutError:
+            raise overloaded(f"overloaded: {self.what} cannot start within {self.max_wait_s * 1000:g} ms "
+                             "(TEXTSERVE_MAX_LATENCY_MS); retry shortly") from None
+        try:
+            yield
+        finally:
+            self.free.release()
 
 
 CLOSING_STREAMS: set[asyncio.Task] = set()  # the runner's streams being closed (GeneratedWords.close)

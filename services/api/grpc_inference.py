@@ -38,32 +38,20 @@ from services.api.oip import (InferRequest, OIPError, decode_raw_tensor, encode_
 from services.api.open_inference import (SERVER_NAME, SERVER_VERSION, checked_bundle, infer_outputs, metadata_of,
                                          model_version)
 from services.config import ServiceSettings
+from services.errors import ApiError, grpc_code, internal_error
 from services.http import request_timing
 from services.http.access import process_keys
-from services.http.bentoml_timeout import within_timeout
-from services.http.errors import ApiError
+from services.http.deadline import MODEL_CHANGE_VARIABLE, model_change_timeout_s, within_timeout
+from services.http.routes import ADMIN, GRPC_ACCESS, KEY
 
 logger = logging.getLogger("bentoml.textserve")
 SERVICE = "inference.GRPCInferenceService"
-# The gRPC status of each HTTP status the service's code raises (ApiError).
-STATUS_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.INVALID_ARGUMENT,  # a limit of the request itself; the message names it and its variable
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 # Typed contents field of each datatype (InferTensorContents), when raw_input_contents is absent.
 CONTENTS_FIELDS = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
     "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
     "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
-OPEN_CALLS = frozenset({"ServerLive", "ServerReady"})  # probes, open like HTTP's
-ADMIN_CALLS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 
 
 def decoded_request(request: service_pb2.ModelInferRequest) -> InferRequest:
@@ -133,15 +121,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         status = 200
         token = request_timing.current_timing.set(request_timing.Timing())
         try:
-            if self.keys.enabled and call not in OPEN_CALLS:
+            access = GRPC_ACCESS.get(call, KEY)  # the HTTP route table's access classes
+            needed = self.keys.needed(access, self.settings)
+            if needed is not None:
                 authorization = dict(context.invocation_metadata()).get("authorization")
-                self.keys.check(authorization, call in ADMIN_CALLS)
-            if call in ADMIN_CALLS:  # a prepare and a commit, each waited for with its own 504 that names who is late
-                return await within_timeout(work(), self.settings.model_load_timeout_s * 2 + 10, "TEXTSERVE_MODEL_LOAD_TIMEOUT_S")
+                self.keys.check(authorization, needed == ADMIN)
+            if access == ADMIN:  # a prepare and a commit, each waited for with its own 504 that names who is late
+                return await within_timeout(work(), model_change_timeout_s(self.settings.model_load_timeout_s), MODEL_CHANGE_VARIABLE)
             return await within_timeout(work(), self.settings.request_timeout_s)
         except ApiError as error:
             status = error.status
-            await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+            await context.abort(grpc_code(error), error.message)
         except OIPError as error:
             status = 400
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -153,7 +143,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise
             status = 500
             logger.exception("unexpected error in gRPC %s", call)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the server log has the details")
+            await context.abort(grpc.StatusCode.INTERNAL, internal_error(error).message)
         finally:
             request_timing.current_timing.reset(token)
             endpoint = f"/{SERVICE}/{call}"
@@ -228,6 +218,24 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self.answer("RepositoryModelUnload", context, unload, request.model_name)
 
 
+def unimplemented(call: str):
+    """A call of Triton's service that textserve does not serve: UNIMPLEMENTED with a message and
+    no traceback (the generated base class raises NotImplementedError, which grpc logs as an
+    error with its traceback: 2,000 calls wrote 2 MB of log)."""
+
+    async def refuse(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{call} is not served by textserve; its calls: {', '.join(SERVED_CALLS)}")
+
+    refuse.__name__ = call
+    return refuse
+
+
+SERVED_CALLS = tuple(sorted(name for name, value in vars(InferenceServicer).items() if name[:1].isupper() and callable(value)))
+for _call in dir(service_pb2_grpc.GRPCInferenceServiceServicer):
+    if _call[:1].isupper() and _call not in SERVED_CALLS:
+        setattr(InferenceServicer, _call, unimplemented(_call))
+
+
 class PortTakenByAnotherServer(RuntimeError):
     pass
 
@@ -256,7 +264,7 @@ def claim_port(port: int, host: str) -> object:
     if holder != mine:
         lock.close()
         raise PortTakenByAnotherServer(f"gRPC port {port} is in use by another textserve server (arbiter pid {holder}); "
-                                       "set TEXTSERVE_GRPC_PORT to another port, or 0 to turn gRPC off")
+                                       "set TEXTSERVE_GRPC_PORT to another port (make serve: GRPC_PORT=8002), or 0 to turn gRPC off")
     return lock
 
 

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ValidationError
 
 import bentoml
-from services.http.errors import ApiError, validation_message
+from services.errors import ApiError
+from services.http.errors import validation_message
 from services.api.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -39,7 +40,7 @@ async def parse_body(request: Request, schema: type[BaseModel]):
 
 def requested_bundle(request, service, name: str, kind: str = "classifier"):
     """The named bundle (404 if unknown, 400 if it is not of `kind`), also noted on the request's
-    state (`request.state`, or the fast front's) for the metrics' model label."""
+    state (`request.state`, or the pipeline exchange's) for the metrics' model label."""
     bundle = service.bundle(name, kind)
     request.state.model = bundle.name
     return bundle
@@ -86,7 +87,7 @@ def json_response(content: dict) -> Response:
 
 async def classify_answer(request, service, raw: bytes) -> bytes:
     """POST /classify, from the body's bytes to the answer's: what the FastAPI route below and
-    the fast front (services/http/front.py) both run. `request` has a `.state` for the model label."""
+    the pipeline (services/api/hot_routes.py) both run. `request` has a `.state` for the model label."""
     body = parsed(raw, ClassifyRequest)
     bundle = requested_bundle(request, service, body.model)
     k = top_k_or_default(body.top_k, min(service.settings.default_top_k, len(bundle.labels)),

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 import bentoml
 from models.image_encoding import INK_SCALE, ImageError, ImageTooLarge, grid_from_picture
-from services.http.errors import ApiError
+from services.errors import ApiError
 from services.api.http_api import json_response, parse_body, requested_bundle, top_k_or_default, top_k_results
 from services.api.schemas import ClassifyResponse
 

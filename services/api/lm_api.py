@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 import bentoml
-from services.http.errors import ApiError
+from services.errors import ApiError
 from services.api.http_api import json_body, json_bytes, parse_body, parsed, requested_bundle, top_k_or_default
 from services.api.schemas import (
     GenerateRequest,
@@ -48,7 +48,7 @@ async def score(request: Request, service=Depends(bentoml.get_current_service)) 
 
 async def score_answer(request, service, raw: bytes) -> bytes:
     """POST /lm/score from the body's bytes to the answer's (a ScoreResponse, built as plain
-    dicts): the route above and the fast front (services/http/front.py) both run it."""
+    dicts): the route above and the pipeline (services/api/hot_routes.py) both run it."""
     body = parsed(raw, ScoreRequest)
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     results = []

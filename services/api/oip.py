@@ -13,8 +13,8 @@ It implements Triton's *binary tensor data extension*, which the standard
   (decompressed) body are the JSON request; the raw bytes of every input whose
   ``parameters.binary_data_size`` is set follow, concatenated in input order.
   ``N`` is measured on the *uncompressed* body: the client compresses the whole
-  body (JSON + blobs) after computing it, so we must decompress first and split
-  second.
+  body (JSON + blobs) after computing it, so the body is decompressed first
+  (by the HTTP pipeline, services/http/body.py) and split second.
 * BYTES tensors in binary form are, per element in row-major order, a 4-byte
   little-endian length followed by that many bytes.
 * Response: an output goes binary when its request entry has
@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,6 @@ __all__ = [
     "InferRequest",
     "OutputTensor",
     "DATATYPES",
-    "MAX_DECOMPRESSED_BYTES",
     "parse_header_length",
     "decode_infer_request",
     "encode_infer_response",
@@ -87,10 +85,6 @@ _DATATYPES_LISTED = ", ".join(sorted(DATATYPES))
 
 _INT_TYPES = frozenset(n for n in _NUMERIC_DTYPES if "INT" in n)
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
-
-#: Cap on a decompressed request body. A few KiB of gzip can expand to GiB
-#: ("zip bomb"); text-classification requests are tiny, so 64 MiB is generous.
-MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024
 
 _LEN_PREFIX = struct.Struct("<I")
 
@@ -170,63 +164,6 @@ def parse_header_length(value: str | None) -> int | None:
     if len(text) > 18:  # past any body the limits admit (and past what int() parses by default)
         raise OIPError(f"Inference-Header-Content-Length has {len(text)} digits; no body is that long")
     return int(text)
-
-
-def _decompress(body: bytes, content_encoding: str | None, limit: int) -> bytes:
-    """Undo ``Content-Encoding`` (what ``request_compression_algorithm`` sends).
-
-    tritonclient sends ``gzip`` (``gzip.compress``) or ``deflate``
-    (``zlib.compress``, i.e. zlib-wrapped as RFC 9110 says). Some other
-    clients send raw DEFLATE for ``deflate``, so that is accepted too.
-    Decompression is bounded by ``limit`` to defuse compression bombs.
-    """
-    encoding = (content_encoding or "").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding in ("gzip", "x-gzip"):
-        candidates = [zlib.MAX_WBITS | 16]
-    elif encoding == "deflate":
-        candidates = [zlib.MAX_WBITS, -zlib.MAX_WBITS]
-    else:
-        raise OIPError(
-            f"unsupported Content-Encoding {content_encoding!r}; supported: gzip, deflate, identity"
-        )
-
-    last_error: Exception | None = None
-    for wbits in candidates:
-        try:
-            return _bounded_inflate(body, wbits, limit)
-        except zlib.error as exc:
-            last_error = exc
-    raise OIPError(f"request body is not valid {encoding} data: {last_error}")
-
-
-MAX_GZIP_MEMBERS = 64  # tritonclient sends one; each member copies the bytes after it (quadratic)
-
-
-def _bounded_inflate(data: bytes, wbits: int, limit: int) -> bytes:
-    """Inflate ``data`` (possibly several concatenated gzip members, at most
-    MAX_GZIP_MEMBERS) up to ``limit`` bytes."""
-    out: list[bytes] = []
-    total = 0
-    remaining = data
-    while True:
-        if len(out) == MAX_GZIP_MEMBERS:
-            raise OIPError(f"request body has more than {MAX_GZIP_MEMBERS} concatenated gzip members")
-        inflater = zlib.decompressobj(wbits)
-        chunk = inflater.decompress(remaining, limit - total + 1)
-        total += len(chunk)
-        out.append(chunk)
-        if total > limit or inflater.unconsumed_tail:
-            raise OIPError(f"decompressed request body exceeds the {limit}-byte limit")
-        if not inflater.eof:
-            raise zlib.error("compressed stream is truncated")
-        remaining = inflater.unused_data
-        # gzip allows concatenated members (RFC 1952 §2.2); zlib/raw do not.
-        if not remaining or not (wbits & 16):
-            if remaining:
-                raise zlib.error(f"{len(remaining)} trailing bytes after compressed stream")
-            return b"".join(out)
 
 
 def _refuse_lone_surrogates(value: Any, where: str) -> None:
@@ -454,9 +391,6 @@ def _parse_outputs(
 def decode_infer_request(
     body: bytes,
     header_length: int | None,
-    content_encoding: str | None = None,
-    *,
-    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
 ) -> InferRequest:
     """Decode a v2 inference request body (JSON or JSON + binary tensor data).
 
@@ -465,15 +399,11 @@ def decode_infer_request(
         header_length: ``int`` of the ``Inference-Header-Content-Length``
             header (see :func:`parse_header_length`), or ``None`` when absent,
             in which case the whole body is JSON.
-        content_encoding: the ``Content-Encoding`` header; ``gzip`` and
-            ``deflate`` bodies are decompressed before splitting (the header
-            length counts uncompressed bytes).
-        max_decompressed_bytes: bound on the decompressed size.
 
     Raises:
         OIPError: with a message naming the offending input/field.
     """
-    body = _decompress(bytes(body), content_encoding, max_decompressed_bytes)
+    body = bytes(body)  # already decompressed by the pipeline (services/http/body.py): the header length counts those bytes
 
     if header_length is None:
         header_length = len(body)

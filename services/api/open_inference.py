@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 import bentoml
 from services.api.http_api import json_response
-from services.http.errors import ApiError
+from services.errors import ApiError
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.api.oip import InferRequest, OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
 
@@ -113,20 +113,19 @@ async def model_ready(name: str, version: str | None = None, service=Depends(ben
 @router.post("/models/{name}/versions/{version}/infer", summary="Classify a BYTES tensor of texts")
 async def infer(name: str, request: Request, version: str | None = None, service=Depends(bentoml.get_current_service)) -> Response:
     body, headers = await infer_answer(request, service, await request.body(), name, version,
-                                       request.headers.get("inference-header-content-length"),
-                                       request.headers.get("content-encoding"))
+                                       request.headers.get("inference-header-content-length"))
     return Response(content=body, headers=headers)
 
 
-async def infer_answer(request, service, raw: bytes, name: str, version: str | None, header_length: str | None,
-                       content_encoding: str | None) -> tuple[bytes, dict[str, str]]:
-    """POST /v2/models/{name}[/versions/{version}]/infer from the body's bytes (and the two
-    headers the binary extension reads) to the answer's bytes and headers: the route above and
-    the fast front (services/http/front.py) both run it."""
+async def infer_answer(request, service, raw: bytes, name: str, version: str | None,
+                       header_length: str | None) -> tuple[bytes, dict[str, str]]:
+    """POST /v2/models/{name}[/versions/{version}]/infer from the body's bytes (decoded by the
+    pipeline) and the header the binary extension reads, to the answer's bytes and headers: the
+    documented route above and the pipeline's FRONT route (services/api/hot_routes.py) both run it."""
     bundle = checked_bundle(service, name, version)
     request.state.model = bundle.name
     try:
-        inference = decode_infer_request(raw, parse_header_length(header_length), content_encoding)
+        inference = decode_infer_request(raw, parse_header_length(header_length))
     except OIPError as error:
         raise ApiError(400, str(error)) from None
     outputs = await infer_outputs(service, bundle, inference)

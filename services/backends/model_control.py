@@ -52,7 +52,7 @@ import bentoml
 from services.backends.inference import MANIFEST, Bundle, read_bundle, sha256_file
 from services.backends.model_store import LOAD_ERRORS, bento_models, import_bundle, store_tag, zoo_folders
 from services.config import ServiceSettings
-from services.http.errors import ApiError
+from services.errors import ApiError
 
 logger = logging.getLogger("bentoml.textserve")
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder name in the zoo, never a path

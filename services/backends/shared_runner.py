@@ -53,8 +53,7 @@ from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
 
 from services.backends.batching import IdleDispatchBatcher
 from services.config import SETTINGS
-from services.http.admission import RETRY_AFTER_S
-from services.http.errors import ApiError
+from services.errors import RETRY_AFTER_S, ApiError
 
 logger = logging.getLogger("bentoml.textserve")
 LENGTH = struct.Struct(">I")

@@ -6,10 +6,11 @@
 With either set, a request needs `Authorization: Bearer KEY` (gRPC: the `authorization`
 metadata, same form), else 401 with `WWW-Authenticate: Bearer`. An admin key opens every route;
 an API key every route but POST /v2/repository/models/{name}/load and /unload, which answer it
-403. Open without a key: the probes (the kubelet calls them) and, unless
-TEXTSERVE_PROTECT_METRICS=1, /metrics (Prometheus); the docs page and the OpenAPI document,
-which a browser fetches without headers. With no keys set every route is open, and the service
-says so at start-up.
+403. Which route needs what is the route table's `access` (routes.py): open without a key are the
+probes (the kubelet calls them), /metrics unless TEXTSERVE_PROTECT_METRICS=1 (Prometheus), and
+the docs page and the OpenAPI document, which a browser fetches without headers (they name the
+models only to a caller with a key). With no keys set every route is open, and the service says
+so at start-up. The pipeline (pipeline.py) checks the key before anything else of a request.
 
 Keys are compared with hmac.compare_digest against every configured key (no early exit, so the
 time does not tell how much of a key matched) and are never logged. An @FILE is read again
@@ -28,19 +29,12 @@ from dataclasses import dataclass
 
 from services import metrics
 from services.config import ServiceSettings
-from services.http.errors import ApiError, error_body, raw_headers
+from services.errors import ApiError
+from services.http.routes import ADMIN, KEY, METRICS
 
 logger = logging.getLogger("bentoml.textserve")
 RELOAD_CHECK_S = 1.0
-OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/livez", "/readyz", "/healthz",
-                        "/", "/docs.json", "/schema.json", "/docs", "/openapi.json", "/playground"})  # pages: their calls send the key
-OPEN_PREFIXES = ("/static_assets/",)
-ADMIN_SUFFIXES = ("/load", "/unload")
 CHALLENGE = "Bearer"
-
-
-def is_admin_route(method: str, path: str) -> bool:
-    return method == "POST" and path.startswith("/v2/repository/models/") and path.endswith(ADMIN_SUFFIXES)
 
 
 class KeySource:
@@ -124,41 +118,26 @@ class Keys:
                            + ("" if self.admin.value else " (none is configured, so load and unload are closed)"))
 
 
+    def accepts(self, authorization: str | None) -> bool:
+        """Whether `authorization` carries a good key (of either kind); nothing is counted."""
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        candidate = key.strip().encode()
+        return matches(candidate, self.admin.current()) | matches(candidate, self.api.current())
+
+    def needed(self, access: str, settings: ServiceSettings) -> str | None:
+        """What a route of `access` (routes.py) needs of this server: None (nothing), KEY or ADMIN."""
+        if not self.enabled or access not in (KEY, ADMIN, METRICS):
+            return None
+        if access == METRICS:
+            return KEY if settings.protect_metrics else None
+        return access
+
+
 def unauthorized(message: str, detail: str = "") -> ApiError:
     metrics.auth_refusals_total.labels(status="401").inc()
     return ApiError(401, message, {"WWW-Authenticate": f"{CHALLENGE} {detail}".strip()})
-
-
-def needs_key(method: str, path: str, settings: ServiceSettings) -> bool:
-    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-        return False
-    return path != "/metrics" or settings.protect_metrics
-
-
-class RequireKeys:
-    """ASGI middleware, outermost of all (outside the fast front): a request to a protected
-    route without a good key is answered here, before anything reads its body."""
-
-    def __init__(self, app, keys: Keys, settings: ServiceSettings) -> None:
-        self.app = app
-        self.keys = keys
-        self.settings = settings
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not needs_key(scope["method"], scope["path"], self.settings):
-            return await self.app(scope, receive, send)
-        authorization = next((value for name, value in scope["headers"] if name == b"authorization"), None)
-        try:
-            self.keys.check(authorization.decode("latin-1") if authorization is not None else None,
-                            is_admin_route(scope["method"], scope["path"]))
-        except ApiError as error:
-            body = error_body(error.message)
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                       *raw_headers(error.headers)]
-            await send({"type": "http.response.start", "status": error.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
 
 
 @functools.cache
@@ -166,12 +145,6 @@ def process_keys(settings: ServiceSettings) -> Keys:
     """This process's keys: one reading of the key files (and of their later changes) shared by
     the start-up message, the HTTP check and the gRPC check."""
     return Keys.from_settings(settings)
-
-
-def wrap(app, settings: ServiceSettings):
-    """`app` behind RequireKeys when keys are configured, else `app` itself."""
-    keys = process_keys(settings)
-    return RequireKeys(app, keys, settings) if keys.enabled else app
 
 
 def announce(settings: ServiceSettings) -> None:

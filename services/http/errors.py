@@ -1,12 +1,13 @@
-"""Every error the service answers is `{"error": "what was wrong"}` with a 4xx/5xx status.
+"""FastAPI's side of the one error mapping (services/errors.py), and the OpenAPI document's.
 
-FastAPI's own validation errors (a list, status 422) and unmatched routes are rewritten to that
-shape here, so a client only ever parses one error format.
+Inside the FastAPI app (the APP routes of routes.py), an ApiError, FastAPI's own validation
+errors (a list, status 422) and a bug are answered here in the same `{"error": "what was
+wrong"}` shape the pipeline answers everything else with, so a client only ever parses one
+error format.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -15,15 +16,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from services.errors import ApiError, internal_error
+
 logger = logging.getLogger("bentoml.textserve")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -49,15 +44,6 @@ def validation_message(errors: list[dict]) -> str:
     return "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
 
 
-def error_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
-
-
-def raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    """An error's headers (Retry-After, WWW-Authenticate) as ASGI header pairs."""
-    return [(key.lower().encode(), value.encode()) for key, value in headers.items()]
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -77,7 +63,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, f"internal error ({type(error).__name__}); the server log has the details")
+        answer = internal_error(error)
+        return error_response(answer.status, answer.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -132,20 +119,30 @@ def error_statuses(method: str, path: str) -> list[int]:
     return [] if path in ("/v2/health/live",) else [401]
 
 
-def document_errors(app: FastAPI, model_names=None, add_examples=None) -> None:
+def document_errors(app: FastAPI, model_names=None, add_examples=None):
     """The OpenAPI document tells the truth about errors: every operation lists the statuses it
     can answer with the {"error": ...} body, and FastAPI's 422 (which this service answers as
     400, see install_error_handlers) is dropped. The OIP infer routes, which read their body
     themselves, get its schema. With `model_names` (a callable), model names in paths and
     bodies are documented as the loaded models' names (the document is built on first request,
-    once the models are loaded)."""
-    build = app.openapi
+    once the models are loaded).
 
-    def openapi() -> dict:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
+    Returns `document(with_models)`: the document with the model names and real examples (what
+    a caller with a key, or any caller of a server without keys, gets), or without them (a
+    caller without a key may read the API, not which models there are). `document.forget()`
+    drops both once the loaded models change."""
+    build = app.openapi
+    built: dict[bool, dict] = {}
+
+    def document(with_models: bool = True) -> dict:
+        if with_models not in built:
+            app.openapi_schema = None  # FastAPI's own cache: each form is built from scratch
+            built[with_models] = openapi(with_models)
+        return built[with_models]
+
+    def openapi(with_models: bool) -> dict:
         document = build()
-        names = sorted(model_names()) if model_names is not None else []
+        names = sorted(model_names()) if model_names is not None and with_models else []
         bodies = [content["schema"] for operations in document["paths"].values() for operation in operations.values()
                   for content in operation.get("requestBody", {}).get("content", {}).values() if "schema" in content]
         for schema in [*document.get("components", {}).get("schemas", {}).values(), *bodies]:
@@ -167,42 +164,12 @@ def document_errors(app: FastAPI, model_names=None, add_examples=None) -> None:
                     operation["requestBody"] = {"required": True, "content": {
                         "application/json": {"schema": INFER_REQUEST_SCHEMA},
                         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
-        if add_examples is not None:  # real ones, for the loaded models (docs_page.py)
+        if add_examples is not None and with_models:  # real ones, for the loaded models (docs_page.py)
             add_examples(document)
         document["components"]["schemas"].pop("HTTPValidationError", None)
         document["components"]["schemas"].pop("ValidationError", None)
-        app.openapi_schema = document
         return document
 
-    app.openapi = openapi
-
-
-class JsonNotFound:
-    """ASGI middleware around the whole server: the router's plain-text 404 for a path nobody
-    serves becomes `{"error": "no such endpoint: ..."}`; every other response passes as it is."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        rewriting = False
-
-        async def send_json_404(message) -> None:
-            nonlocal rewriting
-            if message["type"] == "http.response.start" and message["status"] == 404:
-                headers = dict(message.get("headers", []))
-                rewriting = headers.get(b"content-type", b"").startswith(b"text/plain")
-            if not rewriting:
-                return await send(message)
-            if message["type"] == "http.response.start":
-                return  # sent with the body, once its length is known
-            if message.get("more_body"):
-                return  # drop the plain-text body
-            body = json.dumps({"error": f"no such endpoint: {scope['method']} {scope['path']}"}).encode()
-            await send({"type": "http.response.start", "status": 404,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, send_json_404)
+    document.forget = built.clear
+    app.openapi = document
+    return document

@@ -8,19 +8,15 @@ where time goes without a profiler (milliseconds, with microsecond resolution):
                       when a request's texts were split over several)
     x-total-time      from the request's arrival here until its response headers left
 
-A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which runs the app in a second
-task and costs about as much as a small model), keyed by a context variable that the service
-fills in while it handles the request.
+The pipeline (pipeline.py) adds them to every response, from a context variable that the
+service fills in while it handles the request.
 """
 
 from __future__ import annotations
 
 import contextvars
-import time
 from dataclasses import dataclass
 
-from services import metrics
-from services.http.outcome import request_outcome
 
 QUEUE_HEADER, INFERENCE_HEADER, TOTAL_HEADER = b"x-queue-time", b"x-inference-time", b"x-total-time"
 
@@ -48,43 +44,3 @@ def record(queue_s: float, inference_s: float) -> None:
 
 def milliseconds(seconds: float) -> bytes:
     return f"{seconds * 1000:.3f}".encode()
-
-
-class RequestTiming:
-    """ASGI middleware: timing headers on every response, and the request counter and latency
-    histogram by model, route template and status (bounded labels: never the raw path)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        timing = Timing()
-        token = current_timing.set(timing)
-        status = None  # none sent: the request was cancelled (a timeout) or failed past every handler
-        outcome = request_outcome(scope)
-
-        async def send_with_headers(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (QUEUE_HEADER, milliseconds(timing.queue_s)),
-                                                  (INFERENCE_HEADER, milliseconds(timing.inference_s)),
-                                                  (TOTAL_HEADER, milliseconds(time.perf_counter() - started))]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_headers)
-        finally:
-            current_timing.reset(token)
-            if not outcome.get("counted"):  # else refused by an outer layer, which counted it (a body over the limit: 413)
-                if status is None:
-                    status = 504 if outcome.get("timed_out") else 500  # the timeout middleware answers 504
-                route = scope.get("route")
-                endpoint = getattr(route, "path", "unmatched")
-                model = scope.get("state", {}).get("model", "")
-                metrics.requests_total.labels(model=model, endpoint=endpoint, status=str(status)).inc()
-                metrics.request_duration_seconds.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
