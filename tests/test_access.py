@@ -10,8 +10,9 @@ import pytest
 
 from services.config import ServiceSettings
 from services.http import access
-from services.http.access import Keys, KeySource, is_admin_route, needs_key
-from services.http.errors import ApiError
+from services.http.access import Keys, KeySource
+from services.http.routes import ADMIN, KEY, RouteTable
+from services.errors import ApiError
 
 
 def keys(api: str = "", admin: str = "") -> Keys:
@@ -54,18 +55,24 @@ def test_with_api_keys_but_no_admin_key_load_and_unload_are_closed():
     assert error.status == 403 and "none is configured" in error.message
 
 
+def needed(method: str, path: str, settings: ServiceSettings, keyring: Keys) -> str | None:
+    """What the route table and the keys ask of a request to `path` (an unknown path: a key)."""
+    route = RouteTable().match(method, path).route
+    return keyring.needed(route.access if route is not None else KEY, settings)
+
+
 def test_probes_metrics_and_docs_are_open_everything_else_needs_a_key():
-    settings = ServiceSettings()
-    for path in ("/v2/health/live", "/v2/health/ready", "/livez", "/readyz", "/metrics", "/", "/openapi.json"):
-        assert not needs_key("GET", path, settings), path
-    for path in ("/classify", "/models", "/v2", "/v2/models/kim-cnn-trec6", "/v2/models/kim-cnn-trec6/ready",
-                 "/v2/repository/index", "/lm/score"):
-        assert needs_key("POST", path, settings), path
-    assert needs_key("GET", "/metrics", ServiceSettings(protect_metrics=True))
-    assert is_admin_route("POST", "/v2/repository/models/kim-cnn-trec6/load")
-    assert is_admin_route("POST", "/v2/repository/models/kim-cnn-trec6/unload")
-    assert not is_admin_route("POST", "/v2/repository/index")
-    assert not is_admin_route("GET", "/v2/repository/models/kim-cnn-trec6/load")
+    settings, keyring = ServiceSettings(), keys("k1", "boss")
+    for path in ("/v2/health/live", "/v2/health/ready", "/livez", "/readyz", "/metrics", "/", "/openapi.json", "/playground"):
+        assert needed("GET", path, settings, keyring) is None, path
+    for method, path in (("POST", "/classify"), ("GET", "/models"), ("GET", "/v2"), ("GET", "/v2/models/kim-cnn-trec6"),
+                         ("GET", "/v2/models/kim-cnn-trec6/ready"), ("POST", "/v2/repository/index"), ("POST", "/lm/score"),
+                         ("GET", "/static_assets/x"), ("GET", "/docs.json"), ("POST", "/no/such/route")):
+        assert needed(method, path, settings, keyring) == KEY, path
+    assert needed("GET", "/metrics", ServiceSettings(protect_metrics=True), keyring) == KEY
+    assert needed("POST", "/v2/repository/models/kim-cnn-trec6/load", settings, keyring) == ADMIN
+    assert needed("POST", "/v2/repository/models/kim-cnn-trec6/unload", settings, keyring) == ADMIN
+    assert needed("POST", "/v2/repository/models/kim-cnn-trec6/load", settings, keys()) is None  # no keys: all open
 
 
 def test_a_key_file_is_read_again_when_it_changes(tmp_path, monkeypatch):

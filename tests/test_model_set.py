@@ -13,7 +13,7 @@ import pytest
 from services.backends import model_control
 from services.backends.inference import Bundle
 from services.backends.model_control import Desired, ModelState, ServedModels
-from services.http.errors import ApiError
+from services.errors import ApiError
 
 
 def bundle(name: str, version: str) -> Bundle:

@@ -224,40 +224,6 @@ def test_scalar_shape():
     assert req.inputs["text"].shape == ()
 
 
-@pytest.mark.parametrize(
-    "encoding,compress",
-    [("gzip", gzip.compress), ("deflate", zlib.compress), ("GZIP", gzip.compress),
-     ("deflate", lambda b: zlib.compress(b, wbits=-15))],  # raw deflate some clients send
-)
-def test_compressed_request_bodies(encoding, compress):
-    # Same order as InferenceServerClient.infer: build, then compress the whole
-    # body; the header length refers to the uncompressed bytes.
-    body, size = client_request(
-        [make_input("text", TEXTS, "BYTES", True), make_input("features", SCORES, "FP32", True)]
-    )
-    req = decode_infer_request(compress(body), size, encoding)
-    assert_bytes_array_equal(req.inputs["text"], TEXTS)
-    np.testing.assert_array_equal(req.inputs["features"], SCORES)
-
-
-def test_compressed_pure_json():
-    body, size = client_request([make_input("text", TEXTS, "BYTES", False)])
-    assert size is None
-    req = decode_infer_request(gzip.compress(body), None, "gzip")
-    assert_bytes_array_equal(req.inputs["text"], TEXTS)
-
-
-def test_gzip_multi_member():
-    body, size = client_request([make_input("text", TEXTS, "BYTES", True)])
-    compressed = gzip.compress(body[:10]) + gzip.compress(body[10:])
-    assert_bytes_array_equal(decode_infer_request(compressed, size, "gzip").inputs["text"], TEXTS)
-
-
-def test_identity_encoding_is_noop():
-    body, size = client_request([make_input("text", TEXTS, "BYTES", True)])
-    assert_bytes_array_equal(decode_infer_request(body, size, "identity").inputs["text"], TEXTS)
-
-
 # ----------------------------------------------------------------------------
 # response encoding, parsed by the client's InferResult
 # ----------------------------------------------------------------------------
@@ -405,9 +371,9 @@ def test_select_outputs_unknown():
 # ----------------------------------------------------------------------------
 
 
-def bad(body: bytes, header_length=None, encoding=None, match=""):
+def bad(body: bytes, header_length=None, match=""):
     with pytest.raises(OIPError, match=match):
-        decode_infer_request(body, header_length, encoding)
+        decode_infer_request(body, header_length)
 
 
 def test_error_bad_json():
@@ -553,20 +519,6 @@ def test_error_bad_output_entries():
         match="output 'p': parameters.binary_data must be a boolean")
     bad(json_body({"inputs": [text_input()], "parameters": {"binary_data_output": 1}}),
         match="binary_data_output must be a boolean")
-
-
-def test_error_compression():
-    body, size = client_request([make_input("text", TEXTS, "BYTES", True)])
-    bad(body, size, "gzip", match="not valid gzip data")
-    bad(body, size, "deflate", match="not valid deflate data")
-    bad(gzip.compress(body)[:-10], size, "gzip", match="not valid gzip data")
-    bad(gzip.compress(body), size, "br", match="unsupported Content-Encoding 'br'")
-
-
-def test_error_compression_bomb():
-    bomb = gzip.compress(b" " * 10_000)
-    with pytest.raises(OIPError, match="exceeds the 1000-byte limit"):
-        decode_infer_request(bomb, None, "gzip", max_decompressed_bytes=1000)
 
 
 def test_parse_header_length():

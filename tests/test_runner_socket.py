@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from services.backends.shared_runner import BATCHED_APIS, FrameProtocol, RunnerConnection, RunnerSocketServer, SharedRunnerClient
-from services.http.errors import ApiError
+from services.errors import ApiError
 
 FAST_FAILURE_S = 1.0  # a request on a lost connection fails within this, far under any request timeout
 
