@@ -368,7 +368,7 @@ def wait_until_idle(root: psutil.Process, cpu_share: float = 0.1, timeout_s: flo
     measure_system), i.e. it has finished the previous level's queued work. The HTTP workers
     share one listening socket and a worker still busy when the next level's connections arrive
     accepts fewer of them, and a keep-alive connection stays where it landed for ~100 requests
-    (services/http/keep_alive.py)."""
+    (services/http/pipeline.py)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         before = tree_cpu_seconds(root)

@@ -42,7 +42,7 @@ ROUTING_LAYER = "routing and dependency solving (Starlette, FastAPI)"
 # Files of services/ by name, so that a profile taken before the layout of issue 17 (one flat
 # folder) is charged as one taken now (services/http, api, backends).
 FRONT_AND_MIDDLEWARES = ("request_timing", "admission", "body_limit", "keep_alive", "bentoml_timeout", "errors", "slow_clients",
-                         "fast_front", "front")
+                         "fast_front", "front", "pipeline", "routes", "body", "deadline", "connection_limits", "bentoml_hook")
 ROUTES = ("http_api", "lm_api", "image_api", "open_inference", "oip", "service")
 BACKENDS = ("runner", "in_process", "shared_runner", "inference", "language_model", "explain")
 
@@ -63,7 +63,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                                               "concurrent/futures", "threading.py", "queue.py")),
     ("inference glue (runner, in-process)", (*(f"services/{n}" for n in in_services(*BACKENDS)),
                                              *(f"services/backends/{n}" for n in in_services(*BACKENDS)), "numpy/")),
-    ("our middlewares and front (services/http)", (*(f"services/{n}" for n in in_services(*FRONT_AND_MIDDLEWARES)), "services/http/")),
+    ("our pipeline (services/http; before issue 31: middlewares and front)", (*(f"services/{n}" for n in in_services(*FRONT_AND_MIDDLEWARES)), "services/http/")),
     ("our routes (services/api, service.py)", (*(f"services/{n}" for n in in_services(*ROUTES)), "services/api/")),
     ("BentoML's middlewares (traffic metrics, tracing, context)", ("bentoml/_internal/server/http/", "opentelemetry/",
                                                                     "_bentoml_impl/server/app.py", "bentoml/_internal/context.py",

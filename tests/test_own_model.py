@@ -119,6 +119,7 @@ def test_the_readme_own_model_example_trains_exports_and_is_served_without_a_res
         # The folder leaves the zoo: unloaded after two scans, and the 404 says how to add it back.
         shutil.rmtree(work / "models" / "zoo" / "my-trec6")
         gone = wait_for_status(url, "my-trec6", 404, 10 * POLL_INTERVAL_S + 30)
-        assert gone.json()["error"].endswith(f"To add it: put its bundle folder at {work / 'models' / 'zoo' / 'my-trec6'}; "
+        assert gone.json()["error"].endswith("To add it: put its bundle folder my-trec6/ in the zoo folder (TEXTSERVE_ZOO); "
                                              "it is loaded within 1 s (TEXTSERVE_MODEL_CONTROL=poll)"), gone.json()
+        assert str(work) not in gone.text  # no path of the server's in an answer
         assert classify(url, "kim-cnn-trec6", "Who wrote Hamlet ?").json()["results"][0]["label"] == "HUM"

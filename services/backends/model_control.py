@@ -366,17 +366,17 @@ class Repository:
         """What to do to serve a model by this name, for the unknown-model 404."""
         if not BUNDLE_NAME.fullmatch(name):
             return "A model's name is its bundle folder's: letters, digits, '.', '_' and '-', never a path"
-        folder = self.settings.zoo / name
+        folder = f"{name}/ in the zoo folder (TEXTSERVE_ZOO)"  # never the server's own path
         load = f"POST /v2/repository/models/{name}/load"
         if self.state is None:
-            return (f"To add it: put its bundle folder at {folder} (python -m training export --bundle {folder}) and restart "
+            return (f"To add it: put its bundle folder {folder} (python -m training export --bundle ZOO/{name}) and restart "
                     f"the server, or run the server with TEXTSERVE_MODEL_CONTROL=explicit and {load}")
         if name in self.available():
             return f"Its bundle is in the zoo but not loaded: {load}"
         if self.settings.model_control == "poll":
-            return (f"To add it: put its bundle folder at {folder}; it is loaded within "
+            return (f"To add it: put its bundle folder {folder}; it is loaded within "
                     f"{self.settings.model_poll_interval_s} s (TEXTSERVE_MODEL_CONTROL=poll)")
-        return f"To add it: put its bundle folder at {folder}, then {load}"
+        return f"To add it: put its bundle folder {folder}, then {load}"
 
     def available(self) -> dict[str, Path | str]:
         """Every bundle this server can serve: name -> its zoo folder, or its store tag in the bento."""
