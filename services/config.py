@@ -30,7 +30,7 @@
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |
 | TEXTSERVE_MAX_WORD_CHARS         | 100          | /lm/vectors, /lm/neighbors: a longer word -> 413           |
-| TEXTSERVE_MODEL_CONTROL          | none         | none: the model set is fixed at start (the repository index stays readable, load and unload answer 403); explicit: POST /v2/repository/models/{name}/load and /unload change it while the server runs (backends/model_control.py); poll: the same API, and a bundle that appears or changes in the zoo folder is loaded (one that leaves it, unloaded) with the same checks and swap |
+| TEXTSERVE_MODEL_CONTROL          | none         | none: the model set is fixed at start (the repository index stays readable, load and unload answer 403); explicit: POST /v2/repository/models/{name}/load and /unload change it while the server runs (api/repository.py); poll: the same API, and a bundle that appears or changes in the zoo folder is loaded (one that leaves it, unloaded) with the same checks and swap |
 | TEXTSERVE_MODEL_POLL_INTERVAL_S  | 5            | poll: seconds between two scans of the zoo folder          |
 | TEXTSERVE_MODEL_STATE_DIR        | (temp dir)   | with model control: the folder where the server's processes agree on the model set |
 | TEXTSERVE_MODEL_LOAD_TIMEOUT_S   | 120          | a load or unload that every process has not confirmed within this gets 504 |

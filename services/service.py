@@ -33,7 +33,7 @@ import aiohttp  # noqa: E402 (after the server's folder is set)
 import bentoml  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-from bentoml.exceptions import BentoMLException  # noqa: E402
+from bentoml.exceptions import BentoMLException, NotFound  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from services import metrics  # noqa: E402
@@ -44,9 +44,13 @@ from services.api.lm_api import json_lines, router as language_model_api  # noqa
 from services.api.open_inference import router as open_inference_api  # noqa: E402
 from services.backends.in_process import InProcessRunner  # noqa: E402
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle, BundleError, text_problem  # noqa: E402
-from services.backends.model_control import Desired, ModelState, Repository, ServedModels, ZooPoller, participants, state_folder, watch  # noqa: E402
-from services.backends.model_store import served, zoo_tags  # noqa: E402
-from services.backends.runner import InferenceFailed, ModelRunner  # noqa: E402
+from services.api.repository import Repository  # noqa: E402
+from services.api.zoo_poller import ZooPoller  # noqa: E402
+from services.backends.model_agreement import Desired, ModelState, participants, state_folder, watch  # noqa: E402
+from services.backends.served_models import ServedModels, served  # noqa: E402
+from services.backends.model_store import zoo_tags  # noqa: E402
+from services.backends.runner import ModelRunner  # noqa: E402
+from services.backends.runner_errors import InferenceFailed  # noqa: E402
 from services.backends.shared_runner import SharedRunnerClient  # noqa: E402
 from services.config import SETTINGS, ServiceSettings  # noqa: E402
 from services.errors import ApiError, overloaded  # noqa: E402
@@ -116,7 +120,7 @@ class TextService:
             self.runner = SharedRunnerClient(self.runner_service, SETTINGS.runner_workers)
         bundles = {b.name: b for b in to_serve.bundles if b.name not in to_serve.failures}
         # The models by name, the tag (name:version) each serves and the requests in flight on
-        # each tag; changed while serving by the repository API (backends/model_control.py).
+        # each tag; changed while serving by the repository API (api/repository.py, backends/model_agreement.py).
         self.model_set = ServedModels(bundles, to_serve.failures, set(to_serve.unloaded), generation=to_serve.generation)
         for name in self.bundles:
             metrics.model_loaded.labels(model=name).set(1)
@@ -192,7 +196,7 @@ class TextService:
             await self.grpc_server.stop(GRPC_GRACE_S)  # the calls in flight finish, new ones are refused
 
     async def apply_models(self, me: str, desired: Desired) -> None:
-        """This worker's part of a model change (model_control.py): inline, build the new
+        """This worker's part of a model change (backends/model_agreement.py): inline, build the new
         version's sessions here; with the shared runner, swap only once every runner process
         has swapped. Each step confirmed in this worker's ack."""
         runners = [name for name in participants(SETTINGS) if name.startswith("runner-")]
@@ -566,27 +570,21 @@ def runner_errors() -> Iterator[None]:
     except BentoMLException as error:
         raise runner_error(error) from None
     except (httpx.HTTPError, aiohttp.ClientError) as error:
-        raise ApiError(503, f"the inference runner is unreachable ({type(error).__name__}); retry shortly",
-                       {"Retry-After": "1"}) from None
+        raise overloaded(f"the inference runner is unreachable ({type(error).__name__}); retry shortly") from None
 
 
 def runner_error(error: BentoMLException) -> ApiError:
     """BentoML's refusals, reworded to say what happened and what to do."""
     status = int(error.error_code)
     if status == 503:
-        return ApiError(
-            503,
-            "overloaded: the batch queue cannot start these texts within "
-            f"{SETTINGS.max_latency_ms} ms (TEXTSERVE_MAX_LATENCY_MS); retry shortly",
-            {"Retry-After": "1"},
-        )
+        return overloaded("overloaded: the batch queue cannot start these texts within "
+                          f"{SETTINGS.max_latency_ms} ms (TEXTSERVE_MAX_LATENCY_MS); retry shortly")
     if status == 429:
-        return ApiError(429, "overloaded: the inference runner refuses more concurrent requests; retry shortly", {"Retry-After": "1"})
+        return overloaded("overloaded: the inference runner refuses more concurrent requests; retry shortly", 429)
     if status == 504:
         return ApiError(504, f"inference did not finish within {SETTINGS.request_timeout_s} s (TEXTSERVE_REQUEST_TIMEOUT_S)")
-    if status == 404 and "is not loaded" in str(error):  # this worker serves the model, the runner does not (its sessions failed there, or a reload is under way)
-        return ApiError(503, f"the inference runner does not have this model ({error}); its log says why; retry shortly",
-                        {"Retry-After": "1"})
+    if isinstance(error, NotFound):  # ModelNotLoaded (a NotFound once through BentoML's proxy): this worker serves the model, the runner does not
+        return overloaded(f"the inference runner does not have this model ({error}); its log says why; retry shortly")
     if isinstance(error, InferenceFailed):
         return ApiError(500, str(error))  # names the model and onnxruntime's reason
     return ApiError(500, f"inference failed in the runner: {error}")

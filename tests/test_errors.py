@@ -151,6 +151,8 @@ CASES = [
     Case("empty-list", post("/classify", {"model": C, "texts": []}), 400, "texts is empty: send at least one text"),
     Case("empty-string", post("/classify", {"model": C, "texts": ["Who?", "  "]}), 400, "texts[1] is empty or only whitespace"),
     Case("non-utf8", post("/classify", data=b'{"model": "kim-cnn-trec6", "texts": ["caf\xe9"]}'), 400, "the body is not valid JSON"),
+    Case("lone-surrogate", post("/classify", data=b'{"model": "kim-cnn-trec6", "texts": ["Who\\ud800 ?"]}'), 400,
+         "texts[0] holds a lone surrogate \\ud800 at character 3, which is no Unicode character"),
     Case("control-characters", post("/classify", {"model": C, "texts": ["Who\x00 wrote\x07 Hamlet\x1b ?"]}), 200, '"label":'),
     Case("text-of-1-mb", post("/classify", {"model": C, "texts": ["a" * 1_000_000]}), 413,
          "texts[0] has 1000000 characters; the limit is 2000 (TEXTSERVE_MAX_TEXT_CHARS)"),

@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.backends.inference import TextClassifier, read_bundle, sha256_file
-from services.backends.model_control import state_folder
+from services.backends.model_agreement import state_folder
 from services.config import ServiceSettings
 from training.datasets import read_trec, split_dev
 from training.export_onnx import export_bundle

@@ -1,4 +1,4 @@
-"""The model set of one process (services/backends/model_control.py) without a server: a new
+"""The model set of one process (services/backends/served_models.py) without a server: a new
 version is prepared without serving, swapped in at the commit, the old one released only after
 the requests in flight on it have finished; a version that fails leaves the old one serving, a
 called-off prepare is released; and the processes' files (desired.json, acks) agree."""
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from services.backends import model_control
+from services.backends import served_models
 from services.backends.inference import Bundle
-from services.backends.model_control import Desired, ModelState, ServedModels
+from services.backends.model_agreement import Desired, ModelState
+from services.backends.served_models import ServedModels
 from services.errors import ApiError
 
 
@@ -25,7 +26,7 @@ def bundle(name: str, version: str) -> Bundle:
 def store(monkeypatch):
     """Store tags -> bundles, standing in for BentoML's store (its sha256 checks are tested elsewhere)."""
     tags: dict[str, Bundle] = {}
-    monkeypatch.setattr(model_control, "stored_bundle", lambda tag: tags[tag])
+    monkeypatch.setattr(served_models, "stored_bundle", lambda tag: tags[tag])
     return tags
 
 

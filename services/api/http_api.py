@@ -4,6 +4,9 @@ the batched runner."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -31,11 +34,47 @@ def parsed(raw: bytes, schema: type[BaseModel]):
     try:
         return schema.model_validate_json(raw)
     except ValidationError as error:
-        raise ApiError(400, validation_message(error.errors())) from None
+        errors = error.errors()
+        surrogate = lone_surrogate_in(raw) if errors and "hex escape" in str(errors[0].get("msg", "")) else None
+        raise ApiError(400, surrogate or validation_message(errors)) from None
+
+
+def lone_surrogate_in(raw: bytes) -> str | None:
+    """Where a JSON body holds a lone surrogate escape (\\ud800 alone is valid JSON text but no
+    Unicode character, so pydantic's parser says only "unexpected end of hex escape"): the field
+    and the character, as the message of a 400; None if that was not the problem."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+    def walk(value, where: str) -> str | None:
+        if isinstance(value, str):
+            for index, character in enumerate(value):
+                if "\ud800" <= character <= "\udfff":
+                    return (f"{where} holds a lone surrogate \\u{ord(character):04x} at character {index}, which is no "
+                            "Unicode character: send the character itself, or both halves of its surrogate pair")
+        elif isinstance(value, dict):
+            return next((found for key, item in value.items() if (found := walk(item, key if where == "body" else f"{where}.{key}"))), None)
+        elif isinstance(value, list):
+            return next((found for index, item in enumerate(value) if (found := walk(item, f"{where}[{index}]"))), None)
+        return None
+
+    return walk(value, "body")
+
+
+PARSE_IN_THREAD_BYTES = 256 * 1024  # a few ms of parsing and more: not on the event loop every connection shares
+
+
+async def off_the_loop_if_large(raw: bytes, parse, *arguments):
+    """`parse(raw, *arguments)`, in a thread when `raw` is large (up to TEXTSERVE_MAX_BODY_BYTES)."""
+    if len(raw) > PARSE_IN_THREAD_BYTES:
+        return await asyncio.to_thread(parse, raw, *arguments)
+    return parse(raw, *arguments)
 
 
 async def parse_body(request: Request, schema: type[BaseModel]):
-    return parsed(await request.body(), schema)
+    return await off_the_loop_if_large(await request.body(), parsed, schema)
 
 
 def requested_bundle(request, service, name: str, kind: str = "classifier"):
@@ -88,7 +127,7 @@ def json_response(content: dict) -> Response:
 async def classify_answer(request, service, raw: bytes) -> bytes:
     """POST /classify, from the body's bytes to the answer's: what the FastAPI route below and
     the pipeline (services/api/hot_routes.py) both run. `request` has a `.state` for the model label."""
-    body = parsed(raw, ClassifyRequest)
+    body = await off_the_loop_if_large(raw, parsed, ClassifyRequest)
     bundle = requested_bundle(request, service, body.model)
     k = top_k_or_default(body.top_k, min(service.settings.default_top_k, len(bundle.labels)),
                          len(bundle.labels), " (the model's label count)")

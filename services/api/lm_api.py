@@ -13,7 +13,7 @@ from starlette.background import BackgroundTask
 
 import bentoml
 from services.errors import ApiError
-from services.api.http_api import json_body, json_bytes, parse_body, parsed, requested_bundle, top_k_or_default
+from services.api.http_api import json_body, json_bytes, off_the_loop_if_large, parse_body, parsed, requested_bundle, top_k_or_default
 from services.api.schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -49,7 +49,7 @@ async def score(request: Request, service=Depends(bentoml.get_current_service)) 
 async def score_answer(request, service, raw: bytes) -> bytes:
     """POST /lm/score from the body's bytes to the answer's (a ScoreResponse, built as plain
     dicts): the route above and the pipeline (services/api/hot_routes.py) both run it."""
-    body = parsed(raw, ScoreRequest)
+    body = await off_the_loop_if_large(raw, parsed, ScoreRequest)
     bundle = requested_bundle(request, service, body.model, LANGUAGE_MODEL)
     results = []
     for scored in await service.scores(bundle.name, body.texts):

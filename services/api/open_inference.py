@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 
 import bentoml
-from services.api.http_api import json_response
+from services.api.http_api import json_response, off_the_loop_if_large
 from services.errors import ApiError
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle
 from services.api.oip import InferRequest, OIPError, OutputTensor, decode_infer_request, encode_infer_response, parse_header_length, select_outputs
@@ -125,7 +125,7 @@ async def infer_answer(request, service, raw: bytes, name: str, version: str | N
     bundle = checked_bundle(service, name, version)
     request.state.model = bundle.name
     try:
-        inference = decode_infer_request(raw, parse_header_length(header_length))
+        inference = await off_the_loop_if_large(raw, decode_infer_request, parse_header_length(header_length))
     except OIPError as error:
         raise ApiError(400, str(error)) from None
     outputs = await infer_outputs(service, bundle, inference)

@@ -9,7 +9,7 @@ Here the runner's methods run in this process instead:
   (batching.py): requests' texts that queued while the model was busy are merged, run as one
   batch in a worker thread (the event loop keeps answering while onnxruntime and the
   tokeniser run) and split back; TEXTSERVE_MAX_BATCH_TEXTS and TEXTSERVE_MAX_LATENCY_MS
-  bound it as they bound BentoML's batcher in the runner mode;
+  bound it as they bound the shared runner's batchers (shared_runner.py);
 - the others (explain, next words, generation, vectors) in a worker thread per call, as
   BentoML runs a sync API.
 
@@ -32,7 +32,7 @@ class InProcessRunner:
     def __init__(self) -> None:
         self.instance = ModelRunner()  # BentoML's in-process instance: sessions built and warmed up
         self.to_async = SimpleNamespace(**{name: getattr(self.instance.to_async, name) for name in self.instance.bento_service.apis})
-        self.batchers = {name: IdleDispatchBatcher(getattr(self.instance, name).local, SETTINGS.max_batch_texts, SETTINGS.max_latency_ms)
+        self.batchers = {name: IdleDispatchBatcher(getattr(self.instance, name), SETTINGS.max_batch_texts, SETTINGS.max_latency_ms)
                          for name in BATCHED_APIS}
 
     async def batched(self, api: str, model: str, payloads: list, sent_at: float) -> list[dict]:

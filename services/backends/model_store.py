@@ -109,31 +109,8 @@ def bento_tags(settings: ServiceSettings, bento) -> list[str]:
 class Served:
     bundles: list[Bundle]
     failures: dict[str, str]  # model name -> why it could not be loaded
-    generation: int = 0  # of the model set agreed by the server's processes (model_control.py)
+    generation: int = 0  # of the model set agreed by the server's processes (model_agreement.py)
     unloaded: frozenset[str] = frozenset()
-
-
-_served_here: Served | None = None  # this process's answer; the first caller's bento decides
-
-
-def served(settings: ServiceSettings, bento=None) -> Served:
-    """The bundles this process serves, read once: the HTTP service asks first (with its bento),
-    the in-process runner then gets the same answer; a separate runner process asks with its own."""
-    global _served_here
-    if _served_here is None:
-        bundles, failures = load_served(settings, bento)
-        if settings.model_control == "none":
-            _served_here = Served(bundles, failures)
-        else:  # what the server's processes agreed on, which a worker restarted later must follow
-            from services.backends.model_control import agreed  # it builds on this module
-
-            _served_here = Served(*agreed(settings, bundles, failures))
-    return _served_here
-
-
-def served_names() -> list[str]:
-    """Names of the models this process serves (none before the service has loaded them)."""
-    return [bundle.name for bundle in _served_here.bundles] if _served_here is not None else []  # at start-up
 
 
 def load_served(settings: ServiceSettings, bento=None) -> tuple[list[Bundle], dict[str, str]]:

@@ -1,9 +1,11 @@
-"""The inference runner: the onnxruntime sessions of every model, fed by BentoML's adaptive batcher.
+"""The inference runner: the onnxruntime sessions of every model.
 
-Every HTTP worker sends its texts here through `bentoml.depends`, so /classify, /lm/score and
-OIP v2 requests share one batcher per API: BentoML merges concurrent calls into one list, we run
-each model's share of it as one padded batch, and BentoML splits the answers back per call.
-Next words, generation and word vectors are per-request calls (generation streams its words).
+The batched calls (classify_batch, classify_image_batch, score_batch) are plain methods fed by
+our own IdleDispatchBatcher (batching.py): inline, the HTTP worker's (in_process.py); with the
+shared runner, the runner process's, over its Unix socket (shared_runner.py). Each runs every
+model's share of a batch as one padded batch. Explain, next words, generation and word vectors
+are BentoML APIs called once per request (generation streams its words), in process or through
+`bentoml.depends`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,11 @@ import asyncio
 import json
 import logging
 import time
-from http import HTTPStatus
 from collections import defaultdict
 from collections.abc import Callable, Generator
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel
 
 from services import metrics
 from services.config import SETTINGS, resolve_device
@@ -26,37 +26,13 @@ from services.backends.explain import explain_texts
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
 from services.backends.language_model import CharLanguageModel
 from services.backends.inference import Bundle
-from services.backends.model_control import Desired, ModelState, ServedModels, reason_of, state_folder, watch
-from services.backends.model_store import served
-from services.backends.shared_runner import RunnerSocketServer, socket_path
+from services.backends.model_agreement import Desired, ModelState, state_folder, watch
+from services.backends.served_models import ServedModels, reason_of, served
+from services.backends.runner_errors import ModelNotLoaded, inference_failure
+from services.backends.shared_runner import QueuedItem, RunnerSocketServer, socket_path
 
 WARM_UP_TEXTS = ["Warm-up text one .", "a second , somewhat longer warm-up text for the batch ?"]
 logger = logging.getLogger("bentoml.textserve")
-
-
-class InferenceFailed(bentoml.exceptions.BentoMLException):
-    """onnxruntime (or the encoding before it) failed on a model's texts: a 500 whose message
-    names the model and onnxruntime's reason (the service passes it on to the client)."""
-
-    error_code = HTTPStatus.INTERNAL_SERVER_ERROR
-
-
-def inference_failure(model: str, error: Exception) -> InferenceFailed:
-    reason = str(error).strip().splitlines()[0][:600] if str(error).strip() else type(error).__name__
-    logger.error("inference failed for model %s: %s: %s", model, type(error).__name__, error)
-    return InferenceFailed(f"inference failed for model {model!r}: {type(error).__name__}: {reason}")
-
-
-class ImageItem(BaseModel):
-    model: str
-    image: list[list[float]]  # (S, S) ink in [0, 1], encoded by models/image_encoding.py
-    sent_at: float
-
-
-class TextItem(BaseModel):
-    model: str
-    text: str
-    sent_at: float  # time.time() when the HTTP worker sent it; gives the queue wait
 
 
 @bentoml.service(
@@ -74,7 +50,7 @@ class ModelRunner:
         self.image_classifiers: dict[str, ImageClassifier] = {}
         self.device, self.threads = device, threads
         # Sessions by store tag (name:version): while a model is reloaded, its old version's
-        # requests still in flight finish on the old sessions (model_control.py).
+        # requests still in flight finish on the old sessions (served_models.py).
         to_serve = served(SETTINGS, ModelRunner.bento)  # inline: the HTTP service's answer
         self.model_set = ServedModels({b.name: b for b in to_serve.bundles}, to_serve.failures, set(to_serve.unloaded),
                                    generation=to_serve.generation)
@@ -111,15 +87,14 @@ class ModelRunner:
         for table in (self.classifiers, self.language_models, self.image_classifiers):
             table.pop(tag, None)
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
-    def classify_batch(self, items: list[TextItem]) -> list[dict]:
+    def classify_batch(self, items: list[QueuedItem]) -> list[dict]:
         """Per item, in the order of `items` (several models may be mixed): {"answer": its
         probabilities, "queue_s", "inference_s"} (see run_by_model)."""
 
         def classify(model: str, texts: list[str]) -> list[list[float]]:
             classifier = self.classifiers.get(model)
             if classifier is None:  # the HTTP worker checks names first; this guards direct calls
-                raise bentoml.exceptions.NotFound(f"model {model_name(model)!r} is not loaded")
+                raise ModelNotLoaded(f"model {model_name(model)!r} is not loaded")
             return np.asarray(classifier.probabilities(texts), dtype=np.float64).tolist()  # (len(texts), K)
 
         return run_by_model(items, classify)
@@ -129,7 +104,7 @@ class ModelRunner:
         """Per text: the predicted label and the n-grams that added most to its logit."""
         classifier = self.classifiers.get(model)
         if classifier is None:
-            raise bentoml.exceptions.NotFound(f"model {model_name(model)!r} is not loaded")
+            raise ModelNotLoaded(f"model {model_name(model)!r} is not loaded")
         started = time.perf_counter()
         try:
             explanations = explain_texts(classifier, texts, top_k)
@@ -138,15 +113,14 @@ class ModelRunner:
         metrics.inference_duration_seconds.labels(model=model_name(model)).observe(time.perf_counter() - started)
         return explanations
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
-    def classify_image_batch(self, items: list[ImageItem]) -> list[dict]:
+    def classify_image_batch(self, items: list[QueuedItem]) -> list[dict]:
         """Images of several requests in one adaptive batch, as classify_batch does for texts:
         per item {"answer": its probabilities, "queue_s", "inference_s"}."""
 
         def classify(model: str, images: list) -> list[list[float]]:
             classifier = self.image_classifiers.get(model)
             if classifier is None:
-                raise bentoml.exceptions.NotFound(f"image model {model_name(model)!r} is not loaded")
+                raise ModelNotLoaded(f"image model {model_name(model)!r} is not loaded")
             batch = np.asarray(images, dtype=np.float32)[:, None, :, :]  # (B, 1, S, S)
             return softmax(classifier.logits_of_images(batch)).astype(np.float64).tolist()
 
@@ -156,11 +130,10 @@ class ModelRunner:
 
     def language_model(self, name: str) -> CharLanguageModel:
         if name not in self.language_models:  # the HTTP worker checks names first; this guards direct calls
-            raise bentoml.exceptions.NotFound(f"language model {model_name(name)!r} is not loaded")
+            raise ModelNotLoaded(f"language model {model_name(name)!r} is not loaded")
         return self.language_models[name]
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_texts, max_latency_ms=SETTINGS.max_latency_ms)
-    def score_batch(self, items: list[TextItem]) -> list[dict]:
+    def score_batch(self, items: list[QueuedItem]) -> list[dict]:
         """Per item: {"answer": its tokens, their log-probabilities and whether each is in the
         vocabulary, "queue_s", "inference_s"} (see run_by_model)."""
 
@@ -220,7 +193,7 @@ class ModelRunner:
             self.control = asyncio.get_running_loop().create_task(self.follow_model_changes(f"runner-{index}"))
 
     async def follow_model_changes(self, me: str) -> None:
-        """As a runner process: apply each model change (model_control.py), building a new
+        """As a runner process: apply each model change (model_agreement.py), building a new
         version's sessions in its prepare phase. A replaced version's sessions are freed once
         no HTTP worker's ack lists it as serving or draining (the HTTP workers swap after this
         process, and finish their requests on the old version after that)."""

@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from bentoml.exceptions import BentoMLException, NotFound, ServiceUnavailable
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
 from services.backends.batching import IdleDispatchBatcher
+from services.backends.runner_errors import InferenceFailed, ModelNotLoaded
 from services.config import SETTINGS
 from services.errors import RETRY_AFTER_S, ApiError
 
@@ -136,7 +137,7 @@ class RunnerSocketServer:
 
     def __init__(self, runner, max_batch_texts: int, max_latency_ms: int, concurrent_batches: int) -> None:
         self.runner = runner
-        self.batchers = {api: IdleDispatchBatcher(getattr(runner, api).local, max_batch_texts, max_latency_ms, concurrent_batches)
+        self.batchers = {api: IdleDispatchBatcher(getattr(runner, api), max_batch_texts, max_latency_ms, concurrent_batches)
                          for api in BATCHED_APIS}
         self.server: asyncio.AbstractServer | None = None
         self.in_flight: set[asyncio.Task] = set()
@@ -286,9 +287,8 @@ def unreachable(reason: str) -> ApiError:
 def refusal(answer: dict) -> BentoMLException:
     """The runner's refusal as the BentoML exception the service already turns into a client
     error (service.py runner_error)."""
-    from services.backends.runner import InferenceFailed
-
-    kind = {"ServiceUnavailable": ServiceUnavailable, "NotFound": NotFound}.get(answer.get("kind"), InferenceFailed)
+    kind = {"ServiceUnavailable": ServiceUnavailable, "ModelNotLoaded": ModelNotLoaded,
+            "NotFound": ModelNotLoaded}.get(answer.get("kind"), InferenceFailed)
     return kind(answer["error"])
 
 

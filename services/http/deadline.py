@@ -27,7 +27,7 @@ def model_change_timeout_s(model_load_timeout_s: float) -> float:
 
 
 def timeout_message(timeout_s: float, variable: str) -> str:
-    """The 504's words. A model change is not cancelled with its request (model_control.py runs
+    """The 504's words. A model change is not cancelled with its request (model_agreement.py runs
     it to the end, so that no process is left half-way): say so, and where to see its outcome."""
     if variable == MODEL_CHANGE_VARIABLE:
         return (f"no answer within {timeout_s:g} s ({variable}); the change goes on and may still complete: "
