@@ -25,7 +25,7 @@
 | TEXTSERVE_HEADER_TIMEOUT_S       | 10           | a request's headers must arrive within this, from the connection's opening or the request's first byte, else 408 and the connection closes (http/connection_limits.py) |
 | TEXTSERVE_MAX_HEADER_BYTES       | 16384        | a request line and headers of more bytes -> 431 and the connection closes, as soon as they pass it (http/connection_limits.py) |
 | TEXTSERVE_MAX_HEADERS            | 100          | more header lines in one request -> 431 and the connection closes |
-| TEXTSERVE_ACCESS_LOG             | 0            | 1: one access log line per request (client, method, path, status, time; never the body), logger bentoml.access |
+| TEXTSERVE_ACCESS_LOG             | 0            | 1: one access log line per request (client, method, path, route, status, time; never the body), logger bentoml.textserve.access |
 | TEXTSERVE_TRACING                | 0            | 1: an OpenTelemetry span per request, with BentoML's configured tracer (set an exporter in BentoML's config) |
 | TEXTSERVE_MAX_GENERATE_WORDS     | 200          | /lm/generate: the most words one request may ask for       |
 | TEXTSERVE_MAX_NEIGHBORS          | 100          | /lm/neighbors: the most neighbours per word                |

@@ -34,12 +34,20 @@ SERVER_VARIABLE = "TEXTSERVE_SERVER_PID"  # the arbiter's pid, inherited by ever
 START_FAILED_EXIT = 3
 
 
+def role() -> str:
+    """"arbiter" in `bentoml serve`'s own process, "worker" in a process it started (an HTTP
+    worker, a runner), "other" anywhere else (a test or a script importing the service)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.startswith(("_bentoml_impl.worker", "bentoml_cli.worker")):
+        return "worker"
+    if len(sys.argv) > 1 and sys.argv[1] == "serve" and Path(sys.argv[0]).name in ("bentoml", "__main__.py"):
+        return "arbiter"
+    return "other"
+
+
 def server_pid() -> int:
-    return int(os.environ[SERVER_VARIABLE])
-
-
-def is_arbiter() -> bool:
-    return server_pid() == os.getpid()
+    return int(os.environ.get(SERVER_VARIABLE) or os.getppid())
 
 
 def server_folder(pid: int | None = None) -> Path:
@@ -51,17 +59,19 @@ def failure_file() -> Path:
 
 
 def enter() -> None:
-    """Called at import in every process of a server: the first to import (the arbiter) names
-    the server; each process points its metrics at the server's own folder."""
-    if os.environ.get(SERVER_VARIABLE) != str(os.getppid()):  # not a child of an arbiter that named itself
+    """Called at import in every process: the arbiter names the server (its pid, inherited by
+    the processes it starts) and makes its folder; each process of a server points its metrics
+    at that folder. Elsewhere (a test importing the service) nothing changes."""
+    current = role()
+    if current == "other":
+        return
+    if current == "arbiter":
         os.environ[SERVER_VARIABLE] = str(os.getpid())
-    metrics = server_folder() / "metrics"
-    if is_arbiter():
         clear_folders_of_dead_servers()
         shutil.rmtree(server_folder(), ignore_errors=True)
-        metrics.mkdir(parents=True)
+        (server_folder() / "metrics").mkdir(parents=True)
         atexit.register(leave)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(server_folder() / "metrics")
 
 
 def pid_alive(pid: int) -> bool:
@@ -98,7 +108,7 @@ def fail_start(reason: str) -> None:
     with contextlib.suppress(OSError):
         if not failure_file().exists():  # the first reason is the one that counts
             failure_file().write_text(reason)
-    if os.getppid() == server_pid():  # never signal a process that is not this server's arbiter
+    if role() == "worker" and os.getppid() == server_pid():  # never signal a process that is not this server's arbiter
         os.kill(server_pid(), signal.SIGTERM)
 
 

@@ -152,9 +152,11 @@ def test_a_bundle_exported_while_serving_is_loaded_and_served_by_both_workers(se
     assert metadata["versions"] == [read_bundle(staged).sha256[:16]]
     listed = requests.get(f"{server['url']}/models", headers=auth(API_KEYS[0]), timeout=30).json()["models"]
     assert OWN in {model["name"] for model in listed}
-    document = requests.get(f"{server['url']}/openapi.json", timeout=30).json()
+    document = requests.get(f"{server['url']}/openapi.json", headers=auth(API_KEYS[0]), timeout=30).json()
     body = document["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert OWN in body["properties"]["model"]["enum"]
+    anonymous = requests.get(f"{server['url']}/openapi.json", timeout=30).json()  # open, but it names no model
+    assert "enum" not in anonymous["paths"]["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["model"]
 
 
 def test_a_reload_with_new_weights_loses_no_request_in_flight(server, http, zoo, tmp_path_factory, trec_path):
@@ -409,7 +411,7 @@ GRPC_CASES = [
     ("grpc-more-than-a-worker-holds", lambda c: c.infer("kim-cnn-trec6", [text_input(["why ?"] * (MAX_PENDING_TEXTS + 1))],
                                                         headers=grpc_auth(API_KEYS[0])), "INVALID_ARGUMENT", "send fewer"),
     ("grpc-unimplemented", lambda c: c.get_model_config("kim-cnn-trec6", headers=grpc_auth(API_KEYS[0])),
-     "UNIMPLEMENTED", "not implemented"),
+     "UNIMPLEMENTED", "ModelConfig is not served by textserve; its calls: ModelInfer, ModelMetadata"),
 ]
 
 

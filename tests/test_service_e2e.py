@@ -149,8 +149,9 @@ def test_invalid_json_and_unknown_routes_get_json_errors(server):
 
 def test_docs_page_documents_the_json_api_and_oip(server):
     assert requests.get(f"{server}/", timeout=10).headers["content-type"].startswith("text/html")
-    paths = requests.get(f"{server}/docs.json", timeout=10).json()["paths"]
-    assert {"/classify", "/models", "/v2/models/{name}/infer", "/metrics"} <= set(paths)
+    paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
+    assert {"/classify", "/models", "/v2/models/{name}/infer", "/metrics", "/livez", "/playground"} <= set(paths)
+    assert requests.get(f"{server}/docs.json", timeout=10).status_code == 404  # BentoML's stale second document is gone
 
 
 def test_oip_v2_with_the_standard_client_binary_and_json(server):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Generator
 import bentoml
 import numpy as np
 
-from services import metrics
+from services import lifecycle, metrics
 from services.config import SETTINGS, resolve_device
 from services.backends.explain import explain_texts
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
@@ -41,6 +41,7 @@ logger = logging.getLogger("bentoml.textserve")
     traffic={"timeout": SETTINGS.request_timeout_s},
 )
 class ModelRunner:
+    @lifecycle.stops_server_on_failure
     def __init__(self) -> None:
         self.socket_server: RunnerSocketServer | None = None  # listening only as BentoML's runner process
         device = resolve_device(SETTINGS.device)
@@ -181,6 +182,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ the shared runner's socket
 
     @bentoml.on_startup
+    @lifecycle.stops_server_on_failure
     async def listen_for_http_workers(self) -> None:
         """Run as BentoML's runner process (TEXTSERVE_INFERENCE=runner): answer the HTTP workers'
         batched calls on this worker's socket (shared_runner.py). Not called in process."""

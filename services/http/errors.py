@@ -17,6 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from services.errors import ApiError, internal_error
+from services.http.routes import BENTOML, METRICS, OPEN, PAGE, RouteTable, document_the_others
+
+TABLE = RouteTable()
 
 logger = logging.getLogger("bentoml.textserve")
 
@@ -104,19 +107,24 @@ INFER_REQUEST_SCHEMA = {
 
 
 def error_statuses(method: str, path: str) -> list[int]:
-    """The error statuses an operation can answer, as the service's code raises them (401 on
-    every route that needs a key once keys are configured: services/http/access.py)."""
+    """The error statuses an operation can answer, as the service's code raises them; 401 on
+    every route the route table does not open (once keys are configured: services/http/access.py)."""
+    route = TABLE.match(method.upper(), path).route
+    if route is None or route.handler in (PAGE, BENTOML):
+        return [401] if route is not None and route.access == METRICS else []
     if path == "/v2/repository/index":
-        return [400, 401]
-    if path.startswith("/v2/repository/"):  # load, unload
-        return [400, 401, 403, 404, 504]
-    if method == "post":  # validation, limits, admission, batching, timeout; models by name
-        return [400, 401, 404, 413, 429, 503, 504]
-    if "{name}" in path:
-        return [401, 404, 503] if path.endswith("/ready") else [401, 404]
-    if path == "/v2/health/ready":
-        return [503]
-    return [] if path in ("/v2/health/live",) else [401]
+        statuses = [400, 401]
+    elif path.startswith("/v2/repository/"):  # load, unload
+        statuses = [400, 401, 403, 404, 504]
+    elif method == "post":  # validation, limits, admission, batching, timeout; models by name
+        statuses = [400, 401, 404, 413, 429, 503, 504]
+    elif "{name}" in path:
+        statuses = [401, 404, 503] if path.endswith("/ready") else [401, 404]
+    elif path == "/v2/health/ready":
+        statuses = [503]
+    else:
+        statuses = [401]
+    return [status for status in statuses if status != 401 or route.access != OPEN]
 
 
 def document_errors(app: FastAPI, model_names=None, add_examples=None):
@@ -142,6 +150,7 @@ def document_errors(app: FastAPI, model_names=None, add_examples=None):
 
     def openapi(with_models: bool) -> dict:
         document = build()
+        document_the_others(document)  # the pages, probes and /metrics, from the route table
         names = sorted(model_names()) if model_names is not None and with_models else []
         bodies = [content["schema"] for operations in document["paths"].values() for operation in operations.values()
                   for content in operation.get("requestBody", {}).get("content", {}).values() if "schema" in content]

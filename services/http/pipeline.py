@@ -49,7 +49,7 @@ from services.http.deadline import MODEL_CHANGE_VARIABLE, REQUEST_VARIABLE, mode
 from services.http.routes import ADMIN, APP, BENTOML, FRONT, KEY, MODEL_CHANGE, PAGE, UNMATCHED, Route, RouteTable
 
 logger = logging.getLogger("bentoml.textserve")
-access_logger = logging.getLogger("bentoml.access")
+access_logger = logging.getLogger("bentoml.textserve.access")  # not "bentoml.access", which BentoML silences with its own access log off
 JSON = b"application/json"
 STARTING = "the server is starting: its models are not loaded yet; retry shortly"
 CLOSES_CONNECTION = (408, 413, 431, 504)  # the unread rest of the request must not be parsed as another
@@ -266,10 +266,10 @@ class Pipeline:
         model = exchange.model
         metrics.requests_total.labels(model=model, endpoint=exchange.endpoint, status=status).inc()
         metrics.request_duration_seconds.labels(model=model, endpoint=exchange.endpoint).observe(elapsed)
-        if self.settings.access_log:  # the path, never a body
+        if self.settings.access_log:  # the path and the route, never a body (BentoML's line, and the route name)
             client = exchange.scope.get("client") or ("-", 0)
-            access_logger.info("%s:%s %s %s %s %.3fms", client[0], client[1], exchange.scope["method"],
-                               exchange.scope["path"], status, elapsed * 1000)
+            access_logger.info("%s:%s (method=%s,path=%s,route=%s) (status=%s) %.3fms", client[0], client[1],
+                               exchange.scope["method"], exchange.scope["path"], exchange.endpoint, status, elapsed * 1000)
 
 
 def header_text(value: bytes | None) -> str | None:

@@ -40,6 +40,7 @@ class Route:
     admits: bool = False
     timeout: str = REQUEST
     paths: tuple[str, ...] = ()  # the templates it answers, when more than its name (a versioned form)
+    summary: str = ""  # what the OpenAPI document says of a route FastAPI does not document (PAGE, BENTOML)
 
     @property
     def templates(self) -> tuple[str, ...]:
@@ -50,16 +51,17 @@ V2_MODEL = "/v2/models/{name}"
 VERSIONED = "/v2/models/{name}/versions/{version}"
 ROUTES: tuple[Route, ...] = (
     # pages and documents: a browser fetches them without headers
-    Route("/", ("GET", "HEAD"), OPEN, PAGE),
-    Route("/docs", ("GET", "HEAD"), OPEN, PAGE),
-    Route("/playground", ("GET", "HEAD"), OPEN, PAGE),
-    Route("/schema.json", ("GET",), OPEN, PAGE),
-    Route("/openapi.json", ("GET",), OPEN, PAGE),
+    Route("/", ("GET", "HEAD"), OPEN, PAGE, summary="The docs page: every route, with a real example to send"),
+    Route("/docs", ("GET", "HEAD"), OPEN, PAGE, summary="The docs page (as /)"),
+    Route("/playground", ("GET", "HEAD"), OPEN, PAGE, summary="Try the models in a browser"),
+    Route("/schema.json", ("GET",), OPEN, PAGE, summary="The JSON API as BentoML's clients read it"),
+    Route("/openapi.json", ("GET",), OPEN, PAGE, summary="This document (model names and examples only with a key)"),
     # probes (the kubelet calls them) and metrics (Prometheus)
-    Route("/livez", ("GET",), OPEN, BENTOML),
-    Route("/healthz", ("GET",), OPEN, BENTOML),
-    Route("/readyz", ("GET",), OPEN, BENTOML),
-    Route("/metrics", ("GET",), METRICS, BENTOML),
+    Route("/livez", ("GET",), OPEN, BENTOML, summary="200 while the process runs (BentoML's probe)"),
+    Route("/healthz", ("GET",), OPEN, BENTOML, summary="200 while the process runs (BentoML's probe)"),
+    Route("/readyz", ("GET",), OPEN, BENTOML, summary="200 once the service is built (BentoML's probe)"),
+    Route("/metrics", ("GET",), METRICS, BENTOML,
+          summary="Prometheus metrics of every process (a key with TEXTSERVE_PROTECT_METRICS=1)"),
     Route("/v2/health/live", ("GET",), OPEN),
     Route("/v2/health/ready", ("GET",), OPEN),
     # the JSON API
@@ -130,12 +132,22 @@ class RouteTable:
         return Match(route, parameters)
 
 
+def document_the_others(document: dict, routes: tuple[Route, ...] = ROUTES) -> None:
+    """Add to FastAPI's OpenAPI document the routes it does not know (the pages, the probes,
+    /metrics), from the table, so that the document lists every route."""
+    for route in routes:
+        if route.handler in (PAGE, BENTOML):
+            for method in route.methods:
+                if method != "HEAD":
+                    document.setdefault("paths", {}).setdefault(route.name, {})[method.lower()] = {
+                        "summary": route.summary, "responses": {"200": {"description": route.summary}}}
+
+
 def check_against_document(document: dict, routes: tuple[Route, ...] = ROUTES) -> None:
-    """Raise RuntimeError naming every operation of the OpenAPI document (FastAPI's, from its
-    routes) missing from the table, and every APP or FRONT route of the table the document
-    lacks: what is served and what is documented are the same set."""
-    served = {(path, method) for route in routes if route.handler in (APP, FRONT)
-              for path in route.templates for method in route.methods}
+    """Raise RuntimeError naming every operation of the OpenAPI document missing from the table,
+    and every route of the table the document lacks: what is served and what is documented are
+    the same set."""
+    served = {(path, method) for route in routes for path in route.templates for method in route.methods if method != "HEAD"}
     documented = {(path, method.upper()) for path, operations in document.get("paths", {}).items() for method in operations}
     missing = sorted(documented - served)
     absent = sorted(served - documented)
