@@ -131,9 +131,7 @@ def classifier_in_process(name: str, texts: list[str]) -> dict:
 def batch_profile_pre_encoded(classifier: TextClassifier, texts: list[str]) -> dict:
     """Like batch_profile, but the inputs are encoded before the clock starts: the model alone."""
     def feeds_for(batch: list[str]) -> dict:
-        token_ids, lengths = classifier.encoder.encode_batch(batch)
-        feeds = {"token_ids": token_ids, "lengths": lengths}
-        return {n: feeds[n] for n in classifier.input_names}
+        return classifier.feeds(*classifier.encoder.encode_batch(batch))  # each input in its declared type
 
     singles = [feeds_for([text]) for text in texts]
     single_s = median_seconds(lambda i: classifier.session.run([classifier.output_name], singles[i % len(singles)]))

@@ -30,11 +30,13 @@ import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-STATE = "_textserve_limits"
+WRAPPED = ("connection_made", "data_received", "on_message_begin", "on_url", "on_header", "on_headers_complete",
+           "on_body", "on_message_complete", "connection_lost")
 
 
 class Limits:
-    """One connection's state: its header timer and what its current request's head has used."""
+    """One connection's state (the protocol's `_textserve_limits`, set as the connection opens):
+    its header timer and what its current request's head has used."""
 
     __slots__ = ("timer", "in_head", "began_in_chunk", "head_bytes", "arriving_bytes", "headers", "refused")
 
@@ -63,26 +65,15 @@ def too_large_response(what: str) -> bytes:
     return error_response(431, "Request Header Fields Too Large", f"{what}; the connection is closed")
 
 
-def limits_of(protocol) -> Limits:
-    limits = getattr(protocol, STATE, None)
-    if limits is None:
-        limits = Limits()
-        setattr(protocol, STATE, limits)
-    return limits
-
-
 def install(timeout_s: float, max_header_bytes: int, max_headers: int) -> None:
-    """Wrap uvicorn's httptools protocol (once per process; later calls change the limits)."""
+    """Wrap uvicorn's httptools protocol (once per process; a later call changes the limits).
+    The wrappers run for every request: their state is one attribute of the protocol, set as
+    the connection opens, and the limits are read from one tuple."""
     HttpToolsProtocol._textserve_settings = (timeout_s, max_header_bytes, max_headers)
     if getattr(HttpToolsProtocol, "_textserve_installed", False):
         return
     HttpToolsProtocol._textserve_installed = True
-    original = {name: getattr(HttpToolsProtocol, name) for name in
-                ("connection_made", "data_received", "on_message_begin", "on_url", "on_header", "on_headers_complete",
-                 "on_body", "on_message_complete", "connection_lost")}
-
-    def settings():
-        return HttpToolsProtocol._textserve_settings
+    original = {name: getattr(HttpToolsProtocol, name) for name in WRAPPED}
 
     def disarm(limits: Limits) -> None:
         if limits.timer is not None:
@@ -90,7 +81,7 @@ def install(timeout_s: float, max_header_bytes: int, max_headers: int) -> None:
             limits.timer = None
 
     def close_with(protocol, response: bytes) -> None:
-        limits = limits_of(protocol)
+        limits = protocol._textserve_limits
         limits.refused = True
         disarm(limits)
         if not protocol.transport.is_closing():
@@ -98,30 +89,29 @@ def install(timeout_s: float, max_header_bytes: int, max_headers: int) -> None:
             protocol.transport.close()
 
     def expire(protocol) -> None:
-        limits_of(protocol).timer = None
-        close_with(protocol, timeout_response(settings()[0]))
+        protocol._textserve_limits.timer = None
+        close_with(protocol, timeout_response(HttpToolsProtocol._textserve_settings[0]))
 
-    def arm(protocol) -> None:
-        limits = limits_of(protocol)
+    def arm(protocol, limits: Limits) -> None:
         disarm(limits)
-        limits.timer = protocol.loop.call_later(settings()[0], expire, protocol)
+        limits.timer = protocol.loop.call_later(HttpToolsProtocol._textserve_settings[0], expire, protocol)
 
-    def over(protocol) -> str | None:
+    def over(limits: Limits) -> str | None:
         """What the current head has passed, if anything."""
-        limits = limits_of(protocol)
-        _, max_bytes, max_count = settings()
-        if max(limits.head_bytes, limits.arriving_bytes) > max_bytes:
+        _, max_bytes, max_count = HttpToolsProtocol._textserve_settings
+        if limits.head_bytes > max_bytes or limits.arriving_bytes > max_bytes:
             return f"the request line and headers pass {max_bytes} bytes (TEXTSERVE_MAX_HEADER_BYTES)"
         if limits.headers > max_count:
             return f"the request has more than {max_count} header lines (TEXTSERVE_MAX_HEADERS)"
         return None
 
     def connection_made(self, transport) -> None:
+        self._textserve_limits = Limits()
         original["connection_made"](self, transport)
-        arm(self)
+        arm(self, self._textserve_limits)
 
     def data_received(self, data: bytes) -> None:
-        limits = limits_of(self)
+        limits = self._textserve_limits
         if limits.refused:
             return  # answered and closing: nothing more is parsed
         limits.began_in_chunk = False
@@ -129,47 +119,48 @@ def install(timeout_s: float, max_header_bytes: int, max_headers: int) -> None:
         if limits.in_head and not limits.refused:
             if not limits.began_in_chunk:  # the whole chunk belongs to this head
                 limits.arriving_bytes += len(data)
-            problem = over(self)
+            problem = over(limits)
             if problem:
                 close_with(self, too_large_response(problem))
 
     def on_message_begin(self) -> None:
-        limits = limits_of(self)
-        limits.in_head, limits.began_in_chunk = True, True
+        limits = self._textserve_limits
+        limits.in_head = limits.began_in_chunk = True
         limits.head_bytes = limits.arriving_bytes = limits.headers = 0
         original["on_message_begin"](self)
-        arm(self)
+        arm(self, limits)
 
     def on_url(self, url: bytes) -> None:
-        limits_of(self).head_bytes += len(url)
+        self._textserve_limits.head_bytes += len(url)
         original["on_url"](self, url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limits = limits_of(self)
+        limits = self._textserve_limits
         limits.head_bytes += len(name) + len(value) + 4  # ": " and CRLF
         limits.headers += 1
-        if over(self) is None:  # past a limit, the rest are not kept: the request is refused
+        settings = HttpToolsProtocol._textserve_settings
+        if limits.head_bytes <= settings[1] and limits.headers <= settings[2]:  # past a limit, the rest are not kept
             original["on_header"](self, name, value)
 
     def on_headers_complete(self) -> None:
-        limits = limits_of(self)
+        limits = self._textserve_limits
         limits.in_head = False
         disarm(limits)
-        problem = over(self)
+        problem = over(limits)
         if problem:
             return close_with(self, too_large_response(problem))  # no request reaches the app
         original["on_headers_complete"](self)
 
     def on_body(self, body: bytes) -> None:
-        if not limits_of(self).refused:
+        if not self._textserve_limits.refused:
             original["on_body"](self, body)
 
     def on_message_complete(self) -> None:
-        if not limits_of(self).refused:
+        if not self._textserve_limits.refused:
             original["on_message_complete"](self)
 
     def connection_lost(self, exc) -> None:
-        disarm(limits_of(self))
+        disarm(self._textserve_limits)
         original["connection_lost"](self, exc)
 
     for wrapper in (connection_made, data_received, on_message_begin, on_url, on_header, on_headers_complete, on_body,
@@ -181,9 +172,7 @@ def install(timeout_s: float, max_header_bytes: int, max_headers: int) -> None:
 def check() -> None:
     """Raise RuntimeError unless uvicorn will run the wrapped httptools protocol: the limits
     above would otherwise not exist (an upgrade that renamed a method, or h11 chosen)."""
-    problems = [name for name in ("connection_made", "data_received", "on_message_begin", "on_url", "on_header",
-                                  "on_headers_complete", "on_body", "on_message_complete", "connection_lost")
-                if not getattr(getattr(HttpToolsProtocol, name, None), "_textserve", False)]
+    problems = [name for name in WRAPPED if not getattr(getattr(HttpToolsProtocol, name, None), "_textserve", False)]
     if problems:
         raise RuntimeError(f"the header limits are not installed on uvicorn's httptools protocol ({', '.join(problems)})")
     from uvicorn.protocols.http.auto import AutoHTTPProtocol  # what BentoML's workers run ("auto")
