@@ -37,7 +37,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services import metrics
 from services.config import SETTINGS, ServiceSettings
@@ -66,18 +66,21 @@ class RequestState:
     model: str = ""
 
 
-@dataclass
 class Exchange:
-    """One request as the pipeline follows it."""
+    """One request as the pipeline follows it (made for every request: slots, no dataclass
+    machinery)."""
 
-    scope: dict
-    started: float = field(default_factory=time.perf_counter)
-    endpoint: str = UNMATCHED
-    status: int | None = None  # the status sent, once sent
-    close: bool = False
-    timing: request_timing.Timing = field(default_factory=request_timing.Timing)
-    state: RequestState = field(default_factory=RequestState)
-    headers: dict[bytes, bytes] = field(default_factory=dict)
+    __slots__ = ("scope", "started", "endpoint", "status", "close", "timing", "state", "headers")
+
+    def __init__(self, scope: dict, close: bool = False) -> None:
+        self.scope = scope
+        self.started = time.perf_counter()
+        self.endpoint = UNMATCHED
+        self.status: int | None = None  # the status sent, once sent
+        self.close = close
+        self.timing = request_timing.Timing()
+        self.state = RequestState()
+        self.headers: dict[bytes, bytes] = {}
 
     @property
     def answering(self) -> bool:
@@ -126,12 +129,12 @@ class Pipeline:
         self.keys = access.process_keys(settings)
         self.close_probability = close_probability(settings.requests_per_connection)
         self.rng = rng or random.Random()
+        self.series: dict[tuple[str, str, int], tuple] = {}  # each labelled counter and histogram, looked up once
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan: BentoML builds and stops the service
             return await self.bentoml_app(scope, receive, send)
-        exchange = Exchange(scope)
-        exchange.close = bool(self.close_probability) and self.rng.random() < self.close_probability
+        exchange = Exchange(scope, bool(self.close_probability) and self.rng.random() < self.close_probability)
         token = request_timing.current_timing.set(exchange.timing)
         try:
             await self.handle(exchange, receive, send)
@@ -261,11 +264,16 @@ class Pipeline:
 
     def account(self, exchange: Exchange) -> None:
         """One count per request, by route name (bounded: never the raw path) and status."""
-        status = str(exchange.status if exchange.status is not None else 499)
+        status = exchange.status if exchange.status is not None else 499
         elapsed = time.perf_counter() - exchange.started
         model = exchange.model
-        metrics.requests_total.labels(model=model, endpoint=exchange.endpoint, status=status).inc()
-        metrics.request_duration_seconds.labels(model=model, endpoint=exchange.endpoint).observe(elapsed)
+        key = (model, exchange.endpoint, status)
+        series = self.series.get(key)
+        if series is None:  # bounded: loaded models x routes x statuses
+            series = self.series[key] = (metrics.requests_total.labels(model=model, endpoint=exchange.endpoint, status=str(status)),
+                                         metrics.request_duration_seconds.labels(model=model, endpoint=exchange.endpoint))
+        series[0].inc()
+        series[1].observe(elapsed)
         if self.settings.access_log:  # the path and the route, never a body (BentoML's line, and the route name)
             client = exchange.scope.get("client") or ("-", 0)
             access_logger.info("%s:%s (method=%s,path=%s,route=%s) (status=%s) %.3fms", client[0], client[1],
