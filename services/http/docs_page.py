@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from services.http.routes import NO_EXAMPLE
+
 PAGES = Path(__file__).parent / "pages"
 HTML = b"text/html; charset=utf-8"
 # A page may run its own inline script and style and call this server, nothing else.
@@ -145,7 +147,7 @@ def render(document: dict, names_by_kind: dict[str, list[str]], page: str = "doc
                          f"<pre class=curl>{html.escape(curl)}</pre><button type=button>Send</button>"
                          f"<pre class=response aria-live=polite></pre></div>")
             else:
-                trial = "<p class=none>No example here: no model of its kind is loaded.</p>" if path not in ("/metrics",) else ""
+                trial = "" if operation.get(NO_EXAMPLE) else "<p class=none>No example here: no model of its kind is loaded.</p>"
             sections.setdefault(section_of(path), []).append(
                 f"<section class=route id='{identity}'><h3><span class='method {method}'>{method.upper()}</span> "
                 f"<code>{html.escape(path)}</code></h3><p>{html.escape(operation.get('summary', ''))}</p>"

@@ -28,6 +28,7 @@ OPEN, KEY, ADMIN, METRICS = "open", "key", "admin", "metrics"
 FRONT, APP, PAGE, BENTOML = "front", "app", "page", "bentoml"
 REQUEST, MODEL_CHANGE = "request", "model_change"
 UNMATCHED = "unmatched"
+NO_EXAMPLE = "x-textserve-no-example"  # an OpenAPI extension: a route the docs page offers no example of
 PARAMETER = re.compile(r"\{(\w+)\}")
 
 
@@ -140,7 +141,8 @@ def document_the_others(document: dict, routes: tuple[Route, ...] = ROUTES) -> N
             for method in route.methods:
                 if method != "HEAD":
                     document.setdefault("paths", {}).setdefault(route.name, {})[method.lower()] = {
-                        "summary": route.summary, "responses": {"200": {"description": route.summary}}}
+                        "summary": route.summary, "responses": {"200": {"description": route.summary}},
+                        NO_EXAMPLE: True}  # the docs page shows no "Send" for these
 
 
 def check_against_document(document: dict, routes: tuple[Route, ...] = ROUTES) -> None:
