@@ -225,7 +225,7 @@ def test_a_start_up_failure_stops_the_whole_server_with_its_reason(tmp_path):
             stop_server(process)
         message = str(failed.value)
         assert "server exited with 3" in message and "textserve did not start" in message, message[-2000:]
-        assert "listen_for_grpc" in message  # the reason, as the worker gave it
+        assert "listen_for_grpc: could not listen for gRPC" in message and "GRPC_PORT=8002" in message  # the reason, and what to do
         assert time.monotonic() - started < 120  # a crash loop went on for minutes
     finally:
         taken.close()

@@ -279,8 +279,13 @@ async def start(service, settings: ServiceSettings) -> tuple[grpc.aio.Server, ob
     ])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, settings), server)
     address = f"{host}:{settings.grpc_port}"
-    if not server.add_insecure_port(address):
-        raise RuntimeError(f"could not listen for gRPC on {address}")
+    try:
+        listening = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        listening = 0
+    if not listening:
+        raise RuntimeError(f"could not listen for gRPC on {address} (is the port taken?); set TEXTSERVE_GRPC_PORT to "
+                           "another port (make serve: GRPC_PORT=8002), or 0 to turn gRPC off")
     await server.start()
     logger.info("OIP v2 gRPC (inference.GRPCInferenceService) on %s", address)
     return server, lock
