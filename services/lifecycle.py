@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -118,7 +119,7 @@ def stops_server_on_failure(step):
     def reason_of(error: BaseException) -> str:
         return f"{step.__qualname__}: {error}" if str(error) else f"{step.__qualname__}: {type(error).__name__}"
 
-    if _is_coroutine(step):
+    if inspect.iscoroutinefunction(step):
         @functools.wraps(step)
         async def guarded(*args, **kwargs):
             try:
@@ -135,9 +136,3 @@ def stops_server_on_failure(step):
                 fail_start(reason_of(error))
                 raise
     return guarded
-
-
-def _is_coroutine(function) -> bool:
-    import inspect
-
-    return inspect.iscoroutinefunction(function)

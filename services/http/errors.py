@@ -17,9 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from services.errors import ApiError, internal_error
-from services.http.routes import BENTOML, METRICS, OPEN, PAGE, RouteTable, document_the_others
-
-TABLE = RouteTable()
+from services.http.routes import BENTOML, METRICS, OPEN, PAGE, TABLE, document_the_others
 
 logger = logging.getLogger("bentoml.textserve")
 

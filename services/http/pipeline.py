@@ -46,7 +46,7 @@ from services.http import access, request_timing
 from services.http.admission import Admission
 from services.http.body import decoded, too_large_message
 from services.http.deadline import MODEL_CHANGE_VARIABLE, REQUEST_VARIABLE, model_change_timeout_s, within_timeout
-from services.http.routes import ADMIN, APP, BENTOML, FRONT, KEY, MODEL_CHANGE, PAGE, UNMATCHED, Route, RouteTable
+from services.http.routes import ADMIN, APP, BENTOML, FRONT, KEY, MODEL_CHANGE, PAGE, TABLE, UNMATCHED, Route
 
 logger = logging.getLogger("bentoml.textserve")
 access_logger = logging.getLogger("bentoml.textserve.access")  # not "bentoml.access", which BentoML silences with its own access log off
@@ -125,7 +125,7 @@ class Pipeline:
         self.front = front
         self.page_of = page_of
         self.settings = settings
-        self.table = RouteTable()
+        self.table = TABLE
         self.keys = access.process_keys(settings)
         self.close_probability = close_probability(settings.requests_per_connection)
         self.rng = rng or random.Random()

@@ -145,6 +145,9 @@ def document_the_others(document: dict, routes: tuple[Route, ...] = ROUTES) -> N
                         NO_EXAMPLE: True}  # the docs page shows no "Send" for these
 
 
+TABLE = RouteTable()  # the one table every user shares (the pipeline, the OpenAPI document's error statuses)
+
+
 def check_against_document(document: dict, routes: tuple[Route, ...] = ROUTES) -> None:
     """Raise RuntimeError naming every operation of the OpenAPI document missing from the table,
     and every route of the table the document lacks: what is served and what is documented are
