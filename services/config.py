@@ -11,7 +11,8 @@
 | TEXTSERVE_ORT_THREADS            | 0            | onnxruntime intra-op threads per process running sessions; 0 = cores / those processes |
 | TEXTSERVE_RUNNER_WORKERS         | 1            | with TEXTSERVE_INFERENCE=runner: runner processes          |
 | TEXTSERVE_HTTP_WORKERS           | cores        | processes answering HTTP; inline, each also runs its own sessions and batcher |
-| TEXTSERVE_MAX_BATCH_TEXTS        | 64           | adaptive batching: most texts in one inference batch       |
+| TEXTSERVE_MAX_BATCH_TEXTS        | 64           | adaptive batching: most texts taken from the queue at once (one dispatch) |
+| TEXTSERVE_BATCH_TOKENS           | 0            | a dispatch runs as groups of similar-length texts, each within this many padded tokens (rows x longest row; backends/cost_batching.py); 0 = measured per model as it loads |
 | TEXTSERVE_MAX_LATENCY_MS         | 1000         | adaptive batching: a batch that cannot start in time is refused (503) |
 | TEXTSERVE_MAX_TEXTS_PER_REQUEST  | 256          | more texts in one request -> 413                           |
 | TEXTSERVE_MAX_TEXT_CHARS         | 2000         | a longer text -> 413                                       |
@@ -66,6 +67,7 @@ class ServiceSettings:
     runner_batch_threads: int = 0
     http_workers: int = dataclass_field(default_factory=lambda: available_cores())
     max_batch_texts: int = 64
+    batch_tokens: int = 0  # 0: each model's budget measured at warm-up
     max_latency_ms: int = 1000
     max_texts_per_request: int = 256
     max_text_chars: int = 2000
@@ -138,9 +140,10 @@ class ServiceSettings:
                      "max_word_chars", "model_load_timeout_s", "model_poll_interval_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TEXTSERVE_{name.upper()} must be at least 1")
-        for name in ("ort_threads", "requests_per_connection", "runner_batch_threads"):
+        for name in ("ort_threads", "requests_per_connection", "runner_batch_threads", "batch_tokens"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TEXTSERVE_{name.upper()} must be 0 ({'never' if name == 'requests_per_connection' else 'automatic'}) or more")
+                zero = {"requests_per_connection": "never", "batch_tokens": "measured"}.get(name, "automatic")
+                raise ValueError(f"TEXTSERVE_{name.upper()} must be 0 ({zero}) or more")
 
     @property
     def inference_mode(self) -> str:

@@ -13,6 +13,8 @@ import bentoml
 NAMESPACE = "textserve"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
+SHARE_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 requests_total = bentoml.metrics.Counter(
     name=f"{NAMESPACE}_requests_total",
@@ -40,6 +42,24 @@ batch_texts = bentoml.metrics.Histogram(
     name=f"{NAMESPACE}_batch_texts",
     documentation="Texts in one adaptive batch (all models together)",
     buckets=BATCH_BUCKETS,
+)
+batch_padded_tokens = bentoml.metrics.Histogram(
+    name=f"{NAMESPACE}_batch_padded_tokens",
+    documentation="Tokens one model's share of a batch ran, padding included (each length group's rows x its longest row)",
+    labelnames=["model"],
+    buckets=TOKEN_BUCKETS,
+)
+batch_padding_ratio = bentoml.metrics.Histogram(
+    name=f"{NAMESPACE}_batch_padding_ratio",
+    documentation="Share of those padded tokens that were padding (0: none)",
+    labelnames=["model"],
+    buckets=SHARE_BUCKETS,
+)
+batch_token_budget = bentoml.metrics.Gauge(
+    name=f"{NAMESPACE}_batch_token_budget",
+    documentation="Padded tokens per onnxruntime run, measured as the model loaded or set by TEXTSERVE_BATCH_TOKENS (the largest over the processes)",
+    labelnames=["model"],
+    multiprocess_mode="livemax",
 )
 queue_wait_seconds = bentoml.metrics.Histogram(
     name=f"{NAMESPACE}_queue_wait_seconds",

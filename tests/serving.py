@@ -141,3 +141,39 @@ def wait_until_requests_are_read(url: str, count: int, seconds: float = 30) -> N
             raise AssertionError(f"only {read_connections(port)} of {count} requests were read within {seconds} s")
         time.sleep(0.02)
     time.sleep(0.2)
+
+
+def padding_figures(url: str, model: str) -> tuple[float, float, float, float]:
+    """(token budget, padded tokens' sum, batches counted, padding shares' sum) of `model`, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"textserve_batch_token_budget": 0.0, "textserve_batch_padded_tokens_sum": 0.0,
+              "textserve_batch_padded_tokens_count": 0.0, "textserve_batch_padding_ratio_sum": 0.0}
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in wanted and sample.labels.get("model") == model:
+                wanted[sample.name] += sample.value
+    return tuple(wanted.values())
+
+
+def check_a_batch_runs_in_length_groups(url: str, model: str, texts: list[str]) -> None:
+    """One request of `texts` (alone in its batch: nothing else is in flight) runs in the
+    length groups that the model's budget gives, and /metrics counts their padded tokens."""
+    import numpy as np
+
+    from services.backends.cost_batching import length_groups, padded_tokens
+    from services.backends.inference import TextClassifier, read_bundle
+
+    budget, padded_before, batches_before, share_before = padding_figures(url, model)
+    assert budget >= 1, f"no token budget for {model} in /metrics"
+    answer = requests.post(f"{url}/classify", json={"model": model, "texts": texts}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    _, lengths = TextClassifier(read_bundle(REPOSITORY / "models" / "zoo" / model)).encoder.encode_batch(texts)
+    expected = padded_tokens(lengths, length_groups(lengths, int(budget)))
+    assert expected < len(texts) * lengths.max()  # the groups ran less padding than one padded batch would
+    deadline = time.monotonic() + 10
+    while (figures := padding_figures(url, model))[2] == batches_before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker counts the batch as it finishes it, just before the answer goes
+    _, padded_after, batches_after, share_after = figures
+    assert (batches_after - batches_before, padded_after - padded_before) == (1, expected)
+    assert np.isclose(share_after - share_before, 1 - lengths.sum() / expected)

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import REPOSITORY
-from tests.serving import running_server
+from tests.serving import check_a_batch_runs_in_length_groups, running_server
 
 MAX_PENDING_TEXTS = 300
 TINY_LM = "char-lm-tiny"
@@ -90,6 +90,13 @@ def test_classifies_the_readme_example_as_num(server):
     assert set(result["probabilities"]) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert [entry["label"] for entry in result["top_k"]][0] == "NUM" and len(result["top_k"]) == 3
+
+
+def test_a_batch_runs_in_length_groups_within_the_budget_the_workers_agreed_on(server):
+    questions = ["Who ?", "Where is Rome ?", "How far is it from Denver to Aspen ?", "What is the population of the largest city in the "
+                 "country whose capital is on the river that flows through the oldest university town in Europe ?",
+                 "Why ?", "What is a nanometer ?", "Who wrote Hamlet ?", "When did the second world war end in the Pacific ?"] * 3
+    check_a_batch_runs_in_length_groups(server, "kim-cnn-trec6", questions)
 
 
 def test_classifies_questions_and_reviews_with_both_released_models(server):

@@ -22,7 +22,7 @@ from loadtests.bench import sample_questions
 from loadtests.wrk import run_wrk
 from services.backends.inference import TextClassifier, read_bundle
 from tests.conftest import ZOO
-from tests.serving import kill_server, running_server, start_server, wait_until_requests_are_read
+from tests.serving import check_a_batch_runs_in_length_groups, kill_server, running_server, start_server, wait_until_requests_are_read
 
 C, L = "kim-cnn-trec6", "char-lm-small-ptb"
 QUESTIONS = sample_questions(64)
@@ -65,6 +65,10 @@ def test_the_runner_gives_the_inline_numbers(runner_server):
     expected = classifier.probabilities(QUESTIONS[:8])
     order = np.argsort(classifier.labels)
     assert np.abs(served - expected[:, order]).max() <= 1e-5
+
+
+def test_the_runner_runs_a_batch_in_length_groups_within_its_budget(runner_server):
+    check_a_batch_runs_in_length_groups(runner_server, C, QUESTIONS[:40])
 
 
 def test_every_request_under_load_is_answered_and_batched_across_workers(runner_server):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from models.text_encoding import WordVocab, encoder_from_config
 from services.backends.bundle_format import BundleError, check_classifier_graph, check_files
+from services.backends.cost_batching import length_groups, measure_token_budget, padded_tokens
 
 MANIFEST = "manifest.json"
 LANGUAGE_MODEL_ARCHITECTURE = "char-lm"
@@ -125,6 +126,7 @@ class TextClassifier:
 
     KNOWN_INPUTS = ("token_ids", "lengths", "input_ids", "attention_mask", "token_type_ids")
     EVIDENCE_OUTPUTS = ("window_starts", "contributions")  # exported by models that can explain (Kim's CNN)
+    TYPICAL_TOKENS = 16  # a question or a short review, in words: the length the token budget is measured at
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
         encoding = bundle.config["encoding"]
@@ -135,6 +137,10 @@ class TextClassifier:
         self.encoder = encoder_from_config(encoding, vocab, bundle.path)
         self.session = make_session(bundle.path / "model.onnx", device, threads)
         self._check_graph()
+        # Padded tokens per onnxruntime run (cost_batching.py); None: the texts of one call run
+        # as one padded batch. The service sets it at warm-up (measure_token_budget).
+        self.token_budget: int | None = None
+        self.observe_batch: Callable[[int, int], None] | None = None  # (padded tokens, text tokens) per call
 
     def _check_graph(self) -> None:
         """The graph's inputs and outputs against the bundle contract (bundle_format.py)."""
@@ -159,8 +165,29 @@ class TextClassifier:
         return self.bundle.labels
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """(len(texts), K) float32 logits; all texts run as one padded batch."""
-        return self._run(texts, [self.output_name])[2][0]
+        """(len(texts), K) float32 logits, in the order of `texts`: the texts run in groups of
+        similar length within `token_budget` padded tokens (one padded batch without one)."""
+        token_ids, lengths = self.encoder.encode_batch(texts)
+        groups = length_groups(lengths, self.token_budget)
+        if self.observe_batch is not None:
+            self.observe_batch(padded_tokens(lengths, groups), int(lengths.sum()))
+        if len(groups) == 1:
+            return self.session.run([self.output_name], self.feeds(token_ids, lengths))[0]
+        logits = None
+        for rows in groups:
+            width = max(int(lengths[rows].max()), 1)  # right padding past the group's longest row is dropped
+            part = self.session.run([self.output_name], self.feeds(token_ids[rows, :width], lengths[rows]))[0]
+            if logits is None:
+                logits = np.empty((len(texts), *part.shape[1:]), part.dtype)
+            logits[rows] = part
+        return logits
+
+    def measure_token_budget(self, max_rows: int) -> int:
+        """This model's padded-token budget on this device (cost_batching.measure_token_budget)."""
+        width = self.encoder.length if self.bundle.config["encoding"]["kind"] == "chars" else self.TYPICAL_TOKENS
+        # Ids of 1 (a word, a letter) in every position: the graphs' cost does not depend on which.
+        run = lambda rows: self.session.run([self.output_name], self.feeds(np.ones((rows, width), np.int64), np.full(rows, width, np.int64)))
+        return measure_token_budget(run, width, max_rows)
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         return softmax(self.logits(texts))

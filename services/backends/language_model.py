@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from models.text_encoding import EOS_TOKEN, UNK_TOKEN, LanguageModelVocab, WordCharEncoder
 from services.backends.inference import Bundle, BundleError, make_session
 from services.backends.bundle_format import check_language_model_graphs
+from services.backends.cost_batching import length_groups, measure_token_budget, padded_tokens
 
 STEP_GRAPH = "step.onnx"
 WORD_ENCODER_GRAPH = "word_encoder.onnx"
@@ -75,6 +76,8 @@ class ScoredText:
 
 
 class CharLanguageModel:
+    TYPICAL_TOKENS = 24  # a news sentence in words, <eos> included: the length the token budget is measured at
+
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int = 0) -> None:
         if bundle.config.get("encoding", {}).get("kind") != "word-chars":
             raise BundleError(f"{bundle.name}: not a character-aware language model bundle")
@@ -87,6 +90,8 @@ class CharLanguageModel:
         self.layers, self.hidden_size = model["lstm_layers"], model["hidden_size"]
         self._check_graphs()
         self._vocab_unit_vectors: dict[str, np.ndarray] = {}
+        self.token_budget: int | None = None  # padded words per step-graph run when scoring (cost_batching.py)
+        self.observe_batch: Callable[[int, int], None] | None = None  # (padded words, words) per score call
 
     def _check_graphs(self) -> None:
         """The two graphs against the bundle contract (bundle_format.py)."""
@@ -124,23 +129,42 @@ class CharLanguageModel:
         return out
 
     def score(self, texts: Sequence[str]) -> list[ScoredText]:
-        """Each text's tokens and their log-probabilities, all texts as one batch: rows are
-        right-padded, and since the LSTM reads left to right the padding after a text never
-        changes its scores."""
+        """Each text's tokens and their log-probabilities. The texts run in groups of similar
+        length within `token_budget` padded tokens (cost_batching.py; one batch without one);
+        rows are right-padded, and since the LSTM reads left to right the padding after a text
+        never changes its scores."""
         tokenized = [self.tokenize(text) + [EOS_TOKEN] for text in texts]
+        lengths = np.array([len(tokens) for tokens in tokenized], np.int64)
+        groups = length_groups(lengths, self.token_budget)
+        if self.observe_batch is not None:
+            self.observe_batch(padded_tokens(lengths, groups), int(lengths.sum()))
+        scored: list[ScoredText | None] = [None] * len(texts)
+        for rows in groups:
+            for row, text in zip(rows, self._score_padded([tokenized[row] for row in rows])):
+                scored[row] = text
+        return scored
+
+    def _score_padded(self, tokenized: list[list[str]]) -> list[ScoredText]:
+        """Token lists (each closed by <eos>) as one right-padded batch of the step graph."""
         longest = max(len(tokens) for tokens in tokenized)
-        char_ids = np.zeros((len(texts), longest, self.chars.word_width), np.int64)
-        targets = np.zeros((len(texts), longest), np.int64)
+        char_ids = np.zeros((len(tokenized), longest, self.chars.word_width), np.int64)
+        targets = np.zeros((len(tokenized), longest), np.int64)
         for row, tokens in enumerate(tokenized):
             char_ids[row, : len(tokens)] = self.chars.encode_words([EOS_TOKEN, *tokens[:-1]])
             targets[row, : len(tokens)] = self.vocab.ids(tokens)
-        logits, _, _ = self.step(char_ids, *self.initial_state(len(texts)))
+        logits, _, _ = self.step(char_ids, *self.initial_state(len(tokenized)))
         log_probs = log_softmax(logits.astype(np.float64))
         picked = np.take_along_axis(log_probs, targets[..., None], axis=2)[..., 0]  # (B, T)
         return [
             ScoredText(tokens, picked[row, : len(tokens)], [token in self.vocab for token in tokens])
             for row, tokens in enumerate(tokenized)
         ]
+
+    def measure_token_budget(self, max_rows: int) -> int:
+        """This model's padded-token budget (words) on this device (cost_batching.py)."""
+        width = self.TYPICAL_TOKENS
+        run = lambda rows: self.step(np.ones((rows, width, self.chars.word_width), np.int64), *self.initial_state(rows))
+        return measure_token_budget(run, width, max_rows)
 
     def _read(self, tokens: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read <eos> + tokens; the log-probabilities of the word after them, and the state."""

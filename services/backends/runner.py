@@ -22,6 +22,7 @@ import numpy as np
 
 from services import lifecycle, metrics
 from services.config import SETTINGS, resolve_device
+from services.backends.cost_batching import agreed_budget
 from services.backends.explain import explain_texts
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
 from services.backends.language_model import CharLanguageModel
@@ -76,12 +77,31 @@ class ModelRunner:
         elif bundle.architecture == LANGUAGE_MODEL_ARCHITECTURE:
             language_model = CharLanguageModel(bundle, device=self.device, threads=self.threads)
             language_model.score(WARM_UP_TEXTS)
+            self.budget_batches(tag, language_model)
             self.language_models[tag] = language_model
         else:
             classifier = TextClassifier(bundle, device=self.device, threads=self.threads)
             classifier.probabilities(WARM_UP_TEXTS)
+            self.budget_batches(tag, classifier)
             self.classifiers[tag] = classifier
         logger.info("loaded %s on %s, %d threads", tag, self.device, self.threads)
+
+    def budget_batches(self, tag: str, model: TextClassifier | CharLanguageModel) -> None:
+        """Give `model` its padded-token budget per run (TEXTSERVE_BATCH_TOKENS, else measured
+        here on its own sessions: backends/cost_batching.py) and its padding metrics."""
+        name = model_name(tag)
+        folder = lifecycle.server_folder() / "token-budgets" if lifecycle.role() != "other" else None
+        key = f"{tag.replace(':', '-')}-{self.device}-{self.threads}-threads"
+        model.token_budget = SETTINGS.batch_tokens or agreed_budget(folder, key, lambda: model.measure_token_budget(SETTINGS.max_batch_texts))
+        metrics.batch_token_budget.labels(model=name).set(model.token_budget)
+        logger.info("%s: %d padded tokens per run (%s)", tag, model.token_budget, "TEXTSERVE_BATCH_TOKENS" if SETTINGS.batch_tokens else "measured")
+        padded_series, share_series = metrics.batch_padded_tokens.labels(model=name), metrics.batch_padding_ratio.labels(model=name)
+
+        def observe(padded: int, tokens: int) -> None:
+            padded_series.observe(padded)
+            share_series.observe(1 - tokens / padded if padded else 0.0)
+
+        model.observe_batch = observe
 
     def remove_model(self, tag: str) -> None:
         """Stop serving `tag`; its sessions are freed once the last call using them returns."""

@@ -1,0 +1,98 @@
+"""Batches by cost: a model runs its share of an adaptive batch as groups of texts of similar
+length, each group within a budget of padded tokens, the budget measured per model at warm-up.
+
+Why: the batcher (batching.py) takes what queued while the model was busy, up to
+TEXTSERVE_MAX_BATCH_TEXTS texts, whatever their lengths. One padded batch costs its rows times
+its longest row: 32 questions of 8 to 39 tokens run as 32 x 39, about twice the tokens they
+hold, and onnxruntime's cost per token also rises past a model's best batch (caches: a Kim
+CNN's activations for 64 x 39 tokens no longer fit). Sorting the texts by length and cutting
+them into groups of at most `token_budget` padded tokens (rows x the group's longest row) runs
+fewer padding tokens, each group at a size the model runs well. Answers go back in the texts'
+order; the groups run one after another in the same call, so no text waits longer than it did
+in one batch.
+
+The budget is found per model when it loads (`measure_token_budget`): batches of 1, 2, 4, ...
+rows of a typical length, timed on the model's own sessions and device; the smallest batch
+whose cost per row is within NEAR_BEST of the cheapest, times that length.
+TEXTSERVE_BATCH_TOKENS overrides it. The processes of one server agree on it
+(`agreed_budget`): the first to load a model measures it, the others read its figure, so two
+HTTP workers never batch the same model differently, and each load measures once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+NEAR_BEST = 1.10  # a batch within 10 % of the cheapest cost per row is good enough: smaller batches answer sooner
+TIMING_ROUNDS = 3  # each batch size timed this often, the fastest kept
+LONGEST_TIMED_S = 0.03  # batches past one that takes this long are not tried: loading stays quick (kim-cnn-trec6: 0.15 s in all)
+
+
+def length_groups(lengths: np.ndarray, token_budget: int | None) -> list[np.ndarray]:
+    """Row indices of `lengths` (B,) in groups of similar length, each group's rows x its
+    longest length (at least 1) within `token_budget`; a row longer than the budget alone.
+    No budget: one group of every row, in order (one padded batch, as before)."""
+    if token_budget is None or len(lengths) <= 1:
+        return [np.arange(len(lengths))]
+    order = np.argsort(lengths, kind="stable")  # ascending: each row added is the group's longest so far
+    groups, start = [], 0
+    for position in range(1, len(order)):
+        rows, longest = position - start + 1, max(int(lengths[order[position]]), 1)
+        if rows * longest > token_budget:
+            groups.append(order[start:position])
+            start = position
+    groups.append(order[start:])
+    return groups
+
+
+def padded_tokens(lengths: np.ndarray, groups: list[np.ndarray]) -> int:
+    """Tokens the groups run, padding included: each group's rows x its longest row."""
+    return sum(len(group) * int(lengths[group].max(initial=0)) for group in groups)
+
+
+def measure_token_budget(run_rows: Callable[[int], None], row_tokens: int, max_rows: int) -> int:
+    """The padded-token budget for a model: `run_rows(r)` runs one batch of r rows of
+    `row_tokens` tokens each. r = 1, 2, 4, ... up to `max_rows` (and no further once one run
+    takes LONGEST_TIMED_S) are timed in TIMING_ROUNDS interleaved rounds, the fastest of each
+    kept (noise only adds time, and a burst of it falls on every size alike); the budget is the
+    smallest r whose time per row is within NEAR_BEST of the cheapest, times `row_tokens`."""
+    sizes, rows = [], 1
+    while rows <= max_rows:
+        sizes.append(rows)
+        if _seconds(run_rows, rows) > LONGEST_TIMED_S:  # this first run of the shape allocates; not kept
+            break
+        rows *= 2
+    per_row = {rows: float("inf") for rows in sizes}
+    for _ in range(TIMING_ROUNDS):
+        for rows in sizes:
+            per_row[rows] = min(per_row[rows], _seconds(run_rows, rows) / rows)
+    cheapest = min(per_row.values())
+    return min(rows for rows, cost in per_row.items() if cost <= NEAR_BEST * cheapest) * row_tokens
+
+
+def agreed_budget(folder: Path | None, key: str, measure: Callable[[], int]) -> int:
+    """`measure()`'s budget, measured once among the processes that share `folder` (one
+    server's): the first to ask measures under a lock on `key` and writes the figure, those
+    that ask meanwhile wait for it. No folder: measured here."""
+    if folder is None:
+        return measure()
+    folder.mkdir(parents=True, exist_ok=True)
+    figure = folder / f"{key}.tokens"
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes, by the kernel if the process dies
+        if figure.exists():
+            return int(figure.read_text())
+        budget = measure()
+        figure.write_text(str(budget))
+        return budget
+
+
+def _seconds(run_rows: Callable[[int], None], rows: int) -> float:
+    started = time.perf_counter()
+    run_rows(rows)
+    return time.perf_counter() - started
