@@ -156,9 +156,10 @@ def padding_figures(url: str, model: str) -> tuple[float, float, float, float]:
     return tuple(wanted.values())
 
 
-def check_a_batch_runs_in_length_groups(url: str, model: str, texts: list[str]) -> None:
+def check_a_batch_runs_in_length_groups(url: str, model: str, texts: list[str], budget_set: int | None = None) -> None:
     """One request of `texts` (alone in its batch: nothing else is in flight) runs in the
-    length groups that the model's budget gives, and /metrics counts their padded tokens."""
+    length groups that the model's budget gives (`budget_set`: TEXTSERVE_BATCH_TOKENS, else
+    the one measured), and /metrics counts their padded tokens."""
     import numpy as np
 
     from services.backends.cost_batching import length_groups, padded_tokens
@@ -166,10 +167,13 @@ def check_a_batch_runs_in_length_groups(url: str, model: str, texts: list[str]) 
 
     budget, padded_before, batches_before, share_before = padding_figures(url, model)
     assert budget >= 1, f"no token budget for {model} in /metrics"
+    assert budget_set is None or budget == budget_set
     answer = requests.post(f"{url}/classify", json={"model": model, "texts": texts}, timeout=30)
     assert answer.status_code == 200, answer.text
-    _, lengths = TextClassifier(read_bundle(REPOSITORY / "models" / "zoo" / model)).encoder.encode_batch(texts)
-    expected = padded_tokens(lengths, length_groups(lengths, int(budget)))
+    classifier = TextClassifier(read_bundle(REPOSITORY / "models" / "zoo" / model))
+    classifier.token_budget = int(budget)
+    _, lengths = classifier.encoder.encode_batch(texts)
+    expected = padded_tokens(lengths, length_groups(lengths, classifier.token_budget, classifier.budget_rows))
     assert expected < len(texts) * lengths.max()  # the groups ran less padding than one padded batch would
     deadline = time.monotonic() + 10
     while (figures := padding_figures(url, model))[2] == batches_before and time.monotonic() < deadline:

@@ -38,6 +38,7 @@ def test_defaults_and_overrides_from_the_environment():
         ({"TEXTSERVE_MODEL_LOAD_TIMEOUT_S": "0"}, "TEXTSERVE_MODEL_LOAD_TIMEOUT_S must be at least 1"),
         ({"TEXTSERVE_ACCESS_LOG": "yes"}, "TEXTSERVE_ACCESS_LOG='yes'; expected 0 or 1"),
         ({"TEXTSERVE_ORT_THREADS": "-1"}, "TEXTSERVE_ORT_THREADS"),
+        ({"TEXTSERVE_BATCH_TOKENS": "-8"}, "TEXTSERVE_BATCH_TOKENS must be 0 (measured) or more"),
     ],
 )
 def test_bad_values_are_refused_with_the_variable_name(environ, message):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.backends.cost_batching import agreed_budget, length_groups, measure_token_budget, padded_tokens
+from services.backends.cost_batching import LONGEST_TIMED_S, agreed_budget, length_groups, measure_token_budget, padded_tokens
 from services.backends.inference import TextClassifier, read_bundle
 from services.backends.language_model import CharLanguageModel
 from services.config import REPOSITORY_ROOT
@@ -24,13 +24,23 @@ SENTENCES = ["the company said it would buy the shares", "stocks fell", "the fed
 
 def test_rows_are_grouped_by_length_within_the_budget_by_hand():
     lengths = np.array([5, 1, 3, 9, 2])
-    # Sorted: row 1 (1), row 4 (2), row 2 (3), row 0 (5), row 3 (9). Budget 6: rows 1 and 4 run
-    # as 2 x 2 = 4; adding row 2 would make 3 x 3 = 9; rows 2 and 0 together 2 x 5 = 10; row 3
-    # (9 tokens) is over the budget and runs alone.
+    # Sorted: row 1 (1), row 4 (2), row 2 (3), row 0 (5), row 3 (9). Budget 6: a group whose
+    # longest row has L tokens holds 6 // L rows: rows 1 and 4 (2 x 2 = 4; adding row 2 makes
+    # 3 x 3 = 9); row 2 alone (row 0 would make 2 x 5); row 0 alone; row 3 (9 tokens) alone.
     groups = length_groups(lengths, 6)
     assert [list(group) for group in groups] == [[1, 4], [2], [0], [3]]
     assert padded_tokens(lengths, groups) == 2 * 2 + 3 + 5 + 9
     assert padded_tokens(lengths, length_groups(lengths, None)) == 5 * 9  # one padded batch: every row as long as the longest
+
+
+def test_texts_longer_than_the_typical_one_still_run_min_rows_together():
+    lengths = np.array([300, 12, 250, 400, 280, 10, 11])
+    # Budget 64 tokens, min_rows 4 (4 rows at a typical 16): at 10-12 tokens a group holds
+    # 64 // 12 = 5 rows, at 250-400 tokens still 4: sorted, 10, 11, 12, 250 | 280, 300, 400.
+    groups = length_groups(lengths, 64, min_rows=4)
+    assert [list(group) for group in groups] == [[5, 6, 1, 2], [4, 0, 3]]
+    assert [list(group) for group in length_groups(lengths, 64)] == [[5, 6, 1], [2], [4], [0], [3]]  # min_rows 1: alone
+    assert [len(group) for group in length_groups(np.full(20, 4), 64, min_rows=4)] == [16, 4]  # short texts pack more rows
 
 
 def test_without_a_budget_or_with_one_row_the_batch_stays_whole_and_in_order():
@@ -65,7 +75,7 @@ def test_no_batch_past_max_rows_or_past_one_that_takes_too_long_is_tried():
 
     def slow(rows: int) -> None:
         ran.append(rows)
-        time.sleep(0.03 * rows)  # 2 rows take 60 ms: past LONGEST_TIMED_S (50 ms)
+        time.sleep(0.7 * LONGEST_TIMED_S * rows)  # 2 rows take longer than LONGEST_TIMED_S: 4 are not tried
 
     assert measure_token_budget(slow, row_tokens=5, max_rows=64) == 5  # one row is as cheap per row as two
     assert set(ran) == {1, 2}
@@ -103,7 +113,7 @@ def test_a_classifier_answers_the_same_in_groups_as_in_one_padded_batch(name):
     classifier.token_budget = 4 * int(lengths.max())  # several groups whatever the encoding
     grouped = classifier.logits(QUESTIONS)
     assert np.abs(grouped - whole).max() <= 1e-5  # same texts, same order, padding never changes a text's answer
-    assert seen == [(padded_tokens(lengths, length_groups(lengths, classifier.token_budget)), int(lengths.sum()))]
+    assert seen == [(padded_tokens(lengths, length_groups(lengths, classifier.token_budget, classifier.budget_rows)), int(lengths.sum()))]
     if classifier.bundle.config["encoding"]["kind"] == "words":  # fixed-length characters have no padding to save
         assert seen[0][0] < len(QUESTIONS) * lengths.max()
 
@@ -119,7 +129,7 @@ def test_the_language_model_scores_the_same_in_groups_as_in_one_batch():
         assert one.tokens == other.tokens
         assert np.abs(one.log_probs - other.log_probs).max() <= 1e-5
     lengths = np.array([len(text.tokens) for text in whole])
-    assert seen == [(padded_tokens(lengths, length_groups(lengths, 12)), int(lengths.sum()))]
+    assert seen == [(padded_tokens(lengths, length_groups(lengths, 12, 1)), int(lengths.sum()))]  # 12 // 24 typical words: min_rows 1
     assert seen[0][0] < len(SENTENCES) * lengths.max()
 
 

@@ -7,8 +7,9 @@ its longest row: 32 questions of 8 to 39 tokens run as 32 x 39, about twice the 
 hold, and onnxruntime's cost per token also rises past a model's best batch (caches: a Kim
 CNN's activations for 64 x 39 tokens no longer fit). Sorting the texts by length and cutting
 them into groups of at most `token_budget` padded tokens (rows x the group's longest row) runs
-fewer padding tokens, each group at a size the model runs well. Answers go back in the texts'
-order; the groups run one after another in the same call, so no text waits longer than it did
+fewer padding tokens, each group at a size the model runs well; texts longer than the typical
+one still run as many together as the budget gives at the typical length (`min_rows`). Answers
+go back in the texts' order; the groups run one after another in the same call, so no text waits longer than it did
 in one batch.
 
 The budget is found per model when it loads (`measure_token_budget`): batches of 1, 2, 4, ...
@@ -33,17 +34,19 @@ TIMING_ROUNDS = 3  # each batch size timed this often, the fastest kept
 LONGEST_TIMED_S = 0.03  # batches past one that takes this long are not tried: loading stays quick (kim-cnn-trec6: 0.15 s in all)
 
 
-def length_groups(lengths: np.ndarray, token_budget: int | None) -> list[np.ndarray]:
-    """Row indices of `lengths` (B,) in groups of similar length, each group's rows x its
-    longest length (at least 1) within `token_budget`; a row longer than the budget alone.
-    No budget: one group of every row, in order (one padded batch, as before)."""
+def length_groups(lengths: np.ndarray, token_budget: int | None, min_rows: int = 1) -> list[np.ndarray]:
+    """Row indices of `lengths` (B,) sorted by length and cut into groups: a group whose
+    longest row has L tokens (at least 1) holds up to max(min_rows, token_budget // L) rows.
+    Short texts pack many rows; long ones still run `min_rows` together, not alone (an RNN
+    reads a batch step by step, so its cost per row at 1 row is about six times that at 16,
+    whatever the length). No budget: one group of every row, in order (one padded batch)."""
     if token_budget is None or len(lengths) <= 1:
         return [np.arange(len(lengths))]
     order = np.argsort(lengths, kind="stable")  # ascending: each row added is the group's longest so far
     groups, start = [], 0
     for position in range(1, len(order)):
         rows, longest = position - start + 1, max(int(lengths[order[position]]), 1)
-        if rows * longest > token_budget:
+        if rows > max(min_rows, token_budget // longest):
             groups.append(order[start:position])
             start = position
     groups.append(order[start:])

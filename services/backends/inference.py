@@ -168,7 +168,7 @@ class TextClassifier:
         """(len(texts), K) float32 logits, in the order of `texts`: the texts run in groups of
         similar length within `token_budget` padded tokens (one padded batch without one)."""
         token_ids, lengths = self.encoder.encode_batch(texts)
-        groups = length_groups(lengths, self.token_budget)
+        groups = length_groups(lengths, self.token_budget, self.budget_rows)
         if self.observe_batch is not None:
             self.observe_batch(padded_tokens(lengths, groups), int(lengths.sum()))
         if len(groups) == 1:
@@ -182,9 +182,19 @@ class TextClassifier:
             logits[rows] = part
         return logits
 
+    @property
+    def typical_width(self) -> int:
+        """The row length the budget is measured at: characters are always the encoder's length."""
+        return self.encoder.length if self.bundle.config["encoding"]["kind"] == "chars" else self.TYPICAL_TOKENS
+
+    @property
+    def budget_rows(self) -> int:
+        """The rows the budget gives at the typical length: the least a group of long texts has."""
+        return max(1, (self.token_budget or 0) // self.typical_width)
+
     def measure_token_budget(self, max_rows: int) -> int:
         """This model's padded-token budget on this device (cost_batching.measure_token_budget)."""
-        width = self.encoder.length if self.bundle.config["encoding"]["kind"] == "chars" else self.TYPICAL_TOKENS
+        width = self.typical_width
         # Ids of 1 (a word, a letter) in every position: the graphs' cost does not depend on which.
         run = lambda rows: self.session.run([self.output_name], self.feeds(np.ones((rows, width), np.int64), np.full(rows, width, np.int64)))
         return measure_token_budget(run, width, max_rows)

@@ -135,7 +135,7 @@ class CharLanguageModel:
         never changes its scores."""
         tokenized = [self.tokenize(text) + [EOS_TOKEN] for text in texts]
         lengths = np.array([len(tokens) for tokens in tokenized], np.int64)
-        groups = length_groups(lengths, self.token_budget)
+        groups = length_groups(lengths, self.token_budget, max(1, (self.token_budget or 0) // self.TYPICAL_TOKENS))
         if self.observe_batch is not None:
             self.observe_batch(padded_tokens(lengths, groups), int(lengths.sum()))
         scored: list[ScoredText | None] = [None] * len(texts)
