@@ -3,18 +3,18 @@ length, each group within a budget of padded tokens, the budget measured per mod
 
 Why: the batcher (batching.py) takes what queued while the model was busy, up to
 TEXTSERVE_MAX_BATCH_TEXTS texts, whatever their lengths. One padded batch costs its rows times
-its longest row: 32 questions of 8 to 39 tokens run as 32 x 39, about twice the tokens they
-hold, and onnxruntime's cost per token also rises past a model's best batch (caches: a Kim
-CNN's activations for 64 x 39 tokens no longer fit). Sorting the texts by length and cutting
-them into groups of at most `token_budget` padded tokens (rows x the group's longest row) runs
-fewer padding tokens, each group at a size the model runs well; texts longer than the typical
-one still run as many together as the budget gives at the typical length (`min_rows`). Answers
-go back in the texts' order; the groups run one after another in the same call, so no text waits longer than it did
-in one batch.
+its longest row: 64 TREC questions of 3 to 39 tokens ran as 64 x 39, about twice the tokens
+they hold, at half the texts/s of 64 texts of one length (docs/performance.md, "Batches by
+cost"). Sorting the texts by length and cutting them into groups of at most `token_budget`
+padded tokens (rows x the group's longest row) runs little padding, each group at a size the
+model runs well; texts longer than the typical one still run as many together as the budget
+gives at the typical length (`min_rows`). Answers go back in the texts' order. The groups run
+one after another in the same call and answer together, so no text waits longer than it did
+in one batch, and a smaller group would not answer sooner: the budget is the cheapest size.
 
 The budget is found per model when it loads (`measure_token_budget`): batches of 1, 2, 4, ...
-rows of a typical length, timed on the model's own sessions and device; the smallest batch
-whose cost per row is within NEAR_BEST of the cheapest, times that length.
+rows of a typical length, timed on the model's own sessions and device; the batch with the
+cheapest cost per row (the smallest of those within NEAR_BEST of it), times that length.
 TEXTSERVE_BATCH_TOKENS overrides it. The processes of one server agree on it
 (`agreed_budget`): the first to load a model measures it, the others read its figure, so two
 HTTP workers never batch the same model differently, and each load measures once.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-NEAR_BEST = 1.10  # a batch within 10 % of the cheapest cost per row is good enough: smaller batches answer sooner
+NEAR_BEST = 1.03  # sizes this close to the cheapest cost per row are equal within the timing's noise: the smallest wins (less memory)
 TIMING_ROUNDS = 3  # each batch size timed this often, the fastest kept
 LONGEST_TIMED_S = 0.03  # batches past one that takes this long are not tried: loading stays quick (kim-cnn-trec6: 0.15 s in all)
 
@@ -51,6 +51,11 @@ def length_groups(lengths: np.ndarray, token_budget: int | None, min_rows: int =
             start = position
     groups.append(order[start:])
     return groups
+
+
+def rows_at_typical_length(token_budget: int | None, typical_tokens: int) -> int:
+    """The rows a budget gives at the length it was measured at: the least a group holds."""
+    return max(1, (token_budget or 0) // typical_tokens)
 
 
 def padded_tokens(lengths: np.ndarray, groups: list[np.ndarray]) -> int:

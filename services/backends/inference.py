@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from models.text_encoding import WordVocab, encoder_from_config
 from services.backends.bundle_format import BundleError, check_classifier_graph, check_files
-from services.backends.cost_batching import length_groups, measure_token_budget, padded_tokens
+from services.backends.cost_batching import length_groups, measure_token_budget, padded_tokens, rows_at_typical_length
 
 MANIFEST = "manifest.json"
 LANGUAGE_MODEL_ARCHITECTURE = "char-lm"
@@ -190,7 +190,7 @@ class TextClassifier:
     @property
     def budget_rows(self) -> int:
         """The rows the budget gives at the typical length: the least a group of long texts has."""
-        return max(1, (self.token_budget or 0) // self.typical_width)
+        return rows_at_typical_length(self.token_budget, self.typical_width)
 
     def measure_token_budget(self, max_rows: int) -> int:
         """This model's padded-token budget on this device (cost_batching.measure_token_budget)."""

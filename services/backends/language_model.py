@@ -24,7 +24,7 @@ import numpy as np
 from models.text_encoding import EOS_TOKEN, UNK_TOKEN, LanguageModelVocab, WordCharEncoder
 from services.backends.inference import Bundle, BundleError, make_session
 from services.backends.bundle_format import check_language_model_graphs
-from services.backends.cost_batching import length_groups, measure_token_budget, padded_tokens
+from services.backends.cost_batching import length_groups, measure_token_budget, padded_tokens, rows_at_typical_length
 
 STEP_GRAPH = "step.onnx"
 WORD_ENCODER_GRAPH = "word_encoder.onnx"
@@ -135,7 +135,7 @@ class CharLanguageModel:
         never changes its scores."""
         tokenized = [self.tokenize(text) + [EOS_TOKEN] for text in texts]
         lengths = np.array([len(tokens) for tokens in tokenized], np.int64)
-        groups = length_groups(lengths, self.token_budget, max(1, (self.token_budget or 0) // self.TYPICAL_TOKENS))
+        groups = length_groups(lengths, self.token_budget, rows_at_typical_length(self.token_budget, self.TYPICAL_TOKENS))
         if self.observe_batch is not None:
             self.observe_batch(padded_tokens(lengths, groups), int(lengths.sum()))
         scored: list[ScoredText | None] = [None] * len(texts)
