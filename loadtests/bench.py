@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.wrk import run_wrk
 from services.config import REPOSITORY_ROOT
@@ -602,6 +603,39 @@ def probe_summary(result: dict) -> str:
 
 # --------------------------------------------------------------------------- load
 
+BATCH_SERIES = ("textserve_batch_texts_sum", "textserve_batch_texts_count", "textserve_batch_padded_tokens_sum",
+                "textserve_batch_padded_tokens_count", "textserve_batch_padding_ratio_sum")
+
+
+def batch_series(url: str) -> dict[str, float] | None:
+    """The service's own batch histograms' sums and counts (every model), or None for a server
+    without them (the peers)."""
+    try:
+        text = requests.get(f"{url}/metrics", timeout=10).text
+    except requests.RequestException:
+        return None
+    totals = dict.fromkeys(BATCH_SERIES, 0.0)
+    with contextlib.suppress(ValueError):  # not Prometheus text: a peer's answer to an unknown path
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+    return totals if totals["textserve_batch_texts_count"] else None
+
+
+def batches_run(before: dict[str, float] | None, after: dict[str, float] | None) -> dict | None:
+    """What the batcher ran during a level: texts per batch, and per model run the padded
+    tokens and the share of them that was padding (means)."""
+    if before is None or after is None:
+        return None
+    change = {name: after[name] - before[name] for name in BATCH_SERIES}
+    if not change["textserve_batch_texts_count"] or not change["textserve_batch_padded_tokens_count"]:
+        return None
+    return {"texts_per_batch": change["textserve_batch_texts_sum"] / change["textserve_batch_texts_count"],
+            "padded_tokens_per_run": change["textserve_batch_padded_tokens_sum"] / change["textserve_batch_padded_tokens_count"],
+            "padding_share": change["textserve_batch_padding_ratio_sum"] / change["textserve_batch_padded_tokens_count"]}
+
+
 def load_levels(url: str, path: str, bodies: list[str], workload: Workload, seconds: float, warm_up_s: float,
                 root: psutil.Process, idle_share: float = 0.0) -> list[dict]:
     """A warm-up at the workload's most connections (not counted), then each of its levels."""
@@ -611,6 +645,7 @@ def load_levels(url: str, path: str, bodies: list[str], workload: Workload, seco
     levels = []
     for connections in workload.connections:
         wait_until_idle(root, cpu_share=idle_share + 0.1)
+        batches_before = batch_series(url)
         cpu_before = tree_cpu_seconds(root)
         split: list[int] = []
         # Sampled once every connection is open (wrk opens them at its start).
@@ -619,17 +654,23 @@ def load_levels(url: str, path: str, bodies: list[str], workload: Workload, seco
         result = run_wrk(url, path, bodies, connections=connections, seconds=seconds)
         sampler.join()
         server_cpu = tree_cpu_seconds(root) - cpu_before
+        batches = batches_run(batches_before, batch_series(url) if batches_before else None)
         levels.append({**result.as_dict(), "workload": workload.name, "level": workload.level_key(connections),
                        "kind": workload.kind, "model": workload.model, "texts_per_request": workload.texts_per_request,
                        "texts_per_s": result.ok_per_s * workload.texts_per_request,
                        "server_cpu_share": server_cpu / result.seconds / os.cpu_count(),
                        "loadgen_cpu_share": result.loadgen_cpu_s / result.seconds / os.cpu_count(),
-                       "connections_per_worker": split})
+                       "connections_per_worker": split, "batches": batches})
         print(f"    {workload.level_key(connections):<22} {levels[-1]['texts_per_s']:8.1f} texts/s, p50 {result.p50_ms:7.2f} ms, "
               f"p99 {result.p99_ms:7.2f} ms, refused {result.refused}, other {result.other_statuses}, "
-              f"socket errors {sum(result.socket_errors.values())}, connections per worker {'/'.join(map(str, split))}",
-              flush=True)
+              f"socket errors {sum(result.socket_errors.values())}, connections per worker {'/'.join(map(str, split))}"
+              + (f", {batch_summary(batches)}" if batches else ""), flush=True)
     return levels
+
+
+def batch_summary(batches: dict) -> str:
+    return (f"{batches['texts_per_batch']:.1f} texts per batch, {batches['padded_tokens_per_run']:.0f} padded tokens "
+            f"per model run, {batches['padding_share']:.0%} padding")
 
 
 # PyTriton 0.7 sometimes fails to start a model of several instances: the second instance's stub
@@ -843,10 +884,13 @@ def report_sections(report: dict) -> list[tuple[str, str, list[str], list[list[s
                              f"{level['p99_ms']:.2f}", str(level["refused"]), str(sum(level["other_statuses"].values())),
                              str(sum(level["socket_errors"].values())), f"{level['server_cpu_share']:.0%}",
                              f"{level['loadgen_cpu_share']:.0%}", server_side,
-                             "/".join(map(str, level.get("connections_per_worker", [])))])
-    sections.append(("Every level", "wrk, closed loop; refused = 429/503, other = other non-2xx, lost = socket errors.",
+                             "/".join(map(str, level.get("connections_per_worker", []))),
+                             batch_summary(level["batches"]) if level.get("batches") else ""])
+    sections.append(("Every level", "wrk, closed loop; refused = 429/503, other = other non-2xx, lost = socket errors; "
+                     "batches: the service's own metrics over the level (textserve_batch_texts, textserve_batch_padded_tokens, "
+                     "textserve_batch_padding_ratio).",
                      ["level", "system", "round", "texts/s", "p50 ms", "p99 ms", "refused", "other", "lost", "server CPU", "wrk CPU",
-                      "server queue / inference / total ms", "connections per worker"], rows, {0, 1}))
+                      "server queue / inference / total ms", "connections per worker", "batches"], rows, {0, 1, 13}))
 
     ratios = [round_result["ratios"] for round_result in rounds]
     rows = []
