@@ -159,7 +159,8 @@ def padding_figures(url: str, model: str) -> tuple[float, float, float, float]:
 def check_a_batch_runs_in_length_groups(url: str, model: str, texts: list[str], budget_set: int | None = None) -> None:
     """One request of `texts` (alone in its batch: nothing else is in flight) runs in the
     length groups that the model's budget gives (`budget_set`: TEXTSERVE_BATCH_TOKENS, else
-    the one measured), and /metrics counts their padded tokens."""
+    the one measured), every answer in its text's place, and /metrics counts their padded
+    tokens."""
     import numpy as np
 
     from services.backends.cost_batching import length_groups, padded_tokens
@@ -171,6 +172,9 @@ def check_a_batch_runs_in_length_groups(url: str, model: str, texts: list[str], 
     answer = requests.post(f"{url}/classify", json={"model": model, "texts": texts}, timeout=30)
     assert answer.status_code == 200, answer.text
     classifier = TextClassifier(read_bundle(REPOSITORY / "models" / "zoo" / model))
+    # Each answer is its own text's, in the request's order (one padded batch in this process).
+    served = np.array([[result["probabilities"][label] for label in classifier.labels] for result in answer.json()["results"]])
+    assert np.abs(served - classifier.probabilities(texts)).max() <= 1e-5
     classifier.token_budget = int(budget)
     _, lengths = classifier.encoder.encode_batch(texts)
     expected = padded_tokens(lengths, length_groups(lengths, classifier.token_budget, classifier.budget_rows))

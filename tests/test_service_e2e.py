@@ -99,6 +99,27 @@ def test_a_batch_runs_in_length_groups_within_the_budget_the_workers_agreed_on(s
     check_a_batch_runs_in_length_groups(server, "kim-cnn-trec6", questions)
 
 
+def test_concurrent_requests_of_mixed_lengths_each_get_their_own_answers_in_order(server):
+    # Requests of 1 to 100 questions of 3 to 39 tokens at once: their texts meet in batches,
+    # are sorted by length into groups and put back; every answer must be its own text's
+    # (distinct texts, so that a shuffled answer shows).
+    from loadtests.bench import sample_questions
+    from services.backends.inference import TextClassifier, read_bundle
+
+    texts = list(dict.fromkeys(sample_questions(1500)))
+    sizes, chunks = [1, 7, 33, 64, 100, 3, 50, 20, 2, 90], []
+    for size in sizes:
+        chunks.append(texts[sum(len(chunk) for chunk in chunks):][:size])
+    with concurrent.futures.ThreadPoolExecutor(len(chunks)) as pool:
+        answers = list(pool.map(lambda chunk: classify(server, {"model": "kim-cnn-trec6", "texts": chunk}), chunks))
+    classifier = TextClassifier(read_bundle(REPOSITORY / "models" / "zoo" / "kim-cnn-trec6"))
+    for chunk, answer in zip(chunks, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        served = np.array([[r["probabilities"][label] for label in classifier.labels] for r in answer.json()["results"]])
+        assert served.shape == (len(chunk), len(classifier.labels))
+        assert np.abs(served - classifier.probabilities(chunk)).max() <= 1e-5
+
+
 def test_classifies_questions_and_reviews_with_both_released_models(server):
     trec = classify(server, {"model": "kim-cnn-trec6", "texts": ["Who wrote Hamlet ?", "Where is the Eiffel Tower ?"], "top_k": 6})
     assert [r["label"] for r in trec.json()["results"]] == ["HUM", "LOC"]
