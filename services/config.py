@@ -12,7 +12,7 @@
 | TEXTSERVE_RUNNER_WORKERS         | 1            | with TEXTSERVE_INFERENCE=runner: runner processes          |
 | TEXTSERVE_HTTP_WORKERS           | cores        | processes answering HTTP; inline, each also runs its own sessions and batcher |
 | TEXTSERVE_MAX_BATCH_TEXTS        | 64           | adaptive batching: most texts taken from the queue at once (one dispatch) |
-| TEXTSERVE_BATCH_TOKENS           | 0            | a dispatch runs as groups of similar-length texts, each within this many padded tokens (rows x longest row; backends/cost_batching.py); 0 = measured per model as it loads |
+| TEXTSERVE_BATCH_TOKENS           | 0            | a dispatch runs as groups of similar-length texts, each within this many padded tokens (rows x longest row; backends/cost_batching.py); 0 = measured per model as it loads, once per machine ($TMPDIR/textserve-token-budgets) |
 | TEXTSERVE_MAX_LATENCY_MS         | 1000         | adaptive batching: a batch that cannot start in time is refused (503) |
 | TEXTSERVE_MAX_TEXTS_PER_REQUEST  | 256          | more texts in one request -> 413                           |
 | TEXTSERVE_MAX_TEXT_CHARS         | 2000         | a longer text -> 413                                       |

@@ -19,9 +19,10 @@ itself: rows of one length cost about the same from 16 to 64 of them, but real t
 many lengths, and a larger group pads more. `make bench` saw it: kim-cnn-trec6 measured at 128
 tokens (8 rows) ran its 64 connections of one question each at 2,049-2,301 texts/s with 23 %
 padding, and the cheapest at 512 (32 rows) at 1,640 with 29 %.
-TEXTSERVE_BATCH_TOKENS overrides it. The processes of one server agree on it
-(`agreed_budget`): the first to load a model measures it, the others read its figure, so two
-HTTP workers never batch the same model differently, and each load measures once.
+TEXTSERVE_BATCH_TOKENS overrides it. The processes of a machine agree on it (`agreed_budget`,
+a folder in the temp directory, keyed by the model's version, device, threads and hardware):
+the first to load a model measures it, the others read its figure, so two HTTP workers never
+batch the same model differently, and a restart does not measure again.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ def measure_token_budget(run_rows: Callable[[int], None], row_tokens: int, max_r
 
 
 def agreed_budget(folder: Path | None, key: str, measure: Callable[[], int]) -> int:
-    """`measure()`'s budget, measured once among the processes that share `folder` (one
-    server's): the first to ask measures under a lock on `key` and writes the figure, those
-    that ask meanwhile wait for it. No folder: measured here."""
+    """`measure()`'s budget, measured once among the processes that share `folder` (the
+    machine's): the first to ask measures under a lock on `key` and writes the figure; those
+    that ask meanwhile wait for it, those that ask later read it. No folder: measured here."""
     if folder is None:
         return measure()
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,17 +11,22 @@ are BentoML APIs called once per request (generation streams its words), in proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
+import platform
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Generator
+from pathlib import Path
 
 import bentoml
 import numpy as np
 
 from services import lifecycle, metrics
-from services.config import SETTINGS, resolve_device
+from services.config import SETTINGS, available_cores, resolve_device
 from services.backends.cost_batching import agreed_budget
 from services.backends.explain import explain_texts
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, ImageClassifier, TextClassifier, softmax
@@ -90,8 +95,8 @@ class ModelRunner:
         """Give `model` its padded-token budget per run (TEXTSERVE_BATCH_TOKENS, else measured
         here on its own sessions: backends/cost_batching.py) and its padding metrics."""
         name = model_name(tag)
-        folder = lifecycle.server_folder() / "token-budgets" if lifecycle.role() != "other" else None
-        key = f"{tag.replace(':', '-')}-{self.device}-{self.threads}-threads"
+        folder = budget_folder() if lifecycle.role() != "other" else None
+        key = f"{tag.replace(':', '-')}-{self.device}-{self.threads}-threads-{machine_signature()}"
         model.token_budget = SETTINGS.batch_tokens or agreed_budget(folder, key, lambda: model.measure_token_budget(SETTINGS.max_batch_texts))
         metrics.batch_token_budget.labels(model=name).set(model.token_budget)
         logger.info("%s: %d padded tokens per run (%s)", tag, model.token_budget, "TEXTSERVE_BATCH_TOKENS" if SETTINGS.batch_tokens else "measured")
@@ -269,6 +274,22 @@ class ModelRunner:
     def loaded_models(self) -> list[str]:
         """Session keys (store tags, name:version) of the models whose sessions are built and warmed up."""
         return sorted([*self.classifiers, *self.language_models, *self.image_classifiers])
+
+
+def budget_folder() -> Path:
+    """Where the measured token budgets are kept for every server of this machine (a pod's own
+    temp folder in Kubernetes): a model version measured once on this hardware with these
+    threads is not measured again at the next start."""
+    return Path(tempfile.gettempdir()) / "textserve-token-budgets"
+
+
+def machine_signature() -> str:
+    """The hardware a budget was measured on: the CPU model and the cores this process may use."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{available_cores()}-cores-{hashlib.sha256(line.encode()).hexdigest()[:8]}"
+    return f"{available_cores()}-cores-{platform.machine()}"
 
 
 def model_name(key: str) -> str:
