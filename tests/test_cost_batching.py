@@ -101,6 +101,9 @@ def test_the_processes_of_one_server_measure_once_and_agree(tmp_path):
     finally:
         other.join(timeout=60)
     assert agreed_budget(None, "model-cpu", lambda: 17) == 17  # no folder: measured in place
+    assert agreed_budget(tmp_path, "model-cpu", lambda: 17) == 4242  # a later process reads the figure
+    (tmp_path / "model-cpu.tokens").write_text("")  # a figure that cannot be read is measured again
+    assert agreed_budget(tmp_path, "model-cpu", lambda: 23) == 23 == int((tmp_path / "model-cpu.tokens").read_text())
 
 
 @pytest.mark.parametrize("name", ["kim-cnn-trec6", "lstm-trec6", "char-cnn-small-trec6", "bilstm-mr"])

@@ -1,5 +1,5 @@
 """Batches by cost: a model runs its share of an adaptive batch as groups of texts of similar
-length, each group within a budget of padded tokens, the budget measured per model at warm-up.
+length, sized by a budget of padded tokens, the budget measured per model at warm-up.
 
 Why: the batcher (batching.py) takes what queued while the model was busy, up to
 TEXTSERVE_MAX_BATCH_TEXTS texts, whatever their lengths. One padded batch costs its rows times
@@ -27,7 +27,9 @@ batch the same model differently, and a restart does not measure again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -98,10 +100,13 @@ def agreed_budget(folder: Path | None, key: str, measure: Callable[[], int]) -> 
     figure = folder / f"{key}.tokens"
     with open(folder / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes, by the kernel if the process dies
-        if figure.exists():
-            return int(figure.read_text())
+        with contextlib.suppress(OSError, ValueError):  # none yet, or unreadable: measured again
+            if (budget := int(figure.read_text())) >= 1:
+                return budget
         budget = measure()
-        figure.write_text(str(budget))
+        partial = figure.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(str(budget))
+        partial.replace(figure)  # whole or absent: a process killed while writing leaves no half figure
         return budget
 
 

@@ -99,7 +99,7 @@ class ModelRunner:
         key = f"{tag.replace(':', '-')}-{self.device}-{self.threads}-threads-{machine_signature()}"
         model.token_budget = SETTINGS.batch_tokens or agreed_budget(folder, key, lambda: model.measure_token_budget(SETTINGS.max_batch_texts))
         metrics.batch_token_budget.labels(model=name).set(model.token_budget)
-        logger.info("%s: %d padded tokens per run (%s)", tag, model.token_budget, "TEXTSERVE_BATCH_TOKENS" if SETTINGS.batch_tokens else "measured")
+        logger.info("%s: %d padded tokens per run (%s)", tag, model.token_budget, "TEXTSERVE_BATCH_TOKENS" if SETTINGS.batch_tokens else "measured on this machine")
         padded_series, share_series = metrics.batch_padded_tokens.labels(model=name), metrics.batch_padding_ratio.labels(model=name)
 
         def observe(padded: int, tokens: int) -> None:
