@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -283,6 +284,7 @@ def budget_folder() -> Path:
     return Path(tempfile.gettempdir()) / "textserve-token-budgets"
 
 
+@functools.cache  # read once per process, not once per model loaded
 def machine_signature() -> str:
     """The hardware a budget was measured on: the CPU model and the cores this process may use."""
     with contextlib.suppress(OSError):
