@@ -1,6 +1,6 @@
-"""Where a request's CPU goes: py-spy on one HTTP worker of the service under wrk.
+"""Where a request's CPU goes: py-spy on one HTTP worker of the service under wrk (or h2load).
 
-    python -m loadtests.profile_service [--model kim-cnn-trec6] [--path /classify]
+    python -m loadtests.profile_service [--model kim-cnn-trec6] [--path /classify] [--protocol http|grpc]
                                         [--connections 64] [--seconds 20] [--texts-per-request 1]
                                         [--env TEXTSERVE_X=Y ...] [--out loadtests/results/profile]
 
@@ -11,6 +11,10 @@ Each sample is charged to one layer: the layer of its innermost frame that a rul
 names (a sample whose innermost frame is in prometheus_client is "metrics", whatever called
 it). Samples ÷ rate ÷ the requests that worker answered (the answered requests in proportion
 to its share of the HTTP workers' CPU) give microseconds of GIL-held CPU per request.
+
+--protocol grpc loads OIP v2 ModelInfer over gRPC instead (one text per call, h2load, as
+loadtests/bench_grpc.py sends it; --path and --texts-per-request do not apply); the calls
+answered are the server's own count of ModelInfer calls with status 200.
 
 Prints the table and writes profile.md, profile.json and the raw stacks (stacks.txt) under --out.
 py-spy comes from PyPI (`pip install py-spy`, in the bench extra); it needs ptrace, i.e. root or
@@ -32,8 +36,10 @@ from pathlib import Path
 
 import psutil
 
+from loadtests import bench_grpc
 from loadtests.bench import READY_TIMEOUT_S, free_port, sample_questions, tree_cpu_seconds
-from loadtests.wrk import run_wrk
+from loadtests.bench_grpc import grpc_frame
+from loadtests.wrk import LoadResult, run_wrk
 from services.config import REPOSITORY_ROOT
 
 # (layer, substrings of a frame's "function (file:line)" that put a sample there), innermost
@@ -72,6 +78,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "starlette/_exception_handler.py", "starlette/applications.py", "fastapi/applications.py",
                      "starlette/requests.py", "starlette/datastructures.py", "fastapi/")),
     ("uvicorn (HTTP parsing and writing)", ("uvicorn/",)),
+    ("gRPC (grpc.aio, protobuf)", ("grpc/", "google/protobuf/")),
     ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop/", "contextvars")),
 ]
 OTHER = "other"
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="kim-cnn-trec6")
     parser.add_argument("--path", default="/classify")
+    parser.add_argument("--protocol", default="http", choices=["http", "grpc"],
+                        help="http: wrk on --path; grpc: h2load, OIP v2 ModelInfer with one text per call")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warm-up", type=float, default=5.0)
@@ -142,16 +151,25 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     questions = sample_questions()
-    bodies = [json.dumps({"model": args.model, "texts": [questions[(i + j) % len(questions)] for j in range(args.texts_per_request)]})
+    bodies = [request_body(args.path, args.model, [questions[(i + j) % len(questions)] for j in range(args.texts_per_request)])
               for i in range(len(questions))]
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     env = {**os.environ, "TEXTSERVE_MODELS": args.model, "BENTOML_DO_NOT_TRACK": "True",
+           "TEXTSERVE_GRPC_HOST": "127.0.0.1", "TEXTSERVE_GRPC_PORT": str(grpc_port),
            **dict(item.split("=", 1) for item in args.env)}
     log = open(args.out / "serve.log", "w")
     server = subprocess.Popen([str(Path(sys.executable).with_name("bentoml")), "serve", "services.service:TextService",
                                "--host", "127.0.0.1", "--port", str(port)],
                               cwd=REPOSITORY_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    grpc_call = args.out / "grpc-call.bin"
+    grpc_call.write_bytes(grpc_frame(args.model, bench_grpc.TEXT))
+
+    def load(seconds: float) -> LoadResult:
+        if args.protocol == "http":
+            return run_wrk(url, args.path, bodies, connections=args.connections, seconds=seconds)
+        return grpc_load(url, f"127.0.0.1:{grpc_port}", grpc_call, args.connections, seconds, args.out / "h2load.log")
+
     try:
         import requests
 
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"the service did not start; see {args.out / 'serve.log'}")
             time.sleep(0.5)
         root = psutil.Process(server.pid)
-        run_wrk(url, args.path, bodies, connections=args.connections, seconds=args.warm_up)
+        load(args.warm_up)
         workers = workers_of(root, args.process)
         worker = workers[0]
         raw = args.out / "stacks.txt"
@@ -177,10 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         worker_before = sum(worker.cpu_times()[:2])
         workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
         result_holder: dict = {}
-        load = threading.Thread(target=lambda: result_holder.update(
-            result=run_wrk(url, args.path, bodies, connections=args.connections, seconds=args.seconds)))
-        load.start()
-        load.join()
+        loading = threading.Thread(target=lambda: result_holder.update(result=load(args.seconds)))
+        loading.start()
+        loading.join()
         server_cpu = tree_cpu_seconds(root) - cpu_before
         worker_cpu = sum(worker.cpu_times()[:2]) - worker_before
         workers_cpu = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
@@ -199,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     worker_requests = result.ok * worker_cpu / max(1e-9, workers_cpu)
     rows = [{"layer": layer, "share": count / samples, "us_per_request": count / SAMPLE_RATE / max(1.0, worker_requests) * 1e6}
             for layer, count in by_layer.most_common()]
-    report = {"label": args.label, "model": args.model, "path": args.path, "connections": args.connections,
+    report = {"label": args.label, "model": args.model, "protocol": args.protocol,
+              "path": args.path if args.protocol == "http" else bench_grpc.CALL_PATH, "connections": args.connections,
               "texts_per_request": args.texts_per_request, "seconds": result.seconds, "requests_per_s": result.ok_per_s,
               "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "non_2xx": result.requests - result.ok,
               "server_cpu_share": server_cpu / result.seconds / os.cpu_count(), "profiled_worker_cpu_s": worker_cpu,
@@ -215,6 +233,37 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {row['layer']} | {row['share']:.1%} | {row['us_per_request']:.0f} |" for row in rows]
     (args.out / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def request_body(path: str, model: str, texts: list[str]) -> str:
+    """The JSON body of `path`: OIP v2's inference request under /v2/, else /classify's."""
+    if path.startswith("/v2/"):
+        return json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}]})
+    return json.dumps({"model": model, "texts": texts})
+
+
+def grpc_load(url: str, grpc_address: str, call: Path, clients: int, seconds: float, log_path: Path) -> LoadResult:
+    """h2load's ModelInfer calls as a LoadResult; `ok` is the server's own count of calls that
+    answered status 200 (h2load sees only the HTTP status, not gRPC's)."""
+    before = bench_grpc.grpc_calls_by_status(url)
+    calls = bench_grpc.run_h2load(grpc_address, call, clients, seconds, log_path)
+    answered = wait_for_counts(url, before, calls["calls"])
+    ok = int(answered.get("200", 0))
+    return LoadResult(connections=clients, seconds=seconds, requests=int(sum(answered.values())), ok=ok, refused=0,
+                      other_statuses={status: int(n) for status, n in answered.items() if status != "200"}, socket_errors={},
+                      p50_ms=calls["p50_ms"], p90_ms=float("nan"), p99_ms=calls["p99_ms"], max_ms=float("nan"), loadgen_cpu_s=0.0)
+
+
+def wait_for_counts(url: str, before: dict[str, float], calls: int, timeout_s: float = 10.0) -> dict[str, float]:
+    """The server's ModelInfer counts since `before`, once they reach the calls h2load finished
+    (the last ones are counted as they end)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = bench_grpc.grpc_calls_by_status(url)
+        answered = {status: after.get(status, 0) - before.get(status, 0) for status in after}
+        if sum(answered.values()) >= calls or time.monotonic() > deadline:
+            return answered
+        time.sleep(0.1)
 
 
 def reclassify(folder: Path) -> None:

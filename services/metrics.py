@@ -18,7 +18,7 @@ SHARE_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 
 requests_total = bentoml.metrics.Counter(
     name=f"{NAMESPACE}_requests_total",
-    documentation="HTTP requests answered, by model, endpoint and status code",
+    documentation="HTTP requests and gRPC calls answered, by model, endpoint and status code",
     labelnames=["model", "endpoint", "status"],
 )
 request_duration_seconds = bentoml.metrics.Histogram(
@@ -77,3 +77,20 @@ auth_refusals_total = bentoml.metrics.Counter(
     documentation="Requests refused for want of a good key: 401 (none, malformed, unknown) or 403 (not an admin key)",
     labelnames=["status"],
 )
+
+
+# Each (model, endpoint, status) series of the two request metrics, looked up once: bounded by
+# the loaded models x routes x statuses (callers pass a route name, never a raw path, and a
+# model only once it names a loaded one).
+_request_series: dict[tuple[str, str, int], tuple] = {}
+
+
+def count_request(model: str, endpoint: str, status: int, elapsed_s: float) -> None:
+    """One answered request (HTTP or gRPC): textserve_requests_total and its duration."""
+    key = (model, endpoint, status)
+    series = _request_series.get(key)
+    if series is None:
+        series = _request_series[key] = (requests_total.labels(model=model, endpoint=endpoint, status=str(status)),
+                                         request_duration_seconds.labels(model=model, endpoint=endpoint))
+    series[0].inc()
+    series[1].observe(elapsed_s)

@@ -146,10 +146,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, internal_error(error).message)
         finally:
             request_timing.current_timing.reset(token)
-            endpoint = f"/{SERVICE}/{call}"
             model = model if model in self.service.bundles else ""  # a client's name is a label only once it names a model
-            metrics.requests_total.labels(model=model, endpoint=endpoint, status=str(status)).inc()
-            metrics.request_duration_seconds.labels(model=model, endpoint=endpoint).observe(time.perf_counter() - started)
+            metrics.count_request(model, f"/{SERVICE}/{call}", status, time.perf_counter() - started)
 
     async def ServerLive(self, request, context):
         return await self.answer("ServerLive", context, self.live)

@@ -129,7 +129,6 @@ class Pipeline:
         self.keys = access.process_keys(settings)
         self.close_probability = close_probability(settings.requests_per_connection)
         self.rng = rng or random.Random()
-        self.series: dict[tuple[str, str, int], tuple] = {}  # each labelled counter and histogram, looked up once
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan: BentoML builds and stops the service
@@ -266,14 +265,7 @@ class Pipeline:
         """One count per request, by route name (bounded: never the raw path) and status."""
         status = exchange.status if exchange.status is not None else 499
         elapsed = time.perf_counter() - exchange.started
-        model = exchange.model
-        key = (model, exchange.endpoint, status)
-        series = self.series.get(key)
-        if series is None:  # bounded: loaded models x routes x statuses
-            series = self.series[key] = (metrics.requests_total.labels(model=model, endpoint=exchange.endpoint, status=str(status)),
-                                         metrics.request_duration_seconds.labels(model=model, endpoint=exchange.endpoint))
-        series[0].inc()
-        series[1].observe(elapsed)
+        metrics.count_request(exchange.model, exchange.endpoint, status, elapsed)
         if self.settings.access_log:  # the path and the route, never a body (BentoML's line, and the route name)
             client = exchange.scope.get("client") or ("-", 0)
             access_logger.info("%s:%s (method=%s,path=%s,route=%s) (status=%s) %.3fms", client[0], client[1],
