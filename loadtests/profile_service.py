@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                                 "--duration", str(int(args.seconds)), "--output", str(raw), *SPY_OPTIONS],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_before = tree_cpu_seconds(root)
+        switches_before = writes_and_switches(root)
         worker_before = sum(worker.cpu_times()[:2])
         workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
         result_holder: dict = {}
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         loading.start()
         loading.join()
         server_cpu = tree_cpu_seconds(root) - cpu_before
+        switches_after = writes_and_switches(root)
         worker_cpu = sum(worker.cpu_times()[:2]) - worker_before
         workers_cpu = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
         spy.wait(timeout=60)
@@ -221,18 +223,35 @@ def main(argv: list[str] | None = None) -> None:
               "texts_per_request": args.texts_per_request, "seconds": result.seconds, "requests_per_s": result.ok_per_s,
               "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "non_2xx": result.requests - result.ok,
               "server_cpu_share": server_cpu / result.seconds / os.cpu_count(), "profiled_worker_cpu_s": worker_cpu,
-              "server_cpu_us_per_request": cpu_per_request_us, "samples": samples, "env": args.env, "layers": rows,
+              "server_cpu_us_per_request": cpu_per_request_us,
+              "writes_per_request": (switches_after[0] - switches_before[0]) / max(1, result.ok),
+              "context_switches_per_request": (switches_after[1] - switches_before[1]) / max(1, result.ok), "samples": samples, "env": args.env, "layers": rows,
               "command": " ".join(["python -m loadtests.profile_service", *(argv if argv is not None else sys.argv[1:])])}
     (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"`{report['command']}`: {result.ok_per_s:,.0f} requests/s at {args.connections} connections, "
              f"p50 {result.p50_ms:.2f} ms, {report['non_2xx']} non-2xx; server CPU {report['server_cpu_share']:.0%} of the machine, "
-             f"{cpu_per_request_us:.0f} µs of CPU per request (all processes, onnxruntime included); server-side means: "
+             f"{cpu_per_request_us:.0f} µs of CPU per request (all processes, onnxruntime included), "
+             f"{report['writes_per_request']:.2f} write system calls and {report['context_switches_per_request']:.2f} context switches "
+             "per request (all processes); server-side means: "
              f"queue {result.server_queue_ms or 0:.2f} ms, inference {result.server_inference_ms or 0:.2f} ms (a batch's), "
              f"total {result.server_total_ms or 0:.2f} ms; {samples:,} GIL samples of one of {len(workers)} {args.process} workers.", "",
              "| layer (GIL held) | share of the samples | µs per request |", "|---|---|---|"]
     lines += [f"| {row['layer']} | {row['share']:.1%} | {row['us_per_request']:.0f} |" for row in rows]
     (args.out / "profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def writes_and_switches(root: psutil.Process) -> tuple[int, int]:
+    """The server's write system calls and context switches so far, every process summed."""
+    writes = switches = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            writes += process.io_counters().write_count
+            counts = process.num_ctx_switches()
+            switches += counts.voluntary + counts.involuntary
+        except psutil.Error:  # a process that ended meanwhile
+            continue
+    return writes, switches
 
 
 def request_body(path: str, model: str, texts: list[str]) -> str:

@@ -95,7 +95,7 @@ OPENAPI = document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not
     name="textserve",
     workers=SETTINGS.http_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
-    # One log line per request costs about a tenth of a small model's request (docs/performance.md).
+    # One log line per request costs about a tenth of a small model's request (docs/performance-history.md).
     # The access log and tracing are the pipeline's (http/pipeline.py); BentoML's own would see only
     # the probes and /metrics, which reach its app.
     logging={"access": {"enabled": False}},
@@ -542,7 +542,7 @@ def freeze_what_lives() -> None:
     """What exists now (frameworks, sessions, vocabularies, the app) lives as long as the
     process: move it out of the garbage collector's sight. Otherwise every full collection walks
     all of it and stops the event loop for about 100 ms, which was a small model's p99
-    (docs/performance.md). Called once the models are loaded and again once they are ready."""
+    (docs/performance-history.md). Called once the models are loaded and again once they are ready."""
     gc.collect()
     gc.freeze()
 

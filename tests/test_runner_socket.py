@@ -181,6 +181,68 @@ def test_a_stopping_runner_finishes_what_it_took_and_refuses_new_texts_with_503(
     asyncio.run(main())
 
 
+class WritesCounted:
+    """A real transport whose writes are recorded as they pass (how many, and their bytes)."""
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.transport, name)
+
+
+class RunnerWithWritesCounted(RunnerSocketServer):
+    """The real RunnerSocketServer, each connection's transport wrapped in WritesCounted."""
+
+    counted: list[WritesCounted]
+
+    def connection(self) -> FrameProtocol:
+        protocol = super().connection()
+        made = protocol.connection_made
+
+        def connection_made(transport) -> None:
+            made(WritesCounted(transport))
+            self.counted.append(protocol.transport)
+
+        protocol.connection_made = connection_made
+        return protocol
+
+
+def test_the_answers_of_one_batch_leave_the_runner_in_one_write_each_to_its_own_request():
+    async def main():
+        with tempfile.TemporaryDirectory() as folder:
+            path = socket_in(folder)
+            run = UpperCasing()
+            run.release = threading.Event()
+            runner = RunnerWithWritesCounted(runner_with(run), max_batch_texts=8, max_latency_ms=10_000, concurrent_batches=1)
+            runner.counted = []
+            await runner.start(path)
+            client = client_of(path)
+            loop = asyncio.get_running_loop()
+            first = loop.create_task(client.batched("classify_batch", "m:1", ["first"], time.time()))
+            await asyncio.to_thread(run.started.wait, 10)  # the first batch holds the runner: the next four queue
+            queued = [loop.create_task(client.batched("classify_batch", "m:1", [f"t{i}a", f"t{i}b"], time.time())) for i in range(4)]
+            while len(runner.batchers["classify_batch"].queue) < 4:  # all four requests have arrived and wait
+                await asyncio.sleep(0.005)
+            run.release.set()
+            answers = await asyncio.wait_for(asyncio.gather(first, *queued), 10)
+            await runner.drain()
+            return answers, runner.counted
+
+    answers, counted = asyncio.run(main())
+    assert [[a["answer"] for a in request] for request in answers] == [["FIRST"], *[[f"T{i}A", f"T{i}B"] for i in range(4)]]
+    [connection] = counted
+    # Two batches ran (the first request, then the four that queued behind it): two writes, the
+    # second holding four answer frames, where one write per request made five.
+    assert len(connection.writes) == 2
+    assert [write.count(b'"answers"') for write in connection.writes] == [1, 4]
+
+
 def test_a_stopping_runner_leaves_the_socket_of_the_runner_that_replaced_it():
     async def main():
         with tempfile.TemporaryDirectory() as folder:

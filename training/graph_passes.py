@@ -7,7 +7,7 @@ it changes. Why: onnxruntime 1.31's CPU Conv for 1-D inputs is a slow path (a pr
 kim-cnn-trec6 put 90 % of the run in 1-D FusedConv, and per text it got *slower* with larger
 batches), while its 2-D convolution is the tuned one (NCHW im2col + SGEMM). On this machine the
 rewrite took kim-cnn-trec6's kernel time from 0.38 to 0.28 ms at batch 1 and from 15.4 to
-10.2 ms at batch 64 (`python -m training.op_profile`; docs/performance.md).
+10.2 ms at batch 64 (`python -m training.op_profile`; docs/performance-history.md).
 
 The weight's Unsqueeze is a constant expression, folded by onnxruntime when it loads the graph.
 Parity is proven by `optimize_bundle` in training/export_onnx.py (the rewritten graph against the

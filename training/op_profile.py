@@ -5,7 +5,7 @@
 
 Runs each bundle's graph `--runs` times on a batch of `--batch` copies of one question (the
 same encoding the service uses), with onnxruntime's profiling on, and prints the kernel time
-per run and each operator type's share of it. docs/performance.md uses it to show why some int8
+per run and each operator type's share of it. docs/performance-history.md uses it to show why some int8
 CNNs gain less than others (the layout transposes around QLinearConv).
 """
 

@@ -1,6 +1,6 @@
 """The FRONT routes of the route table (services/http/routes.py): answered by the pipeline
 through these functions, with no FastAPI routing, request object or dependency solving on the
-way (a third of a one-text /classify's CPU in a profile, docs/performance.md).
+way (a third of a one-text /classify's CPU in a profile, docs/performance-history.md).
 
 Each takes the pipeline's exchange (its `.headers` and `.state`), the service, the decoded body
 and the path's parameters, and returns (body, content type, extra headers). The answer itself is

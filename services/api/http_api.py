@@ -115,7 +115,7 @@ def json_bytes(content: dict) -> bytes:
     """`content` as compact UTF-8 JSON, by orjson (several times faster than json.dumps for a
     result with a probability per label). Routes answer these bytes instead of a pydantic model:
     FastAPI would otherwise validate our own output against the response model and serialise it
-    again, which for 16 texts cost more than the model (docs/performance.md). The response model
+    again, which for 16 texts cost more than the model (docs/performance-history.md). The response model
     still documents the shape, and the end-to-end tests parse bodies strictly with it."""
     return orjson.dumps(content)
 

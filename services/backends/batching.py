@@ -10,7 +10,7 @@ Why not BentoML's CorkDispatcher here (it still batches TEXTSERVE_INFERENCE=runn
 bench` measured it keeping, after a burst, the average wait it saw during the burst as the time
 to hold every later request, and that wait only decays 5 % every 5 s (the kim-cnn-trec6 p50 at
 one client went from 2 ms before a 128-client burst to 30 ms after it); its controller also
-polls the queue every millisecond. docs/performance.md has the figures.
+polls the queue every millisecond. docs/performance-history.md has the figures.
 
 A request that has waited `max_wait_ms` without starting is refused (503, "retry shortly");
 a request larger than `max_batch_texts` runs in several batches; a client that went away
@@ -61,11 +61,11 @@ class IdleDispatchBatcher:
         # Threads of its own run the batches, `concurrent_batches` at once (1 in an HTTP worker:
         # a batch uses every onnxruntime thread of the process; the shared runner on a CPU runs
         # one per core, each session.run on one thread, since onnxruntime's intra-op threads
-        # did not make a small model's batch faster here: docs/performance.md).
+        # did not make a small model's batch faster here: docs/performance-history.md).
         # loop.run_in_executor hands a batch over through a C queue and the answer back through
         # the loop's wake-up pipe; anyio.to_thread, used before, cost about 15 % of the event
         # loop's CPU at one text per request (capacity limiter, cancel scope, a Python queue per
-        # hand-over: docs/performance.md, the profile before).
+        # hand-over: docs/performance-history.md, the profile before).
         self.threads = ThreadPoolExecutor(max_workers=concurrent_batches, thread_name_prefix="textserve-batch")
 
     async def __call__(self, items: Sequence[Any]) -> list:

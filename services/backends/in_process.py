@@ -2,7 +2,7 @@
 
 With `bentoml.depends`, texts travel from the HTTP worker to a second process over HTTP and
 back, pickled, through BentoML's whole middleware stack twice; `make bench` measured that hop
-at several milliseconds and most of the CPU of a small model's request (docs/performance.md).
+at several milliseconds and most of the CPU of a small model's request (docs/performance-history.md).
 Here the runner's methods run in this process instead:
 
 - the batchable ones (classify_batch, score_batch) behind an IdleDispatchBatcher

@@ -9,7 +9,7 @@ The batched calls (classify_batch, score_batch, classify_image_batch, and the re
 question) do not go through BentoML's HTTP client: `make bench` measured that hop, a pickled
 HTTP request through BentoML's whole stack on both sides, at 22-536 texts/s against 3,038
 inline, with 500 answers from its client reusing connections the runner had closed, and its
-CorkDispatcher keeping after a burst the wait it learnt during the burst (docs/performance.md).
+CorkDispatcher keeping after a burst the wait it learnt during the burst (docs/performance-history.md).
 Here instead:
 
     HTTP worker                      runner process
@@ -83,9 +83,11 @@ class FrameProtocol(asyncio.Protocol):
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.lost = False  # connection_lost has run: nothing sent now would be answered
+        self.outgoing: list[bytes] = []  # frames sent in this turn of the event loop, written together at its end
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -109,11 +111,23 @@ class FrameProtocol(asyncio.Protocol):
         return self.transport is not None and not self.lost and not self.transport.is_closing()
 
     def send(self, message: dict) -> bool:
-        """Write one frame; False when the connection is closing or gone (nothing was sent)."""
+        """Send one frame at the end of this turn of the event loop, with the others sent in it;
+        False when the connection is closing or gone (nothing was sent)."""
         if not self.usable:
             return False
-        self.transport.write(frame(message))
+        if not self.outgoing:
+            self.loop.call_soon(self.flush)
+        self.outgoing.append(frame(message))
         return True
+
+    def flush(self) -> None:
+        """Write the frames of this turn of the event loop in one write: the answers of a batch
+        (or the requests of a turn) cost one system call and one wake-up of the other side, not
+        one each (`python -m loadtests.profile_service --env TEXTSERVE_INFERENCE=runner`, every
+        process counted: 4.1 -> 2.2 writes and 1.4 -> 0.9 context switches per request)."""
+        frames, self.outgoing = self.outgoing, []
+        if frames and self.usable:
+            self.transport.write(b"".join(frames))
 
 
 # --------------------------------------------------------------------------- the runner's side

@@ -9,7 +9,7 @@ Once the count has reached the limit, no request of any cost can be admitted, so
 pipeline (pipeline.py) answers an admitting route (routes.py) at once, before its body is read,
 parsed and validated: `python -m loadtests.overload --ignore-retry-after` (a retry storm) measured a
 refusal that went the whole way costing as much CPU as a served small request, so the refusals
-themselves became the load and their p99 grew with the number of clients (docs/performance.md).
+themselves became the load and their p99 grew with the number of clients (docs/performance-history.md).
 """
 
 from __future__ import annotations

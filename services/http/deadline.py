@@ -5,7 +5,7 @@ One timer per request, cancelled as soon as the work ends or its response starts
 stream is never cut), and no extra task (asyncio.wait_for starts one per call). BentoML 1.4's own
 TimeoutMiddleware never cancels its timer, which kept every request's context alive for the
 whole timeout after its answer left: at 1,000 requests/s and 30 s, some 500,000 objects that
-each full garbage collection walked while the event loop waited (docs/performance.md).
+each full garbage collection walked while the event loop waited (docs/performance-history.md).
 The HTTP pipeline and gRPC both use `within_timeout`.
 """
 

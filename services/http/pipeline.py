@@ -17,7 +17,7 @@
 Why a front of our own: a py-spy profile of a worker under 64 connections found a one-text
 /classify spending most of its event-loop CPU around the model, not in it (Starlette's and
 FastAPI's routing and dependency solving 28 %, BentoML's traffic metrics, tracing and context
-middlewares 8 %, our own middlewares 9 %: docs/performance.md). Answering every route here, with
+middlewares 8 %, our own middlewares 9 %: docs/performance-history.md). Answering every route here, with
 each concern written once, costs one pass. BentoML's middlewares label their metrics by raw
 path (a client choosing paths grew /metrics without bound), so no request but the probes and
 /metrics reaches them; the access log and tracing are done here (tracing by OpenTelemetry's
