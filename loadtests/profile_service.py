@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_before = tree_cpu_seconds(root)
         switches_before = writes_and_switches(root)
+        batches_before = batch_texts(url)
         worker_before = sum(worker.cpu_times()[:2])
         workers_before = sum(sum(w.cpu_times()[:2]) for w in workers)
         result_holder: dict = {}
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         loading.join()
         server_cpu = tree_cpu_seconds(root) - cpu_before
         switches_after = writes_and_switches(root)
+        batches_after = batch_texts(url)
         worker_cpu = sum(worker.cpu_times()[:2]) - worker_before
         workers_cpu = sum(sum(w.cpu_times()[:2]) for w in workers) - workers_before
         spy.wait(timeout=60)
@@ -225,14 +227,15 @@ def main(argv: list[str] | None = None) -> None:
               "server_cpu_share": server_cpu / result.seconds / os.cpu_count(), "profiled_worker_cpu_s": worker_cpu,
               "server_cpu_us_per_request": cpu_per_request_us,
               "writes_per_request": (switches_after[0] - switches_before[0]) / max(1, result.ok),
-              "context_switches_per_request": (switches_after[1] - switches_before[1]) / max(1, result.ok), "samples": samples, "env": args.env, "layers": rows,
+              "context_switches_per_request": (switches_after[1] - switches_before[1]) / max(1, result.ok),
+              "texts_per_batch": (batches_after[0] - batches_before[0]) / max(1, batches_after[1] - batches_before[1]), "samples": samples, "env": args.env, "layers": rows,
               "command": " ".join(["python -m loadtests.profile_service", *(argv if argv is not None else sys.argv[1:])])}
     (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"`{report['command']}`: {result.ok_per_s:,.0f} requests/s at {args.connections} connections, "
              f"p50 {result.p50_ms:.2f} ms, {report['non_2xx']} non-2xx; server CPU {report['server_cpu_share']:.0%} of the machine, "
              f"{cpu_per_request_us:.0f} µs of CPU per request (all processes, onnxruntime included), "
              f"{report['writes_per_request']:.2f} write system calls and {report['context_switches_per_request']:.2f} context switches "
-             "per request (all processes); server-side means: "
+             f"per request (all processes), {report['texts_per_batch']:.1f} texts per batch; server-side means: "
              f"queue {result.server_queue_ms or 0:.2f} ms, inference {result.server_inference_ms or 0:.2f} ms (a batch's), "
              f"total {result.server_total_ms or 0:.2f} ms; {samples:,} GIL samples of one of {len(workers)} {args.process} workers.", "",
              "| layer (GIL held) | share of the samples | µs per request |", "|---|---|---|"]
@@ -252,6 +255,19 @@ def writes_and_switches(root: psutil.Process) -> tuple[int, int]:
         except psutil.Error:  # a process that ended meanwhile
             continue
     return writes, switches
+
+
+def batch_texts(url: str) -> tuple[float, float]:
+    """textserve_batch_texts' sum and count so far (every process): texts and batches run."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"textserve_batch_texts_sum": 0.0, "textserve_batch_texts_count": 0.0}
+    for family in text_string_to_metric_families(requests.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["textserve_batch_texts_sum"], totals["textserve_batch_texts_count"]
 
 
 def request_body(path: str, model: str, texts: list[str]) -> str:

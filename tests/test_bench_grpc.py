@@ -27,3 +27,18 @@ def test_the_grpc_benchmark_measures_calls_that_the_server_answered(tmp_path):
     assert all(level["errors"] == 0 and level["per_s"] > 50 for level in http.values())
     headers, rows = report(results, "kim-cnn-trec6", 2)
     assert [row[:2] for row in rows] == [["1", "gRPC"], ["1", "HTTP"], ["4", "gRPC"], ["4", "HTTP"]]
+
+
+@pytest.mark.skipif(shutil.which("h2load") is None or shutil.which("wrk") is None or shutil.which("taskset") is None,
+                    reason="h2load, wrk or taskset is not installed (apt-get install nghttp2-client wrk; .ci/run installs them)")
+def test_the_protocol_floor_counts_calls_each_bare_server_answered():
+    # loadtests/grpc_floor.py: a bare grpc.aio server and a bare uvicorn app, each loaded briefly;
+    # every figure comes from calls answered 200 and the server process's own counters.
+    from loadtests.grpc_floor import measure
+
+    for protocol in ("gRPC", "HTTP"):
+        result = measure(protocol, clients=4, seconds=1.0)
+        assert result["protocol"] == protocol
+        assert result["calls_per_s"] > 100
+        assert 0 < result["cpu_us_per_call"] < 100_000
+        assert result["writes_per_call"] >= 1  # at least the answer's own write, per call
