@@ -8,6 +8,8 @@ starting on the runner.
 
 from __future__ import annotations
 
+import time
+
 import bentoml
 
 NAMESPACE = "textserve"
@@ -63,8 +65,37 @@ batch_token_budget = bentoml.metrics.Gauge(
 )
 queue_wait_seconds = bentoml.metrics.Histogram(
     name=f"{NAMESPACE}_queue_wait_seconds",
-    documentation="Time from the HTTP worker sending texts to the runner until their batch starts",
+    documentation="Time from the HTTP worker handing a text over until its batch starts, by model",
+    labelnames=["model"],
     buckets=LATENCY_BUCKETS,
+)
+# Triton's statistics extension (services/api/model_statistics.py) reads these, with the
+# histograms above, summed over every process.
+inference_requests_total = bentoml.metrics.Counter(
+    name=f"{NAMESPACE}_inference_requests",
+    documentation="Inference requests and calls answered (HTTP and gRPC), by model and outcome (success: a 2xx or 3xx answer)",
+    labelnames=["model", "outcome"],
+)
+inference_request_seconds_total = bentoml.metrics.Counter(
+    name=f"{NAMESPACE}_inference_request_seconds",
+    documentation="Their time from arrival to answer, summed, by model and outcome",
+    labelnames=["model", "outcome"],
+)
+model_runs_total = bentoml.metrics.Counter(
+    name=f"{NAMESPACE}_model_runs",
+    documentation="One model's share of a batch run, by model and its number of texts (at most TEXTSERVE_MAX_BATCH_TEXTS)",
+    labelnames=["model", "texts"],
+)
+model_run_seconds_total = bentoml.metrics.Counter(
+    name=f"{NAMESPACE}_model_run_seconds",
+    documentation="Their onnxruntime time (encoding included), summed, by model and number of texts",
+    labelnames=["model", "texts"],
+)
+last_inference_timestamp_ms = bentoml.metrics.Gauge(
+    name=f"{NAMESPACE}_last_inference_timestamp_ms",
+    documentation="When the model last ran a batch, in milliseconds since the epoch (the latest over the processes)",
+    labelnames=["model"],
+    multiprocess_mode="max",
 )
 model_loaded = bentoml.metrics.Gauge(
     name=f"{NAMESPACE}_model_loaded",
@@ -85,12 +116,32 @@ auth_refusals_total = bentoml.metrics.Counter(
 _request_series: dict[tuple[str, str, int], tuple] = {}
 
 
-def count_request(model: str, endpoint: str, status: int, elapsed_s: float) -> None:
-    """One answered request (HTTP or gRPC): textserve_requests_total and its duration."""
+def count_request(model: str, endpoint: str, status: int, elapsed_s: float, inference: bool = False) -> None:
+    """One answered request (HTTP or gRPC): textserve_requests_total and its duration, and for
+    an inference request that named a model, its outcome for Triton's statistics."""
     key = (model, endpoint, status)
     series = _request_series.get(key)
     if series is None:
-        series = _request_series[key] = (requests_total.labels(model=model, endpoint=endpoint, status=str(status)),
-                                         request_duration_seconds.labels(model=model, endpoint=endpoint))
+        outcome = "success" if status < 400 else "failure"
+        series = _request_series[key] = (
+            requests_total.labels(model=model, endpoint=endpoint, status=str(status)),
+            request_duration_seconds.labels(model=model, endpoint=endpoint),
+            inference_requests_total.labels(model=model, outcome=outcome) if model else None,
+            inference_request_seconds_total.labels(model=model, outcome=outcome) if model else None)
     series[0].inc()
     series[1].observe(elapsed_s)
+    if inference and series[2] is not None:
+        series[2].inc()
+        series[3].inc(elapsed_s)
+
+
+def count_model_run(model: str, texts: int, seconds: float, queue_waits_s: list[float]) -> None:
+    """One model's share of a batch: its texts, its onnxruntime time, each text's queue wait."""
+    inference_duration_seconds.labels(model=model).observe(seconds)
+    texts_total.labels(model=model).inc(texts)
+    model_runs_total.labels(model=model, texts=str(texts)).inc()
+    model_run_seconds_total.labels(model=model, texts=str(texts)).inc(seconds)
+    last_inference_timestamp_ms.labels(model=model).set(time.time() * 1000)
+    waits = queue_wait_seconds.labels(model=model)
+    for wait_s in queue_waits_s:
+        waits.observe(wait_s)

@@ -42,6 +42,7 @@ from services.api.http_api import router as json_api  # noqa: E402
 from services.api.image_api import router as image_api  # noqa: E402
 from services.api.lm_api import json_lines, router as language_model_api  # noqa: E402
 from services.api.open_inference import router as open_inference_api  # noqa: E402
+from services.api.triton_extensions import router as triton_extensions_api  # noqa: E402
 from services.backends.in_process import InProcessRunner  # noqa: E402
 from services.backends.inference import IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle, BundleError, text_problem  # noqa: E402
 from services.api.repository import Repository  # noqa: E402
@@ -86,6 +87,7 @@ install_error_handlers(app)
 app.include_router(json_api)
 app.include_router(image_api)
 app.include_router(language_model_api)
+app.include_router(triton_extensions_api)  # before the OIP routes: /v2/models/stats is no model's metadata
 app.include_router(open_inference_api)
 OPENAPI = document_errors(app, lambda: sorted(SERVING.bundles) if SERVING is not None else [],  # after the routes: each one's error statuses,
                 lambda document: docs_page.add_examples(document, names_by_kind(), model_versions()))  # the loaded model names, real examples

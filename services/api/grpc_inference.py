@@ -12,9 +12,9 @@ ships them: the exact messages `tritonclient.grpc` sends and reads.
 
 Calls served: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelInfer
 (inputs as raw_input_contents or typed contents; outputs always as raw_output_contents, as
-Triton answers), RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload. The others
-(statistics, shared memory, streaming, trace and log settings, model config) answer
-UNIMPLEMENTED.
+Triton answers), ModelConfig and ModelStatistics (Triton's extensions: model_config.py,
+model_statistics.py), RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload. The others
+(shared memory, streaming, trace and log settings) answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from google.protobuf.json_format import ParseDict
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from services import metrics
+from services.api.model_config import config_of
+from services.api.model_statistics import statistics
 from services.api.oip import (InferRequest, OIPError, decode_raw_tensor, encode_raw_tensor, numpy_dtype,
                               refuse_shared_memory_input, refuse_unsupported_output_parameters, shaped)
 from services.api.open_inference import (SERVER_NAME, SERVER_VERSION, checked_bundle, infer_outputs, metadata_of,
@@ -147,7 +150,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             request_timing.current_timing.reset(token)
             model = model if model in self.service.bundles else ""  # a client's name is a label only once it names a model
-            metrics.count_request(model, f"/{SERVICE}/{call}", status, time.perf_counter() - started)
+            metrics.count_request(model, f"/{SERVICE}/{call}", status, time.perf_counter() - started, call == "ModelInfer")
 
     async def ServerLive(self, request, context):
         return await self.answer("ServerLive", context, self.live)
@@ -162,7 +165,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         async def server_metadata():
-            return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_repository"])
+            return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
+                                                      extensions=["model_repository", "model_configuration", "statistics"])
         return await self.answer("ServerMetadata", context, server_metadata)
 
     async def ModelReady(self, request, context):
@@ -191,6 +195,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 outputs=[tensors(name=o.name, datatype=o.datatype, shape=list(np.shape(o.array))) for o in outputs],
                 raw_output_contents=[encode_raw_tensor(o) for o in outputs])
         return await self.answer("ModelInfer", context, infer, request.model_name)
+
+    async def ModelConfig(self, request, context):
+        async def configuration():
+            bundle = checked_bundle(self.service, request.name, request.version or None)
+            return service_pb2.ModelConfigResponse(config=ParseDict(config_of(bundle, self.settings), model_config_pb2.ModelConfig()))
+        return await self.answer("ModelConfig", context, configuration, request.name)
+
+    async def ModelStatistics(self, request, context):
+        async def model_statistics():
+            if request.name:
+                bundles = [checked_bundle(self.service, request.name, request.version or None)]
+            else:
+                bundles = list(self.service.bundles.values())
+            figures = statistics([(bundle.name, model_version(bundle)) for bundle in bundles])
+            return ParseDict(figures, service_pb2.ModelStatisticsResponse())
+        return await self.answer("ModelStatistics", context, model_statistics, request.name)
 
     async def RepositoryIndex(self, request, context):
         async def index():

@@ -30,6 +30,7 @@ INPUT_NAME = "text"
 IMAGE_INPUT_NAME = "images"
 OUTPUTS = ("probabilities", "label")
 LANGUAGE_MODEL_OUTPUTS = ("log_prob", "token_count", "perplexity", "token_log_probs")
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 
 
 def model_version(bundle: Bundle) -> str:
@@ -45,7 +46,7 @@ def checked_bundle(service, name: str, version: str | None) -> Bundle:
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data", "model_repository"]}
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live", summary="200 while the server process runs")

@@ -308,7 +308,6 @@ def run_by_model(items: list, run: Callable[[str, list], list], payload: Callabl
     rows_by_model: dict[str, list[int]] = defaultdict(list)
     for row, item in enumerate(items):
         rows_by_model[item.model].append(row)
-        metrics.queue_wait_seconds.observe(max(0.0, started - item.sent_at))
     answers: list = [None] * len(items)
     for model, rows in rows_by_model.items():
         model_started = time.perf_counter()
@@ -321,8 +320,7 @@ def run_by_model(items: list, run: Callable[[str, list], list], payload: Callabl
         except Exception as error:  # onnxruntime's own exception types, a failing encoder, ...
             raise inference_failure(model_name(model), error) from error
         inference_s = time.perf_counter() - model_started
-        metrics.inference_duration_seconds.labels(model=model_name(model)).observe(inference_s)
-        metrics.texts_total.labels(model=model_name(model)).inc(len(rows))
+        metrics.count_model_run(model_name(model), len(rows), inference_s, [max(0.0, started - items[row].sent_at) for row in rows])
         for row, answer in zip(rows, model_answers):
             answers[row] = {"answer": answer, "queue_s": max(0.0, started - items[row].sent_at), "inference_s": inference_s}
     return answers

@@ -70,12 +70,13 @@ class Exchange:
     """One request as the pipeline follows it (made for every request: slots, no dataclass
     machinery)."""
 
-    __slots__ = ("scope", "started", "endpoint", "status", "close", "timing", "state", "headers")
+    __slots__ = ("scope", "started", "endpoint", "inference", "status", "close", "timing", "state", "headers")
 
     def __init__(self, scope: dict, close: bool = False) -> None:
         self.scope = scope
         self.started = time.perf_counter()
         self.endpoint = UNMATCHED
+        self.inference = False  # a route that runs a model (admitted): counted in Triton's statistics
         self.status: int | None = None  # the status sent, once sent
         self.close = close
         self.timing = request_timing.Timing()
@@ -159,6 +160,7 @@ class Pipeline:
         match = self.table.match(method, path)
         route = match.route
         exchange.endpoint = route.name if route is not None else UNMATCHED
+        exchange.inference = route is not None and route.admits
         exchange.headers = dict(scope["headers"])  # one pass; names arrive lower-cased
         # An unknown path needs a key too: a caller without one learns nothing of what exists.
         needed = self.keys.needed(route.access if route is not None else KEY, self.settings)
@@ -265,7 +267,7 @@ class Pipeline:
         """One count per request, by route name (bounded: never the raw path) and status."""
         status = exchange.status if exchange.status is not None else 499
         elapsed = time.perf_counter() - exchange.started
-        metrics.count_request(exchange.model, exchange.endpoint, status, elapsed)
+        metrics.count_request(exchange.model, exchange.endpoint, status, elapsed, exchange.inference)
         if self.settings.access_log:  # the path and the route, never a body (BentoML's line, and the route name)
             client = exchange.scope.get("client") or ("-", 0)
             access_logger.info("%s:%s (method=%s,path=%s,route=%s) (status=%s) %.3fms", client[0], client[1],

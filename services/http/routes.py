@@ -79,6 +79,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v2", ("GET",)),
     Route(V2_MODEL, ("GET",), paths=(V2_MODEL, VERSIONED)),
     Route(f"{V2_MODEL}/ready", ("GET",), paths=(f"{V2_MODEL}/ready", f"{VERSIONED}/ready")),
+    Route(f"{V2_MODEL}/config", ("GET",), paths=(f"{V2_MODEL}/config", f"{VERSIONED}/config")),
+    Route("/v2/models/stats", ("GET",), paths=("/v2/models/stats", f"{V2_MODEL}/stats", f"{VERSIONED}/stats")),
     Route(f"{V2_MODEL}/infer", ("POST",), KEY, FRONT, admits=True, paths=(f"{V2_MODEL}/infer", f"{VERSIONED}/infer")),
     Route("/v2/repository/index", ("POST",)),
     Route("/v2/repository/models/{name}/load", ("POST",), ADMIN, timeout=MODEL_CHANGE),
