@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench bench-peers loadtest bento bento-gpu deploy-check serving-requirements fuzz soak audit
+.PHONY: serve test install demo-zoo clean bench bench-peers perf-analyzer perf-analyzer-tool loadtest bento bento-gpu deploy-check serving-requirements fuzz soak audit
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -46,13 +46,27 @@ serve: demo-zoo
 # are not the service's. Debian's prometheus (promtool, the server) and wrk come from apt
 # (.ci/run installs them); kubectl with kustomize is on this machine image.
 TOOLS := .venv-tools
+# perf_analyzer, for its test and make perf-analyzer (below)
+PERF_ANALYZER := .perf-analyzer/installed.json
 $(TOOLS)/.installed: deploy/tools-constraints.txt
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/python -m pip install --quiet -c deploy/tools-constraints.txt checkov
 	touch $@
 
-test: install $(TOOLS)/.installed
+test: install $(TOOLS)/.installed $(PERF_ANALYZER)
 	$(BIN)/python -m pytest -q
+
+# Triton's perf_analyzer, and where glibc is older than its 2.38 Debian 13's loader and
+# libraries, unpacked into .perf-analyzer (loadtests/perf_analyzer.py; nothing system-wide).
+$(PERF_ANALYZER): | $(VENV)/.installed
+	$(BIN)/python -m loadtests.perf_analyzer --install
+perf-analyzer-tool: $(PERF_ANALYZER)
+
+# perf_analyzer against the service over HTTP and gRPC, beside wrk, for a text classifier, the
+# language model's scoring and the image model. PERF_ANALYZER_ARGS=... passes options.
+perf-analyzer: $(VENV)/.bench-installed $(PERF_ANALYZER)
+	$(BIN)/python -m services.backends.model_store
+	$(BIN)/python -m loadtests.perf_analyzer $(PERF_ANALYZER_ARGS)
 
 # The bento: the service, the zoo's models as the store holds them and the pinned serving
 # packages (deploy/bentofile.yaml), built offline. bentoml containerize turns it into an image

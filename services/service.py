@@ -424,7 +424,8 @@ def names_by_kind() -> dict[str, list[str]]:
 
 
 def model_versions() -> dict[str, str]:
-    return {name: tag.partition(":")[2] for name, tag in SERVING.store_tags.items()} if SERVING is not None else {}
+    """Each served model's OIP v2 version (the docs page's versioned examples)."""
+    return {name: bundle.version for name, bundle in SERVING.bundles.items()} if SERVING is not None else {}
 
 
 def page_of(route: str, with_models: bool) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:

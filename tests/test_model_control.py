@@ -124,7 +124,7 @@ def test_index_lists_every_bundle_with_its_state(http, zoo):
     index = index_of(http)
     assert {name: entry["state"] for name, entry in index.items()} == {
         "kim-cnn-trec6": "READY", "digits-cnn": "READY", "char-lm-tiny": "READY"}
-    assert index["kim-cnn-trec6"]["version"] == read_bundle(zoo / "kim-cnn-trec6").sha256[:16]
+    assert index["kim-cnn-trec6"]["version"] == read_bundle(zoo / "kim-cnn-trec6").version
 
 
 def test_a_bundle_exported_while_serving_is_loaded_and_served_by_both_workers(server, http, zoo, tmp_path_factory, trec_path):
@@ -140,7 +140,7 @@ def test_a_bundle_exported_while_serving_is_loaded_and_served_by_both_workers(se
         answers = list(pool.map(lambda _: http_infer(server["url"], OWN, QUESTIONS), range(24)))
     assert [status for status, _ in answers] == [200] * 24
     for _, answer in answers:
-        assert answer["model_version"] == read_bundle(staged).sha256[:16]
+        assert answer["model_version"] == read_bundle(staged).version
         np.testing.assert_allclose(probabilities_of(answer), want, atol=1e-5)
     # Both workers applied the change before the load was answered: their acks in the server's folder
     folder = state_folder(ServiceSettings(), parent_pid=server_pid(server["url"]))
@@ -149,7 +149,7 @@ def test_a_bundle_exported_while_serving_is_loaded_and_served_by_both_workers(se
     assert desired["models"][OWN] == f"{OWN}:{read_bundle(staged).sha256[:16]}"
     assert {name for name, ack in acks.items() if ack["generation"] >= desired["generation"]} == {"http-1", "http-2"}
     metadata = http.get_model_metadata(OWN, headers=auth(API_KEYS[1]))
-    assert metadata["versions"] == [read_bundle(staged).sha256[:16]]
+    assert metadata["versions"] == [read_bundle(staged).version]
     listed = requests.get(f"{server['url']}/models", headers=auth(API_KEYS[0]), timeout=30).json()["models"]
     assert OWN in {model["name"] for model in listed}
     document = requests.get(f"{server['url']}/openapi.json", headers=auth(API_KEYS[0]), timeout=30).json()
@@ -163,7 +163,7 @@ def test_a_reload_with_new_weights_loses_no_request_in_flight(server, http, zoo,
     old_version = index_of(http)[OWN]["version"]
     old_staged = next(p for p in tmp_path_factory.getbasetemp().glob("own*/own-trec6-1-2"))
     new_staged = export_own(zoo, tmp_path_factory.mktemp("own2"), trec_path, seed=7, epochs=3)
-    new_version = read_bundle(new_staged).sha256[:16]
+    new_version = read_bundle(new_staged).version
     assert new_version != old_version
     by_version = {old_version: expected(old_staged, QUESTIONS), new_version: expected(new_staged, QUESTIONS)}
     assert not np.allclose(by_version[old_version], by_version[new_version], atol=1e-3)  # the weights differ
@@ -338,7 +338,7 @@ def test_grpc_answers_what_http_answers(server, grpc_client):
     assert grpc_client.is_server_live() and grpc_client.is_server_ready()  # probes need no key
     assert grpc_client.is_model_ready("kim-cnn-trec6", headers=key)
     metadata = grpc_client.get_model_metadata("kim-cnn-trec6", headers=key, as_json=True)
-    assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
+    assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1", "1"]}]
     result = grpc_client.infer("kim-cnn-trec6", [text_input(QUESTIONS)], headers=key)
     status, over_http = http_infer(server["url"], "kim-cnn-trec6", QUESTIONS)
     assert status == 200
@@ -410,8 +410,8 @@ GRPC_CASES = [
                                                   headers=grpc_auth(API_KEYS[0])), "NOT_FOUND", "version '0' is not loaded"),
     ("grpc-more-than-a-worker-holds", lambda c: c.infer("kim-cnn-trec6", [text_input(["why ?"] * (MAX_PENDING_TEXTS + 1))],
                                                         headers=grpc_auth(API_KEYS[0])), "INVALID_ARGUMENT", "send fewer"),
-    ("grpc-unimplemented", lambda c: c.get_model_config("kim-cnn-trec6", headers=grpc_auth(API_KEYS[0])),
-     "UNIMPLEMENTED", "ModelConfig is not served by textserve; its calls: ModelInfer, ModelMetadata"),
+    ("grpc-unimplemented", lambda c: c.get_system_shared_memory_status(headers=grpc_auth(API_KEYS[0])),
+     "UNIMPLEMENTED", "SystemSharedMemoryStatus is not served by textserve; its calls: ModelConfig, ModelInfer, ModelMetadata"),
 ]
 
 
@@ -565,7 +565,7 @@ def test_the_shared_runner_follows_loads_reloads_and_unloads(tmp_path_factory, r
             np.testing.assert_allclose(probabilities_of(answer), expected(first, QUESTIONS), atol=1e-5)
 
         second = export_own(runner_zoo, work, trec_path, seed=7, epochs=3)
-        versions = {read_bundle(first).sha256[:16]: expected(first, QUESTIONS), read_bundle(second).sha256[:16]: expected(second, QUESTIONS)}
+        versions = {read_bundle(first).version: expected(first, QUESTIONS), read_bundle(second).version: expected(second, QUESTIONS)}
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             during = [pool.submit(lambda: [http_infer(url, OWN, QUESTIONS) for _ in range(15)]) for _ in range(3)]
             time.sleep(0.3)
@@ -576,7 +576,7 @@ def test_the_shared_runner_follows_loads_reloads_and_unloads(tmp_path_factory, r
             np.testing.assert_allclose(probabilities_of(answer), versions[answer["model_version"]], atol=1e-5)
         for _ in range(6):
             status, answer = http_infer(url, OWN, QUESTIONS)
-            assert status == 200 and answer["model_version"] == read_bundle(second).sha256[:16]
+            assert status == 200 and answer["model_version"] == read_bundle(second).version
 
         (runner_zoo / OWN / "model.onnx").write_bytes(b"not an onnx graph")
         manifest = json.loads((runner_zoo / OWN / "manifest.json").read_text())
@@ -585,7 +585,7 @@ def test_the_shared_runner_follows_loads_reloads_and_unloads(tmp_path_factory, r
         with pytest.raises(InferenceServerException, match="runner-1") as broken:
             client.load_model(OWN)
         assert broken.value.status() == "400"
-        assert http_infer(url, OWN, QUESTIONS)[1]["model_version"] == read_bundle(second).sha256[:16]
+        assert http_infer(url, OWN, QUESTIONS)[1]["model_version"] == read_bundle(second).version
 
         client.unload_model(OWN)
         assert all(http_infer(url, OWN, QUESTIONS)[0] == 404 for _ in range(4))

@@ -97,12 +97,12 @@ def test_the_readme_own_model_example_trains_exports_and_is_served_without_a_res
         served = wait_for_status(url, "my-trec6", 200, 10 * POLL_INTERVAL_S + 30)
         assert served.json()["model"] == "my-trec6"
         loaded = json.loads(run(load, work, port))  # the README's load call: the poller has loaded it already
-        assert loaded == {"name": "my-trec6", "version": bundle.sha256[:16], "state": "READY"}
+        assert loaded == {"name": "my-trec6", "version": bundle.version, "state": "READY"}
         answer = json.loads(run(ask, work, port))
         assert answer["model"] == "my-trec6" and answer["results"][0]["label"] in json.loads(
             (work / "models" / "zoo" / "my-trec6" / "labels.json").read_text())
         index = {entry["name"]: entry for entry in requests.post(f"{url}/v2/repository/index", json={}, timeout=10).json()}
-        assert index["my-trec6"] == {"name": "my-trec6", "version": bundle.sha256[:16], "state": "READY"}
+        assert index["my-trec6"] == {"name": "my-trec6", "version": bundle.version, "state": "READY"}
 
         # Re-exported (float32 this time): the poller swaps the new version in.
         run(without_comment(export) + " --storage float32", work, port)
@@ -110,8 +110,8 @@ def test_the_readme_own_model_example_trains_exports_and_is_served_without_a_res
         assert float32.sha256 != bundle.sha256 and float32.metrics["weight_storage"] == "float32"
         deadline = time.monotonic() + 10 * POLL_INTERVAL_S + 30
         while requests.post(f"{url}/v2/repository/index", json={}, timeout=10).json() != [
-                {"name": "kim-cnn-trec6", "version": read_bundle(ZOO / "kim-cnn-trec6").sha256[:16], "state": "READY"},
-                {"name": "my-trec6", "version": float32.sha256[:16], "state": "READY"}]:
+                {"name": "kim-cnn-trec6", "version": read_bundle(ZOO / "kim-cnn-trec6").version, "state": "READY"},
+                {"name": "my-trec6", "version": float32.version, "state": "READY"}]:
             assert time.monotonic() < deadline, "the re-exported my-trec6 was not swapped in"
             time.sleep(0.2)
         assert classify(url, "my-trec6", "Who wrote Hamlet ?").status_code == 200

@@ -218,7 +218,8 @@ def test_oip_v2_errors_reach_the_client_with_a_message(server):
     assert requests.get(f"{server}/v2/models/no-such-model/ready", timeout=10).status_code == 404
     response = requests.post(f"{server}/v2/models/kim-cnn-trec6/infer", data=b"{}", timeout=10)
     assert response.status_code == 400 and "inputs" in response.json()["error"]
-    assert requests.get(f"{server}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data", "model_repository"]
+    assert requests.get(f"{server}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data", "model_repository",
+                                                                            "model_configuration", "statistics"]
 
 
 def test_without_model_control_the_index_is_readable_and_load_is_403(server):

@@ -81,8 +81,9 @@ def test_each_model_configuration_says_what_it_takes_over_http_and_grpc(server, 
             # REJECT is the enum's zero, which protobuf's JSON (gRPC's as_json) leaves out
             assert policy.get("timeout_action", "REJECT") == "REJECT" and int(policy["default_timeout_microseconds"]) == 1_000_000
             assert config["parameters"]["inference_mode"]["string_value"] == "runner"
-        for tensor in over_http["input"] + over_http["output"]:  # a value per row: [N] on the wire, dims [1] reshaped to []
-            assert ("reshape" in tensor) == (tensor["dims"] == [1] and tensor["name"] != "images")
+        assert not any("reshape" in tensor for tensor in over_http["input"])  # texts go as [N, 1]
+        for tensor in over_http["output"]:  # a value per row, answered as [N]: dims [1] reshaped to []
+            assert ("reshape" in tensor) == (tensor["dims"] == [1])
             if "reshape" in tensor:
                 assert tensor["reshape"] == {"shape": []}
 
@@ -155,6 +156,7 @@ def test_statistics_count_every_request_and_batch_summed_over_the_processes(serv
     assert queued == texts  # each text's wait for its batch
     runs, compute_ns = counted(before, after, "compute_infer")
     assert 1 <= runs <= 25 and compute_ns > 0
+    assert counted(before, after, "compute_input") == counted(before, after, "compute_output") == (runs, 0)
     assert int(after["execution_count"]) - int(before["execution_count"]) == runs
     assert texts_run(after) - texts_run(before) == texts  # the batch sizes executed account for every text
     assert int(after["last_inference"]) >= started_ms

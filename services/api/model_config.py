@@ -8,8 +8,8 @@ Every field says what the service really does:
   (TEXTSERVE_MAX_TEXTS_PER_REQUEST, TEXTSERVE_MAX_IMAGES_PER_REQUEST); the dims below leave the
   batch dimension out, as Triton's do when max_batch_size > 0.
 - `input` / `output`: the OIP v2 tensors of the model's metadata (open_inference.metadata_of).
-  A per-request value (a text's label, a text's log-probability) has dims [1] reshaped to []:
-  the service answers it as shape [N], and takes a text tensor as [N] or [N, 1].
+  A tensor of one value per row has dims [1]: the texts input, sent as [N, 1] (the service
+  takes [N] too), and each output answered as [N] (a label, a log-probability), reshaped to [].
 - `dynamic_batching`: the idle-dispatch batcher (services/backends/batching.py) starts a batch
   as soon as the model is free, so no queue delay; a text that waited longer than
   TEXTSERVE_MAX_LATENCY_MS for its batch is refused (REJECT), and an HTTP worker admits at most
@@ -32,12 +32,14 @@ def triton_data_type(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
-def tensor_config(tensor: dict) -> dict:
+def tensor_config(tensor: dict, output: bool) -> dict:
     """One OIP v2 tensor of the metadata (shape with its batch dimension first) as a Triton
-    ModelInput / ModelOutput without the batch dimension."""
+    ModelInput / ModelOutput without the batch dimension. A tensor of one value per row ([N])
+    has dims [1]: an input is then sent as [N, 1], which the service takes as it takes [N]; an
+    output, answered as [N], is dims [1] reshaped to [] (Triton's form for it)."""
     dims = list(tensor["shape"][1:])
     config = {"name": tensor["name"], "data_type": triton_data_type(tensor["datatype"]), "dims": dims or [1]}
-    if not dims:  # a value per request row: [N] on the wire, dims [1] reshaped to []
+    if output and not dims:
         config["reshape"] = {"shape": []}
     return config
 
@@ -57,8 +59,8 @@ def config_of(bundle: Bundle, settings: ServiceSettings) -> dict:
         "backend": "onnxruntime",
         "version_policy": {"latest": {"num_versions": 1}},  # one version served: the bundle in the zoo
         "max_batch_size": per_request,
-        "input": [tensor_config(tensor) for tensor in metadata["inputs"]],
-        "output": [tensor_config(tensor) for tensor in metadata["outputs"]],
+        "input": [tensor_config(tensor, output=False) for tensor in metadata["inputs"]],
+        "output": [tensor_config(tensor, output=True) for tensor in metadata["outputs"]],
         "dynamic_batching": {
             "max_queue_delay_microseconds": 0,
             "default_queue_policy": {"timeout_action": "REJECT", "default_timeout_microseconds": settings.max_latency_ms * 1000,

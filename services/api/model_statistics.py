@@ -11,7 +11,7 @@ multiprocess files every process writes (PROMETHEUS_MULTIPROC_DIR), so nothing i
 - queue: each text's wait for its batch (textserve_queue_wait_seconds, by model);
 - compute_infer and the batch statistics: each run of the model's share of a batch, by its
   number of texts (textserve_model_runs_total, textserve_model_run_seconds_total; the text
-  encoding runs inside it, so compute_input and compute_output stay 0);
+  encoding runs inside it, so compute_input and compute_output count the same runs at 0 ns);
 - inference_count: texts run (textserve_texts_total); execution_count: runs;
 - last_inference: when the model last ran a batch (ms since the epoch).
 Counts are by model name: a version loaded later adds to its name's figures.
@@ -80,9 +80,11 @@ def statistics_of(name: str, version: str, samples: dict) -> dict:
             "fail": duration(total("inference_requests_total", outcome="failure"),
                              total("inference_request_seconds_total", outcome="failure")),
             "queue": duration(total("queue_wait_seconds_count"), total("queue_wait_seconds_sum")),
-            "compute_input": NONE,
+            # the encoding runs inside compute_infer: input and output take no time of their own,
+            # with compute_infer's count (perf_analyzer requires the three counts equal)
+            "compute_input": duration(executions, 0.0),
             "compute_infer": duration(executions, sum(seconds for _, seconds in runs.values())),
-            "compute_output": NONE,
+            "compute_output": duration(executions, 0.0),
             "cache_hit": NONE,
             "cache_miss": NONE,
         },

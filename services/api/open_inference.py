@@ -34,7 +34,7 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "
 
 
 def model_version(bundle: Bundle) -> str:
-    return bundle.sha256[:16]  # the same version as the model's BentoML store tag
+    return bundle.version  # a decimal number, as Triton's; the store tag keeps the sha256's first 16 hex digits
 
 
 def checked_bundle(service, name: str, version: str | None) -> Bundle:
@@ -86,7 +86,9 @@ def metadata_of(bundle: Bundle) -> dict:
             {"name": "label", "datatype": "BYTES", "shape": [-1]},
         ]
         parameters = {"labels": list(bundle.labels), "architecture": bundle.architecture}
-    inputs = [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}]
+    # [N, 1], as Triton states a batched input of one value per row (the config's dims [1]);
+    # a tensor of shape [N] is taken too. perf_analyzer shapes its texts from this.
+    inputs = [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1, 1]}]
     if is_image_model(bundle):
         side = image_side(bundle)
         inputs = [{"name": IMAGE_INPUT_NAME, "datatype": "FP32", "shape": [-1, 1, side, side]}]

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 
-from services.backends.inference import read_bundle
+from services.backends.inference import read_bundle, version_of
 from services.backends.model_store import LOAD_ERRORS, bento_models, import_bundle, zoo_folders
 from services.backends.model_agreement import Desired, ModelState, participants
 from services.backends.served_models import ServedModels, reason_of, stored_bundle
@@ -68,7 +68,7 @@ class Repository:
             if name in self.loading:
                 entry = {"name": name, "state": "LOADING"}
             elif name in models.bundles:
-                entry = {"name": name, "version": models.tags[name].partition(":")[2], "state": "READY"}
+                entry = {"name": name, "version": models.bundles[name].version, "state": "READY"}
             elif name in models.failed:
                 entry = {"name": name, "state": "UNAVAILABLE", "reason": models.failed[name]}
             else:
@@ -135,7 +135,7 @@ class Repository:
                 if failures:
                     await self.publish(Desired(generation + 1, desired.models), who, name)  # called off
                     first = next(iter(failures.values()))
-                    serving = f"version {previous.partition(':')[2]} keeps serving" if previous else "nothing was loaded"
+                    serving = f"version {version_of(previous.partition(':')[2])} keeps serving" if previous else "nothing was loaded"
                     raise ApiError(400, f"model {name!r} refused by {sorted(failures)}: {first}; {serving}")
             failures = await self.publish(Desired(generation + 1, {**desired.models, name: tag}), who, name)
         if failures:  # a process that started between the two phases and could not build it (rare)

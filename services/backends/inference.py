@@ -44,8 +44,20 @@ class Bundle:
     sha256: str  # of manifest.json, which pins every other file
 
     @property
+    def version(self) -> str:
+        return version_of(self.sha256)
+
+    @property
     def architecture(self) -> str:
         return self.config["architecture"]
+
+
+def version_of(sha256: str) -> str:
+    """A bundle's version as Triton's protocol writes versions, a decimal number (perf_analyzer
+    reads it as one): the first 48 bits of its manifest's sha256 (or of a store tag's version,
+    its first 16 hex digits), so that one bundle has one version in every process and after
+    every restart."""
+    return str(int(sha256[:12], 16))
 
 
 def read_bundle(path: str | Path) -> Bundle:

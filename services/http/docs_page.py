@@ -53,6 +53,7 @@ def examples(names_by_kind: dict[str, list[str]], versions: dict[str, str] | Non
                                           ("get", "/v2"): {"path": "/v2", "body": None},
                                           ("get", "/v2/health/ready"): {"path": "/v2/health/ready", "body": None},
                                           ("get", "/v2/health/live"): {"path": "/v2/health/live", "body": None},
+                                          ("get", "/v2/models/stats"): {"path": "/v2/models/stats", "body": None},
                                           ("post", "/v2/repository/index"): {"path": "/v2/repository/index", "body": {}}}
     if text:
         found[("post", "/classify")] = {"path": "/classify", "body": {"model": text, "texts": [QUESTION, "Who wrote Hamlet ?"]}}
@@ -60,6 +61,8 @@ def examples(names_by_kind: dict[str, list[str]], versions: dict[str, str] | Non
         found[("post", "/v2/models/{name}/infer")] = {"path": f"/v2/models/{text}/infer", "body": infer}
         found[("get", "/v2/models/{name}")] = {"path": f"/v2/models/{text}", "body": None}
         found[("get", "/v2/models/{name}/ready")] = {"path": f"/v2/models/{text}/ready", "body": None}
+        found[("get", "/v2/models/{name}/config")] = {"path": f"/v2/models/{text}/config", "body": None}
+        found[("get", "/v2/models/{name}/stats")] = {"path": f"/v2/models/{text}/stats", "body": None}
         found[("post", "/v2/repository/models/{name}/load")] = {"path": f"/v2/repository/models/{text}/load", "body": {}}
         found[("post", "/v2/repository/models/{name}/unload")] = {"path": f"/v2/repository/models/{text}/unload", "body": {}}
         version = (versions or {}).get(text)
@@ -67,6 +70,8 @@ def examples(names_by_kind: dict[str, list[str]], versions: dict[str, str] | Non
             versioned = f"/v2/models/{text}/versions/{version}"
             found[("get", "/v2/models/{name}/versions/{version}")] = {"path": versioned, "body": None}
             found[("get", "/v2/models/{name}/versions/{version}/ready")] = {"path": f"{versioned}/ready", "body": None}
+            found[("get", "/v2/models/{name}/versions/{version}/config")] = {"path": f"{versioned}/config", "body": None}
+            found[("get", "/v2/models/{name}/versions/{version}/stats")] = {"path": f"{versioned}/stats", "body": None}
             found[("post", "/v2/models/{name}/versions/{version}/infer")] = {"path": f"{versioned}/infer", "body": infer}
     explainable = PREFERRED["classifier"] if PREFERRED["classifier"] in names_by_kind.get("classifier", []) else None
     if explainable:
