@@ -10,6 +10,7 @@ anything of the HTTP layer.
 
 from __future__ import annotations
 
+import difflib
 import json
 
 import grpc
@@ -59,3 +60,16 @@ def http_headers(error: ApiError) -> list[tuple[bytes, bytes]]:
 
 def grpc_code(error: ApiError) -> grpc.StatusCode:
     return GRPC_CODES.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+NAMES_IN_A_MESSAGE = 6
+
+
+def some_names(names, asked: str) -> str:
+    """The loaded model names for a 404's message: all of them when few, else the few closest
+    to the name asked for and how many more there are (a zoo of 27 made a 1,000-character line)."""
+    names = sorted(names)
+    if len(names) <= NAMES_IN_A_MESSAGE:
+        return str(names)
+    closest = difflib.get_close_matches(asked, names, n=NAMES_IN_A_MESSAGE, cutoff=0.0)
+    return f"{sorted(closest)} and {len(names) - len(closest)} more (GET /models lists every one)"

@@ -54,7 +54,7 @@ from services.backends.runner import ModelRunner  # noqa: E402
 from services.backends.runner_errors import InferenceFailed  # noqa: E402
 from services.backends.shared_runner import SharedRunnerClient  # noqa: E402
 from services.config import SETTINGS, ServiceSettings  # noqa: E402
-from services.errors import ApiError, overloaded  # noqa: E402
+from services.errors import ApiError, overloaded, some_names  # noqa: E402
 from services.http import access, bentoml_hook, connection_limits, docs_page, request_timing, routes  # noqa: E402
 from services.http.admission import Admission  # noqa: E402
 from services.http.errors import document_errors, install_error_handlers  # noqa: E402
@@ -237,10 +237,11 @@ class TextService:
             raise ApiError(503, f"model {name!r} failed to load when the server started ({self.failed_models[name]}); "
                                 "the other models are served")
         if name in self.model_set.unloaded and name in self.repository.available():
-            raise ApiError(404, f"model {name!r} is unloaded; loaded models: {sorted(self.bundles)} "
+            raise ApiError(404, f"model {name!r} is unloaded; loaded models: {some_names(self.bundles, name)} "
                                 f"(POST /v2/repository/models/{name}/load serves it again)")
         if name not in self.bundles:
-            raise ApiError(404, f"unknown model {name!r}; loaded models: {sorted(self.bundles)}. {self.repository.how_to_add(name)}")
+            raise ApiError(404, f"unknown model {name!r}; loaded models: {some_names(self.bundles, name)}. "
+                                f"{self.repository.how_to_add(name)}")
         bundle = self.bundles[name]
         actual = model_kind(bundle)
         if kind is not None and kind != actual:

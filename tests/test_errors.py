@@ -289,3 +289,14 @@ def test_a_timeout_an_oversize_body_and_a_client_that_left_are_counted_as_what_t
     time.sleep(0.5)  # and nothing more is counted after it
     after = explain_samples(server)
     assert {status: n for status in set(after) | set(before) if (n := after.get(status, 0) - before.get(status, 0))} == expected
+
+
+def test_an_unknown_models_message_names_a_few_close_ones_not_the_whole_zoo():
+    from services.errors import some_names
+
+    zoo = sorted(folder.name for folder in ZOO.iterdir() if (folder / "manifest.json").exists())
+    message = some_names(zoo, "kim-cnn-imdb")
+    assert len(zoo) > 20 and len(message) < 200  # the whole zoo made a 1,000-character line
+    assert "'kim-cnn-mr'" in message and "'kim-cnn-trec6'" in message
+    assert message.endswith(f"and {len(zoo) - 6} more (GET /models lists every one)")
+    assert some_names(["b", "a"], "c") == "['a', 'b']"  # a few: every one of them

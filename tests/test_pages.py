@@ -117,6 +117,10 @@ def test_the_docs_page_runs_its_examples_in_a_browser(page, server):
     assert '"prefix_tokens"' in run_example(page, "post-lm-generate")
     assert '"name": "probabilities"' in run_example(page, "post-v2-models-name-versions-version-infer")
     assert '"state": "READY"' in run_example(page, "post-v2-repository-index")
+    assert '"max_batch_size": 256' in run_example(page, "get-v2-models-name-config")
+    assert '"inference_stats"' in run_example(page, "get-v2-models-stats")
+    # the curl lines name the server the page came from, not make serve's default address
+    assert page.locator("#post-classify pre.curl").text_content().startswith(f"curl -s {server}/classify -d ")
     assert all(url.startswith(server) for url in page.requests)
 
 
