@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -13,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from tests.conftest import REPOSITORY
+from tests.conftest import REPOSITORY, SAMPLE_DATA
 
 from training.datasets import (
     AGNEWS_CLASSES,
@@ -477,3 +478,29 @@ def test_help_says_what_each_format_reads():
     flat = " ".join(result.stdout.split())
     for fragment in ("trec: Li & Roth TREC", "mr: Pang & Lee", "agnews: AG News CSV, no header", "0-based indices", "--no-header"):
         assert fragment in flat, fragment
+
+
+def test_training_into_a_log_writes_each_epoch_with_its_time_and_an_estimate_and_no_bar_codes(tmp_path):
+    # stderr is a pipe here, as in a redirected log: plain lines, no tqdm cursor-up codes ("[A")
+    result = subprocess.run([sys.executable, "-m", "training", "train", "--data", str(SAMPLE_DATA / "trec.txt"), "--format", "trec",
+                             "--epochs", "2", "--out", str(tmp_path / "run.pt")], capture_output=True, text=True, cwd=REPOSITORY,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(re.search(r"\d s, train loss [\d.]+, dev [\d.]+; .* so far, about .* left \(the whole run about .*\)$", line)
+               for line in lines), lines
+    assert "\x1b[" not in result.stderr and "\r" not in result.stderr
+
+
+def test_a_log_gets_a_plain_progress_line_now_and_then(capsys):
+    from training.progress import PlainProgress
+
+    plain = PlainProgress(range(5), desc="epoch 1", unit=" batches", interval_s=0.0)  # a line at every step
+    plain.set_postfix(loss="0.41")
+    assert list(plain) == [0, 1, 2, 3, 4]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("epoch 1: 5/5 (100%), ") and lines[-1].endswith("batches/s, loss 0.41")
+    quiet = PlainProgress(total=10, interval_s=3600.0)
+    quiet.update(10)
+    assert capsys.readouterr().err == "" and quiet.n == 10  # nothing before its interval has passed

@@ -34,12 +34,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from tqdm import tqdm
 
 from services.backends.bundle_format import BundleError
 from services.backends.inference import (IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle, TextClassifier,
                                          read_bundle, text_problem)
 from services.config import SETTINGS, available_cores
+from training import progress
 from training.datasets import ColumnError, MalformedDataError, column_spec
 
 INPUT_FORMATS = {
@@ -472,7 +472,7 @@ def predict_file(bundle: Bundle, args: argparse.Namespace) -> tuple[dict, Record
         return summary, None
     stopped: list[Record] = []
     threads = args.threads or max(1, available_cores() // args.workers)
-    bar = tqdm(total=estimated_records(args.data, header), initial=done, unit=" texts", file=sys.stderr, dynamic_ncols=True)
+    bar = progress.bar(total=estimated_records(args.data, header), initial=done, unit=" texts", file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()
     with open(args.out, "ab") as out:
         batches = batched(itertools.chain([upcoming], records), args.batch_size, not args.skip_malformed, stopped)

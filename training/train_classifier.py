@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from models.ensemble import ensemble_of, member_seeds
 from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
 from services.backends.inference import softmax
-from training import distributed
+from training import distributed, progress
 from training.datasets import LabelledText, first_unknown_label, kfold, split_dev
 from training.word_vectors import embedding_matrix, read_word_vectors
 
@@ -177,16 +176,18 @@ def train_classifier(
     # ---- loop: shuffle, step, clip, constrain; keep the best dev epoch ----
     started = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
     first_epoch = len(history) + 1
-    epoch_bar = tqdm(range(first_epoch, recipe.epochs + 1 if not stopped_early else first_epoch), desc="epochs",
-                     disable=not (show_progress and ranks.is_main), leave=False)
+    shown = show_progress and ranks.is_main
+    epoch_bar = progress.bar(range(first_epoch, recipe.epochs + 1 if not stopped_early else first_epoch), shown, desc="epochs",
+                             leave=False)
     for epoch in epoch_bar:
+        epoch_started = time.perf_counter()
         model.train()
         learning_rate = recipe.learning_rate_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         batch_losses = 0.0  # sum over batches of this rank's part of the batch's mean loss
         batches = recipe.epoch_batches(len(train_rows), order_rng, fixed_order)  # the same global batches on every rank
-        for index in tqdm(batches, desc=f"epoch {epoch}", disable=not (show_progress and ranks.is_main), leave=False):
+        for index in progress.bar(batches, shown, desc=f"epoch {epoch}", leave=False):
             share = ranks.share(index)
             # A rank whose share is empty (a last batch smaller than the world) still joins the
             # all-reduce, with one example weighted 0.
@@ -218,6 +219,8 @@ def train_classifier(
         entry = distributed.from_main(entry)
         history.append(entry)
         epoch_bar.set_postfix(loss=f"{train_loss:.4f}", dev=f"{entry['dev_accuracy']:.4f}")
+        progress.report(progress.epoch_line(epoch, recipe.epochs, time.perf_counter() - epoch_started, time.perf_counter() - started,
+                                            f"train loss {train_loss:.4f}, dev {entry['dev_accuracy']:.4f}"), shown)
         improved = entry["dev_accuracy"] > best["dev_accuracy"]
         if improved:
             best = {"dev_accuracy": entry["dev_accuracy"], "best_epoch": epoch, "step": step}

@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from models.char_lm import CharAwareLM, CharLMConfig, LanguageModelRecipe, char_lm_config
 from models.recipe import config_from_dict, with_overrides
 from models.text_encoding import LanguageModelVocab, WordCharEncoder, scoring_stream
 from models.registry import config_values
 from training import distributed
+from training import progress as progress_lines  # `progress` is the run's state here
 from training.train_classifier import save_atomically, seed_everything
 
 ARCHITECTURE = "char-lm"
@@ -320,8 +320,8 @@ def train_language_model(
             group["lr"] = progress["learning_rate"]
         epoch_nll = progress.get("epoch_nll", 0.0)
         last_save = started = time.perf_counter()
-        bar = tqdm(range(progress["chunk"], chunks), desc=f"epoch {epoch}/{total_epochs}", initial=progress["chunk"],
-                   total=chunks, disable=not (show_progress and ranks.is_main), mininterval=2.0)
+        bar = progress_lines.bar(range(progress["chunk"], chunks), show_progress and ranks.is_main, desc=f"epoch {epoch}/{total_epochs}",
+                                 initial=progress["chunk"], total=chunks, mininterval=2.0)
         for chunk in bar:
             window = slice(chunk * recipe.bptt_steps, (chunk + 1) * recipe.bptt_steps)
             carried = tuple(t.detach() for t in carried)  # truncated BPTT: no gradient into the last chunk
@@ -399,8 +399,9 @@ def train_language_model(
         with open(curve_path, "a") as curve:
             curve.write(json.dumps(entry) + "\n")
         averaged_note = f" (averaged weights: {entry['valid_perplexity_averaged']:.2f})" if "valid_perplexity_averaged" in entry else ""
-        print(f"epoch {epoch}: train ppl {entry['train_perplexity']:.2f}, valid ppl {valid_perplexity:.2f}{averaged_note}, "
-              f"lr {entry['learning_rate']:g}, {entry['seconds'] / 60:.1f} min so far", flush=True)
+        print(progress_lines.epoch_line(epoch, total_epochs, time.perf_counter() - started, entry["seconds"],
+                                        f"train ppl {entry['train_perplexity']:.2f}, valid ppl {valid_perplexity:.2f}{averaged_note}, "
+                                        f"lr {entry['learning_rate']:g}"), flush=True)
     batch_state = whole_batch_state()
     return checkpoint(batch_state) if ranks.is_main else None
 
