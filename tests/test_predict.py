@@ -236,3 +236,33 @@ def test_a_hundred_thousand_lines_over_two_workers(tmp_path, questions):
     # stderr is a pipe (a log): no bar's carriage returns, the throughput line at the end
     assert "\r" not in run.stderr and "\x1b[" not in run.stderr and "scored 100000 texts in" in run.stderr and "texts/s" in run.stderr
     assert summary["texts_per_second"] > 0
+
+
+def test_agnews_is_a_predict_format_with_the_training_readers_text(tmp_path, classifier):
+    from training.datasets import read_agnews
+
+    data, out = tmp_path / "test.csv", tmp_path / "predictions.jsonl"
+    data.write_text('"3","Wall St. Bears Claw Back","Short-sellers are seeing green again.\\nMore at 11."\n'
+                    '"2","Team wins final","The home side won the cup in extra time."\n')
+    summary = summary_of(predict("--data", data, "--format", "agnews", "--out", out))
+    assert summary["lines"] == 2
+    texts = [example.text for example in read_agnews(data)]
+    assert "\\n" not in texts[0] and "again. More at 11." in texts[0]  # the escaped break, unescaped as training reads it
+    assert_answers(lines_of(out), texts, classifier)
+
+
+def test_evaluate_writes_each_examples_text_gold_prediction_and_probabilities(tmp_path):
+    data, out = tmp_path / "trec.txt", tmp_path / "evaluated.jsonl"
+    data.write_text("".join((REPOSITORY / "training" / "sample_data" / "trec.txt").read_text().splitlines(keepends=True)[:40]))
+    run = subprocess.run([sys.executable, "-m", "training", "evaluate", "--bundle", str(ZOO / "kim-cnn-trec6"), "--data", str(data),
+                          "--format", "trec", "--out", str(out)], capture_output=True, text=True, cwd=REPOSITORY, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    examples = read_trec(data)
+    assert summary["n"] == len(lines) == len(examples) == 40 and summary["out"] == str(out)
+    assert [(line["text"], line["gold"]) for line in lines] == [(e.text, e.label) for e in examples]
+    for line in lines:
+        assert line["predicted"] == max(line["probabilities"], key=line["probabilities"].get)
+        assert abs(sum(line["probabilities"].values()) - 1) < 1e-5
+    assert summary["accuracy"] == sum(line["predicted"] == line["gold"] for line in lines) / 40

@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--bundle", required=True, type=Path)
     add_data_arguments(evaluate, (*CLASSIFICATION_FORMATS, "ptb"))  # ptb: a language-model bundle's perplexity
     evaluate.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="a classifier: write one JSON line per example there (text, gold, predicted, probabilities)")
 
     results = commands.add_parser("results", help="regenerate docs/results.md from the zoo (measures speed on this machine)")
     results.add_argument("--zoo", type=Path, default=Path("models/zoo"))
@@ -423,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
 
             print(json.dumps(evaluate_language_model(args.bundle, read_ptb(args.data), device=args.device)))
         else:
-            print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device)))
+            print(json.dumps(evaluate_classifier(args.bundle, read_examples(args), device=args.device, out=args.out)))
     elif args.command == "train-image":
         import torch
 

@@ -324,6 +324,12 @@ def _agnews_unescape(field: str) -> str:
     return _AGNEWS_BREAK.sub(" ", field)
 
 
+def agnews_text(title_and_description: str) -> str:
+    """An AG News text as read_agnews makes it, from its title and description joined by a
+    space: the file's escaped line breaks turned into spaces (predict reads the file lazily)."""
+    return _agnews_unescape(title_and_description)
+
+
 def read_agnews(path: PathLike, encoding: str = "utf-8") -> list[LabelledText]:
     """Read the AG News topic classification CSV (Zhang, Zhao & LeCun 2015, ag_news_csv).
 

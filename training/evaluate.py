@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
-
-import math
 
 import numpy as np
 
@@ -17,9 +17,11 @@ from training.datasets import LabelledText, first_unknown_label
 
 
 def evaluate_classifier(
-    bundle_path: str | Path, examples: Sequence[LabelledText], batch_size: int = 256, device: str = "cpu"
+    bundle_path: str | Path, examples: Sequence[LabelledText], batch_size: int = 256, device: str = "cpu",
+    out: Path | None = None,
 ) -> dict:
-    """{"model", "accuracy", "n"} of the bundle on `examples`."""
+    """{"model", "accuracy", "n"} of the bundle on `examples`; with `out`, also one JSON line per
+    example there: its text, gold label, predicted label and every label's probability."""
     classifier = TextClassifier(read_bundle(bundle_path), device=device)
     label_ids = {label: i for i, label in enumerate(classifier.labels)}
     unknown = first_unknown_label(examples, classifier.labels,
@@ -27,13 +29,20 @@ def evaluate_classifier(
     if unknown:
         raise unknown
     targets = np.array([label_ids[e.label] for e in examples])
-    predictions = np.concatenate(
+    probabilities = np.concatenate(
         [
-            classifier.logits([e.text for e in examples[start : start + batch_size]]).argmax(axis=1)
+            classifier.probabilities([e.text for e in examples[start : start + batch_size]])
             for start in range(0, len(examples), batch_size)
         ]
-    )
-    return {"model": classifier.bundle.name, "accuracy": float((predictions == targets).mean()), "n": len(examples)}
+    )  # (N, K)
+    predictions = probabilities.argmax(axis=1)
+    if out is not None:
+        with open(out, "w", encoding="utf-8") as lines:
+            for example, row, predicted in zip(examples, probabilities, predictions):
+                lines.write(json.dumps({"text": example.text, "gold": example.label, "predicted": classifier.labels[predicted],
+                                        "probabilities": dict(zip(classifier.labels, map(float, row)))}, ensure_ascii=False) + "\n")
+    return {"model": classifier.bundle.name, "accuracy": float((predictions == targets).mean()), "n": len(examples),
+            **({"out": str(out)} if out is not None else {})}
 
 
 def evaluate_language_model(bundle_path: str | Path, tokens: list[str], device: str = "cpu") -> dict:

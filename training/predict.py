@@ -40,7 +40,7 @@ from services.backends.inference import (IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCH
                                          read_bundle, text_problem)
 from services.config import SETTINGS, available_cores
 from training import progress
-from training.datasets import ColumnError, MalformedDataError, column_spec
+from training.datasets import ColumnError, MalformedDataError, agnews_text, column_spec
 
 INPUT_FORMATS = {
     "text": "one text per line, UTF-8",
@@ -48,6 +48,8 @@ INPUT_FORMATS = {
     "csv": "comma-separated, RFC 4180 quotes (a quoted field may hold commas and line breaks); --text-column by "
            "name (a header row) or 0-based index",
     "tsv": "tab-separated, no quoting; columns as for csv",
+    "agnews": "AG News CSV as training reads it (class, title, description; no header): the text is the title and "
+              "the description with the file's escaped line breaks as spaces",
 }
 # Batches in flight per worker: one being scored, one waiting in its queue, so a worker never
 # idles while the parent writes; more would only hold more of the file in memory.
@@ -210,6 +212,11 @@ def read_records(path: Path, fmt: str, text_column: str | None, id_column: str |
         return text_records(path, max_chars)
     if fmt == "jsonl":
         return jsonl_records(path, text_column or "text", id_column, max_chars)
+    if fmt == "agnews":
+        if text_column is not None:
+            raise ColumnError("--format agnews reads its title and description (columns 1 and 2): drop --text-column")
+        return (record._replace(text=agnews_text(record.text)) if record.text is not None else record
+                for record in table_records(path, "csv", "1,2", id_column, False, max_chars))
     return table_records(path, fmt, text_column or "text", id_column, header, max_chars)
 
 
