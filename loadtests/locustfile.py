@@ -21,7 +21,10 @@ timeout) is lost. The gate (--slo-p99-ms, --slo-failure-ratio, --slo-refusal-rat
 run if the p99 latency or either ratio is over its limit, or if a single request was lost.
 
 Environment: TEXTSERVE_LOAD_MODEL (classifier, default kim-cnn-trec6), TEXTSERVE_LOAD_LM
-(language model, default char-lm-small-ptb).
+(language model, default char-lm-small-ptb), TEXTSERVE_LOAD_THINK_S (MIN-MAX seconds each
+user waits between its requests, default 0-0.05: every user keeps a request in flight, which
+saturates a small machine; `make loadtest` runs its users at 0.1-0.3 s, a load the service is
+sized for).
 """
 
 from __future__ import annotations
@@ -33,6 +36,19 @@ import random
 from locust import FastHttpUser, LoadTestShape, between, events, task
 from locust.exception import StopUser
 
+def think_time(spec: str):
+    """Locust's wait_time for 'MIN-MAX' seconds (TEXTSERVE_LOAD_THINK_S)."""
+    low, _, high = spec.partition("-")
+    try:
+        low_s, high_s = float(low), float(high or low)
+    except ValueError:
+        raise SystemExit(f"TEXTSERVE_LOAD_THINK_S={spec!r}: give MIN-MAX seconds, e.g. 0.1-0.3") from None
+    if not 0 <= low_s <= high_s:
+        raise SystemExit(f"TEXTSERVE_LOAD_THINK_S={spec!r}: MIN-MAX with 0 <= MIN <= MAX")
+    return between(low_s, high_s)
+
+
+THINK = think_time(os.environ.get("TEXTSERVE_LOAD_THINK_S", "0-0.05"))
 MODEL = os.environ.get("TEXTSERVE_LOAD_MODEL", "kim-cnn-trec6")
 LANGUAGE_MODEL = os.environ.get("TEXTSERVE_LOAD_LM", "char-lm-small-ptb")
 SHORT_TEXTS = [
@@ -98,7 +114,7 @@ def judge(response, check) -> None:
 class ClassifierUser(FastHttpUser):
     weight = 3
     default_headers = KEY_HEADERS
-    wait_time = between(0.0, 0.05)
+    wait_time = THINK
 
     @task(4)
     def classify_short(self) -> None:
@@ -126,7 +142,7 @@ class ClassifierUser(FastHttpUser):
 class LanguageModelUser(FastHttpUser):
     weight = 1
     default_headers = KEY_HEADERS
-    wait_time = between(0.0, 0.05)
+    wait_time = THINK
 
     def on_start(self) -> None:
         served = {m["name"] for m in self.client.get("/models", name="/models").json()["models"]}
@@ -206,6 +222,17 @@ def slo_options(parser) -> None:
                         help="fail the run if more than this share of requests were refused (429/503)")
 
 
+def refusals_by_route(environment) -> str:
+    """'/classify short 300 of 1,830, ...': refused requests (429/503) by route, from Locust's
+    error table, each beside the requests that route sent."""
+    routes: dict[tuple[str, str], int] = {}
+    for error in environment.stats.errors.values():
+        if "refused" in str(error.error):
+            routes[(error.name, error.method)] = routes.get((error.name, error.method), 0) + error.occurrences
+    return ", ".join(f"{name} {n:,} of {environment.stats.get(name, method).num_requests:,}"
+                     for (name, method), n in sorted(routes.items(), key=lambda item: -item[1]))
+
+
 def accounting(environment) -> dict:
     """Requests sent, and how each was answered, from Locust's own error table."""
     total = environment.stats.total
@@ -235,7 +262,9 @@ def slo_gate(environment, **_kwargs) -> None:
     if counts["failed"] / counts["sent"] > options.slo_failure_ratio:
         problems.append(f"failure ratio {counts['failed'] / counts['sent']:.3f} > {options.slo_failure_ratio:g}")
     if counts["refused"] / counts["sent"] > options.slo_refusal_ratio:
-        problems.append(f"refusal ratio {counts['refused'] / counts['sent']:.3f} > {options.slo_refusal_ratio:g}")
+        problems.append(f"refusal ratio {counts['refused'] / counts['sent']:.3f} > {options.slo_refusal_ratio:g} "
+                        f"(refused by route: {refusals_by_route(environment)}; the service was past what it admits: "
+                        "fewer users, more think time, or more CPU)")
     if counts["lost"]:
         problems.append(f"{counts['lost']} requests lost (no answer)")
     summary = ", ".join(f"{name} {n}" for name, n in counts.items())
