@@ -204,3 +204,48 @@ def test_bentoml_serve_answers_with_the_imported_bundle(imported, tmp_path):
         v2 = requests.post(f"{url}/v2/models/bag-trec6/infer", timeout=30, json={
             "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["Who wrote Hamlet ?"]}]}).json()
         assert next(o for o in v2["outputs"] if o["name"] == "label")["data"] == [answer.json()["results"][0]["label"]]
+
+
+def test_a_default_torch_export_with_its_weights_beside_it_imports_as_one_file_with_the_tokenizers_length(trained, tmp_path):
+    # torch 2.13's default exporter (dynamo) writes the weights to NAME.onnx.data beside the graph,
+    # as a Hugging Face model's export does; the tokenizer carries its own truncation (128 for MiniLM).
+    folder = trained["folder"]
+    example = trained["tokens"](["Who wrote Hamlet ?", "What is it ?"])
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    torch.onnx.export(trained["model"].eval(), example, str(tmp_path / "bag.onnx"), input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamic_shapes={"input_ids": {0: batch, 1: sequence},
+                                                               "attention_mask": {0: batch, 1: sequence}})
+    assert (tmp_path / "bag.onnx.data").is_file()  # the situation: weights in a separate file
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=48)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    done = import_onnx("--onnx", tmp_path / "bag.onnx", "--labels", folder / "labels.txt", "--tokenizer", tmp_path / "tokenizer.json",
+                       "--bundle", tmp_path / "zoo" / "bag-default-export")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.splitlines()[-1])
+    assert printed["folded_external_data"] == ["bag.onnx.data"]
+    assert (printed["max_length"], printed["max_length_from"]) == (48, "tokenizer.json's truncation")
+    bundle = read_bundle(tmp_path / "zoo" / "bag-default-export")
+    assert sorted(p.name for p in bundle.path.iterdir() if p.name.startswith("model")) == ["model.onnx"]
+    assert bundle.config["encoding"]["max_length"] == 48
+    texts = [e.text for e in trained["held_out"][:100]]
+    with torch.no_grad():
+        expected = trained["model"](*trained["tokens"](texts)).numpy()
+    assert np.abs(TextClassifier(bundle).logits(texts) - expected).max() < 1e-4
+    # without its data file beside it, the import says which file is missing
+    (tmp_path / "bag.onnx.data").rename(tmp_path / "elsewhere.data")
+    refused = import_onnx("--onnx", tmp_path / "bag.onnx", "--labels", folder / "labels.txt", "--tokenizer", tmp_path / "tokenizer.json",
+                          "--bundle", tmp_path / "zoo" / "bag-missing-data")
+    assert refused.returncode != 0 and "bag.onnx.data, which is not beside it" in refused.stderr
+
+
+def test_without_a_length_anywhere_the_import_says_it_took_512(trained, tmp_path):
+    folder = trained["folder"]
+    done = import_onnx("--onnx", folder / "bag.onnx", "--labels", folder / "labels.txt", "--tokenizer", folder / "tokenizer.json",
+                       "--output", "scores", "--bundle", tmp_path / "bag-no-length")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.splitlines()[-1])
+    assert (printed["max_length"], printed["max_length_from"]) == (512, "the default, 512")
+    help_text = subprocess.run([sys.executable, "-m", "training", "import-onnx", "--help"], cwd=REPOSITORY, capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "tokenizer.json's own truncation" in " ".join(help_text.split()) and "else 512" in help_text

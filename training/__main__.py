@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                           help="how text becomes the graph's inputs (default: tokenizer with --tokenizer, words with --vocab)")
     imported.add_argument("--tokenizer", type=Path, default=None, help="tokenizer: a Hugging Face tokenizer.json (read with "
                           "the tokenizers package; its normaliser, pre-tokeniser and special tokens apply)")
-    imported.add_argument("--max-length", type=int, default=512, help="tokenizer: longer texts are truncated to this many tokens")
+    imported.add_argument("--max-length", type=int, default=None,
+                          help="tokenizer: longer texts are truncated to this many tokens (default: tokenizer.json's own "
+                               "truncation, else its folder's tokenizer_config.json model_max_length, else 512)")
     imported.add_argument("--vocab", type=Path, default=None, help="words: one token per line (id = line - 1) or a JSON "
                           "list; the first two are padding and unknown words (<pad>, <unk>)")
     imported.add_argument("--lowercase", action="store_true", help="words, chars: lower-case texts before encoding")

@@ -114,8 +114,46 @@ def probe(classifier: TextClassifier, texts: Sequence[str]) -> dict:
             "probe_predictions": [classifier.labels[i] for i in batch.argmax(axis=1)]}
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
+def length_limit(tokenizer: Path | None, max_length: int | None) -> tuple[int, str]:
+    """The tokens a text keeps, and where that figure came from: --max-length when given, else
+    the tokenizer's own truncation (tokenizer.json), else its folder's tokenizer_config.json
+    (`model_max_length`, as Hugging Face saves it), else 512."""
+    if max_length is not None:
+        return max_length, "--max-length"
+    if tokenizer is not None:
+        truncation = (json.loads(Path(tokenizer).read_text()).get("truncation") or {}).get("max_length")
+        if isinstance(truncation, int) and truncation > 0:
+            return truncation, f"{Path(tokenizer).name}'s truncation"
+        config_path = Path(tokenizer).with_name("tokenizer_config.json")
+        if config_path.is_file():
+            limit = json.loads(config_path.read_text()).get("model_max_length")
+            if isinstance(limit, int) and 0 < limit < 1_000_000:  # Hugging Face writes 1e30 for "no limit"
+                return limit, "tokenizer_config.json's model_max_length"
+    return DEFAULT_MAX_LENGTH, f"the default, {DEFAULT_MAX_LENGTH}"
+
+
+def self_contained(onnx_path: Path) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph with every weight inside it, and the external data files it read them from
+    (torch.onnx.export writes a model's weights beside it, model.onnx.data, past a size or
+    when asked): a bundle holds one model.onnx."""
+    graph = onnx.load(onnx_path, load_external_data=False)
+    external = sorted({entry.value for initializer in graph.graph.initializer
+                       if initializer.data_location == onnx.TensorProto.EXTERNAL
+                       for entry in initializer.external_data if entry.key == "location"})
+    if not external:
+        return graph, []
+    missing = [name for name in external if not (onnx_path.parent / name).is_file()]
+    if missing:
+        raise ImportRefused(f"{onnx_path}: its weights are in {', '.join(missing)}, which is not beside it; put the data "
+                            "file(s) the export wrote next to the .onnx file")
+    return onnx.load(onnx_path, load_external_data=True), external
+
+
 def import_onnx(onnx_path: Path, labels_path: Path, bundle_dir: Path, kind: str, tokenizer: Path | None = None,
-                vocab: Path | None = None, output: str | None = None, max_length: int = 512, lowercase: bool = False,
+                vocab: Path | None = None, output: str | None = None, max_length: int | None = None, lowercase: bool = False,
                 edge_padding: int = 0, alphabet: str = "", length: int = 1014, probe_texts: Sequence[str] = PROBE_TEXTS,
                 command: str = "") -> dict:
     """Write the bundle (replacing `bundle_dir` only if every check passes); its metrics."""
@@ -123,18 +161,19 @@ def import_onnx(onnx_path: Path, labels_path: Path, bundle_dir: Path, kind: str,
         if given is not None and not Path(given).is_file():
             raise ImportRefused(f"{given}: no such file")
     labels = read_labels(labels_path)
-    graph = onnx.load(onnx_path, load_external_data=False)
-    if any(initializer.data_location == onnx.TensorProto.EXTERNAL for initializer in graph.graph.initializer):
-        raise ImportRefused(f"{onnx_path}: its weights are in a separate data file; a bundle holds one self-contained "
-                            "model.onnx (onnx.save(onnx.load(PATH), OUT, save_as_external_data=False))")
+    graph, external = self_contained(Path(onnx_path))
     scores = scores_output(graph, output)
+    max_length, max_length_from = length_limit(tokenizer if kind == "tokenizer" else None, max_length)
     encoding = encoding_of(kind, max_length, lowercase, edge_padding, alphabet, length)
     if kind == "tokenizer" and tokenizer is None:
         raise ImportRefused("--encoding tokenizer needs --tokenizer tokenizer.json")
     if kind == "words" and vocab is None:
         raise ImportRefused("--encoding words needs --vocab (one token per line, <pad> and <unk> first)")
     with staged_bundle(bundle_dir) as staging:
-        shutil.copyfile(onnx_path, staging / "model.onnx")
+        if external:  # the weights folded into the one file
+            onnx.save(graph, staging / "model.onnx", save_as_external_data=False)
+        else:
+            shutil.copyfile(onnx_path, staging / "model.onnx")
         if kind == "tokenizer":
             shutil.copyfile(tokenizer, staging / "tokenizer.json")
         if kind == "words":
@@ -151,7 +190,9 @@ def import_onnx(onnx_path: Path, labels_path: Path, bundle_dir: Path, kind: str,
             "onnx": {"opset": opsets.get("ai.onnx"), "inputs": [i.name for i in graph.graph.input],
                      "outputs": [scores, *(o.name for o in graph.graph.output if o.name != scores)]},
         })
-        metrics = {"import_command": command, "source_sha256": sha256_file(onnx_path), "labels": len(labels)}
+        metrics = {"import_command": command, "source_sha256": sha256_file(onnx_path), "labels": len(labels),
+                   **({"folded_external_data": external} if external else {}),
+                   **({"max_length": max_length, "max_length_from": max_length_from} if kind == "tokenizer" else {})}
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)
         try:
