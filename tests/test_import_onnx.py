@@ -8,6 +8,7 @@ the graph breaks the contract, and be served over HTTP by `bentoml serve`."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -249,3 +250,50 @@ def test_without_a_length_anywhere_the_import_says_it_took_512(trained, tmp_path
     help_text = subprocess.run([sys.executable, "-m", "training", "import-onnx", "--help"], cwd=REPOSITORY, capture_output=True,
                                text=True, timeout=120).stdout
     assert "tokenizer.json's own truncation" in " ".join(help_text.split()) and "else 512" in help_text
+
+
+def test_a_hugging_face_bert_exported_by_default_imports_matches_pytorch_and_serves(trained, tmp_path):
+    # A real Hugging Face architecture (BertForSequenceClassification, small, built from its
+    # config over the WordPiece tokenizer trained above), exported by torch's default exporter
+    # with the three inputs an HF export has; its weights land beside the graph.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = trained["folder"]
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                                                    num_labels=len(trained["labels"]))).eval()
+
+    class Logits(torch.nn.Module):  # what an HF export wraps: the logits of the classification head
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+    ids, mask = trained["tokens"](["Who wrote Hamlet ?", "How far is it from Denver to Aspen ?"])
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=128)
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    torch.onnx.export(Logits().eval(), (ids, mask, torch.zeros_like(ids)), str(tmp_path / "model.onnx"), input_names=list(names),
+                      output_names=["logits"], dynamic_shapes={name: {0: batch, 1: sequence} for name in names})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    shutil.copyfile(folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    done = import_onnx("--onnx", tmp_path / "model.onnx", "--labels", folder / "labels.txt", "--tokenizer", tmp_path / "tokenizer.json",
+                       "--bundle", tmp_path / "zoo" / "tiny-bert-trec6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.splitlines()[-1])
+    assert printed["folded_external_data"] == ["model.onnx.data"]
+    assert (printed["max_length"], printed["max_length_from"]) == (128, "tokenizer_config.json's model_max_length")
+    bundle = read_bundle(tmp_path / "zoo" / "tiny-bert-trec6")
+    texts = [e.text for e in trained["held_out"][:64]]
+    ids, mask = trained["tokens"](texts)
+    with torch.no_grad():
+        expected = torch.softmax(Logits()(ids, mask, torch.zeros_like(ids)), dim=-1).numpy()
+    assert np.abs(TextClassifier(bundle).probabilities(texts) - expected).max() < 1e-5
+    with running_server(tmp_path / "home", tmp_path / "zoo") as url:
+        answer = requests.post(f"{url}/classify", json={"model": "tiny-bert-trec6", "texts": texts[:3]}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        served = [[result["probabilities"][label] for label in bundle.labels] for result in answer.json()["results"]]
+        assert np.abs(np.array(served) - expected[:3]).max() < 1e-5
