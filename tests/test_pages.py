@@ -8,6 +8,7 @@ TEXTSERVE_SCREENSHOT_DIR=docs writes the playground's screenshots there (docs/pl
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -243,6 +244,20 @@ def test_every_curl_line_of_the_readme_and_docs_answers_as_its_comment_says(serv
         ["bash", "-c", line.replace("localhost:3000", server.removeprefix("http://"))], cwd=REPOSITORY,
         capture_output=True, text=True, timeout=60).stdout) for line in lines if "/classify" in line}
     assert labels["classify"]["results"][0]["label"] == "NUM" and labels["classify-image"]["results"][0]["label"] == "7"
+
+
+def test_the_readmes_sample_neighbours_are_what_the_service_answers(server):
+    readme = (REPOSITORY / "README.md").read_text()
+    call = re.search(r"^(curl -s localhost:3000/lm/neighbors .*)\n# (.*)\n#(.*)$", readme, re.M)
+    assert call, "README.md lost its /lm/neighbors sample"
+    shown = call.group(2) + call.group(3)
+    words = re.findall(r'\{"word":"(\w+)"', shown.split('"neighbors":', 1)[1])
+    first_cosine = float(re.search(r'"cosine":([\d.]+)', shown).group(1))
+    body = json.loads(re.search(r"-d '(.*)'", call.group(1)).group(1))
+    answer = requests.post(f"{server}/lm/neighbors", json=body, timeout=30).json()
+    neighbours = answer["results"][0]["neighbors"]
+    assert [n["word"] for n in neighbours] == words
+    assert round(neighbours[0]["cosine"], 3) == first_cosine
 
 
 def test_the_readmes_python_clients_run_as_written(server):
