@@ -91,9 +91,9 @@ model_run_seconds_total = bentoml.metrics.Counter(
     documentation="Their onnxruntime time (encoding included), summed, by model and number of texts",
     labelnames=["model", "texts"],
 )
-last_inference_timestamp_ms = bentoml.metrics.Gauge(
-    name=f"{NAMESPACE}_last_inference_timestamp_ms",
-    documentation="When the model last ran a batch, in milliseconds since the epoch (the latest over the processes)",
+last_inference_timestamp_seconds = bentoml.metrics.Gauge(
+    name=f"{NAMESPACE}_last_inference_timestamp_seconds",
+    documentation="When the model last ran a batch, in seconds since the epoch (the latest over the processes)",
     labelnames=["model"],
     multiprocess_mode="max",
 )
@@ -141,7 +141,7 @@ def count_model_run(model: str, texts: int, seconds: float, queue_waits_s: list[
     texts_total.labels(model=model).inc(texts)
     model_runs_total.labels(model=model, texts=str(texts)).inc()
     model_run_seconds_total.labels(model=model, texts=str(texts)).inc(seconds)
-    last_inference_timestamp_ms.labels(model=model).set(time.time() * 1000)
+    last_inference_timestamp_seconds.labels(model=model).set(time.time())
     waits = queue_wait_seconds.labels(model=model)
     for wait_s in queue_waits_s:
         waits.observe(wait_s)

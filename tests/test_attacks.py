@@ -184,9 +184,9 @@ def test_an_unimplemented_grpc_call_is_refused_without_a_traceback(server):
     client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     for _ in range(20):
         with pytest.raises(triton_grpc.InferenceServerException) as refused:
-            client.get_model_config(C, headers={"authorization": KEY["Authorization"]})
+            client.get_system_shared_memory_status(headers={"authorization": KEY["Authorization"]})
         assert refused.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
-        assert "ModelConfig is not served by textserve" in refused.value.message()
+        assert "SystemSharedMemoryStatus is not served by textserve" in refused.value.message()
     written = log.read_bytes()[logged:]
     assert b"Traceback" not in written and len(written) < 2000, written[-500:]
 

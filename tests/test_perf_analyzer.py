@@ -39,8 +39,9 @@ def server(tmp_path_factory):
 def test_perf_analyzer_measures_the_service_with_its_server_statistics(server, model, protocol):
     with tempfile.TemporaryDirectory() as scratch:
         texts = perf_analyzer.input_data(Path(scratch)) if model == "kim-cnn-trec6" else None  # images: its own random FP32
+        # stability 100 %: what is tested is that it drives the service and reads its statistics, not the machine's calm
         result = perf_analyzer.run_perf_analyzer(model, server[protocol], protocol, concurrency=2, seconds=1.5, texts=texts,
-                                                 folder=Path(scratch))
+                                                 folder=Path(scratch), stability_percent=100)
     assert result["per_s"] > 20 and 0 < result["p50_ms"] <= result["p99_ms"]
     # the server's split of a request, from the statistics extension: the model ran, and took time
     assert result["server_compute_ms"] > 0 and result["server_queue_ms"] >= 0

@@ -30,7 +30,7 @@ from services.metrics import NAMESPACE
 NANOSECONDS = 1e9
 WANTED = {f"{NAMESPACE}_{name}" for name in (
     "inference_requests_total", "inference_request_seconds_total", "queue_wait_seconds_count", "queue_wait_seconds_sum",
-    "model_runs_total", "model_run_seconds_total", "texts_total", "last_inference_timestamp_ms")}
+    "model_runs_total", "model_run_seconds_total", "texts_total", "last_inference_timestamp_seconds")}
 
 
 def metric_samples() -> dict[str, dict[str, list[tuple[dict, float]]]]:
@@ -71,7 +71,7 @@ def statistics_of(name: str, version: str, samples: dict) -> dict:
     return {
         "name": name,
         "version": version,
-        "last_inference": int(total("last_inference_timestamp_ms")),
+        "last_inference": int(total("last_inference_timestamp_seconds") * 1000),  # Triton's: ms since the epoch
         "inference_count": int(total("texts_total")),
         "execution_count": int(executions),
         "inference_stats": {
