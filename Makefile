@@ -11,7 +11,7 @@ SAMPLE := training/sample_data
 KEEP_ALIVE_S ?= 30
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: serve test install demo-zoo clean bench bench-peers perf-analyzer perf-analyzer-tool loadtest bento bento-gpu deploy-check serving-requirements fuzz soak audit
+.PHONY: serve test install demo-zoo clean bench bench-peers perf-analyzer perf-analyzer-tool loadtest bento bento-gpu deploy-check serving-requirements fuzz soak audit gpu-wheels gpu-check-dry
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,19 @@ bento: install
 bento-gpu: install
 	$(BIN)/python -m services.backends.model_store
 	$(BIN)/bentoml build -f deploy/bentofile-gpu.yaml .
+
+# The lent GPU machine (docs/gpu.md). gpu-wheels: the serving stack for CPython 3.12 (onnxruntime-gpu,
+# BentoML, wrk) from deploy/gpu/wheels.json into .gpu-wheels/parts, in parts that travel one per call,
+# joined and checked here. gpu-check-dry: the prepared GPU check on this CPU (a tiny LM for a few
+# steps, the serving check in short, the wheel lock checked and the parts built from it in small,
+# each call's payload computed); make test runs it too.
+gpu-wheels: install
+	$(BIN)/python -m deploy.gpu.wheels build
+
+gpu-check-dry: install
+	$(BIN)/python -m deploy.gpu.wheels check
+	$(BIN)/python -m deploy.gpu.payload plan
+	$(BIN)/python -m pytest -q tests/test_gpu_check.py
 
 # Only the deployment checks of make test: manifests, schemas, policy scan, rules, a real
 # Prometheus, the bento and the SIGTERM drain.

@@ -53,6 +53,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -443,7 +444,8 @@ def servers(models: list[str]) -> list[Server]:
     HTTP worker (onnxruntime then gets every core: the lowest latency at few clients), with a
     separate runner process, the hand-rolled baseline, and the peers."""
     python = sys.executable
-    bentoml = [str(Path(python).with_name("bentoml")), "serve", "services.service:TextService", "--host", "127.0.0.1", "--port", "{port}"]
+    beside = Path(python).with_name("bentoml")  # else on PATH: pip install --target puts it in TARGET/bin (deploy/gpu)
+    bentoml = [str(beside) if beside.exists() else shutil.which("bentoml") or str(beside), "serve", "services.service:TextService", "--host", "127.0.0.1", "--port", "{port}"]
     service_env = {"TEXTSERVE_MODELS": ",".join(models), "BENTOML_DO_NOT_TRACK": "True"}
     return [
         Server(SERVICE, "BentoML, inference in the HTTP worker (TEXTSERVE_INFERENCE=inline)",

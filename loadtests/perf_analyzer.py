@@ -99,9 +99,9 @@ def fetch(url: str) -> bytes:
         return response.read()
 
 
-def debian_packages(names: tuple[str, ...]) -> dict[str, dict[str, str]]:
+def debian_packages(names: tuple[str, ...], suite: str = DEBIAN_SUITE) -> dict[str, dict[str, str]]:
     """Each package's Version, Filename and SHA256 from the suite's package index."""
-    index = lzma.decompress(fetch(f"{DEBIAN}/dists/{DEBIAN_SUITE}/main/binary-amd64/Packages.xz")).decode()
+    index = lzma.decompress(fetch(f"{DEBIAN}/dists/{suite}/main/binary-amd64/Packages.xz")).decode()
     found = {}
     for stanza in index.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" "))
@@ -109,8 +109,18 @@ def debian_packages(names: tuple[str, ...]) -> dict[str, dict[str, str]]:
             found[fields["Package"]] = {key: fields[key] for key in ("Version", "Filename", "SHA256")}
     missing = set(names) - set(found)
     if missing:
-        raise RuntimeError(f"Debian {DEBIAN_SUITE}'s index has no {sorted(missing)}")
+        raise RuntimeError(f"Debian {suite}'s index has no {sorted(missing)}")
     return found
+
+
+def fetch_debian_package(package: dict[str, str], folder: Path) -> Path:
+    """Download one package of `debian_packages` into `folder`, refused unless its sha256 is the index's."""
+    data = fetch(f"{DEBIAN}/{package['Filename']}")
+    if hashlib.sha256(data).hexdigest() != package["SHA256"]:
+        raise RuntimeError(f"{package['Filename']}: its sha256 is not the one Debian's index gives")
+    deb = folder / Path(package["Filename"]).name
+    deb.write_bytes(data)
+    return deb
 
 
 def install() -> dict:
@@ -129,11 +139,7 @@ def install() -> dict:
         if glibc_version() < GLIBC_NEEDED:
             shutil.rmtree(TOOL / "root", ignore_errors=True)
             for name, package in debian_packages(DEBIAN_PACKAGES).items():
-                data = fetch(f"{DEBIAN}/{package['Filename']}")
-                if hashlib.sha256(data).hexdigest() != package["SHA256"]:
-                    raise RuntimeError(f"{package['Filename']}: its sha256 is not the one Debian's index gives")
-                deb = Path(scratch) / Path(package["Filename"]).name
-                deb.write_bytes(data)
+                deb = fetch_debian_package(package, Path(scratch))
                 subprocess.run(["dpkg", "-x", str(deb), str(TOOL / "root")], check=True)
                 record[name] = package
     (TOOL / "installed.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,219 @@
+"""Step (a) of the GPU check: the large character-aware LM (Kim et al. 2016, LSTM-Char-Large,
+19 M parameters, 35 epochs on PTB) trained on a lent GPU, its weights brought back in parts, and
+released here as char-lm-large-ptb.
+
+    there:  python3 -m deploy.gpu.check_lm train --stash /tmp/gpu-stash --minutes 8 --out "$OUT"
+            (rerun to resume, within the machine's 30 s; each run stops and checkpoints before --minutes)
+            python3 -m deploy.gpu.check_lm bring-back --stash /tmp/gpu-stash --out "$OUT"
+    here:   python -m deploy.gpu.check_lm release --parts FOLDER [--parts FOLDER ...]
+
+The checkpoint that resumes (best and current weights, the average, the RNG states: about 230 MB)
+stays on the machine. What comes back is the best weights alone (about 77 MB), in parts of 16 MiB,
+at most 3 per call beside the logs: the tool returns 64 MiB per call. `release` joins and checks
+them, exports with the parity check, scores PTB's validation text through onnxruntime and writes
+the int8 variant where its gate allows. The paper's test perplexity is 78.9; the target here is
+at most 82 on validation (test stays held out).
+
+Here `--device cpu` with a tiny `--set` runs the same path in minutes: make gpu-check-dry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deploy.gpu import parts
+from deploy.gpu.payload import RETURN_PART_BYTES
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+NAME = "char-lm-large-ptb"
+PARTS_PER_CALL = 3  # 48 MiB of parts, the logs beside them: under the tool's 64 MiB per call
+TARGET_VALID_PERPLEXITY = 82.0
+PAPER_TEST_PERPLEXITY = 78.9
+
+
+def checkpoint_path(stash: Path) -> Path:
+    return stash / f"{NAME}.pt"
+
+
+def return_folder(stash: Path) -> Path:
+    return stash / "return"
+
+
+def run_logged(command: list[str], log: Path, env: dict | None = None) -> int:
+    """Run `command` with its output appended to `log` and echoed; returns its exit status."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(command), flush=True)
+    with log.open("a") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPOSITORY_ROOT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        for line in process.stdout:
+            sink.write(line)
+            print(line, end="", flush=True)
+        return process.wait()
+
+
+def environment_facts(device: str) -> dict:
+    import torch
+
+    facts = {"torch": torch.__version__, "device": device}
+    if device == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        facts["cuda"] = torch.version.cuda
+        facts["cudnn"] = torch.backends.cudnn.version()
+    return facts
+
+
+def train(stash: Path, out: Path, minutes: float, device: str, preset: str, overrides: list[str],
+          part_bytes: int = RETURN_PART_BYTES) -> dict:
+    """Train (or resume) into the stash's checkpoint within `minutes`; when the run has finished
+    its epochs, cut the best weights into parts and put the first ones in `out`."""
+    started = time.perf_counter()
+    checkpoint = checkpoint_path(stash)
+    command = [sys.executable, "-m", "training", "train-lm", "--data", str(stash / "ptb"), "--preset", preset,
+               "--device", device, "--out", str(checkpoint), "--curve", str(out / f"{NAME}.curve.jsonl"),
+               "--checkpoint-every", "120", "--minutes", f"{minutes:g}"]
+    for item in overrides:
+        command += ["--set", item]
+    curve_kept = stash / f"{NAME}.curve.jsonl"  # $OUT is emptied before each call: the curve lives in the stash
+    if curve_kept.exists():
+        shutil.copy2(curve_kept, out / f"{NAME}.curve.jsonl")
+    status = run_logged(command, out / "train-lm.log")
+    shutil.copy2(out / f"{NAME}.curve.jsonl", curve_kept) if (out / f"{NAME}.curve.jsonl").exists() else None
+    if status != 0:
+        raise SystemExit(f"train-lm exited with {status}: see train-lm.log")
+    summary = run_summary(checkpoint, device)
+    summary["call_seconds"] = round(time.perf_counter() - started, 1)
+    if summary["finished"]:
+        summary["parts"] = cut_weights(checkpoint, return_folder(stash), part_bytes)
+        summary["brought"] = bring_back(stash, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(summary_table(summary))
+    return summary
+
+
+def run_summary(checkpoint_file: Path, device: str) -> dict:
+    import torch
+
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    metrics = checkpoint["metrics"]
+    progress = checkpoint["resume"]["progress"]
+    epochs = metrics["epochs"] + metrics["tail_epochs"]
+    steps = progress["step"]
+    return {**environment_facts(device), "epochs_run": metrics["epochs_run"], "epochs": epochs,
+            "finished": metrics["epochs_run"] >= epochs, "steps": steps, "train_seconds": metrics["train_seconds"],
+            "seconds_per_step": round(metrics["train_seconds"] / steps, 5) if steps else None,
+            "valid_perplexity": metrics["valid_perplexity"], "best_epoch": metrics["best_epoch"],
+            "parameters": metrics["parameters"],
+            "history": [{k: e.get(k) for k in ("epoch", "valid_perplexity", "learning_rate", "seconds")} for e in metrics["history"]]}
+
+
+def cut_weights(checkpoint_file: Path, folder: Path, part_bytes: int) -> int:
+    """The checkpoint without its resume state (best weights, vocabulary, encoding, metrics), cut into parts."""
+    import torch
+
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    checkpoint.pop("resume")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    weights = folder / f"{NAME}.weights.pt"
+    torch.save(checkpoint, weights)
+    manifest = parts.split(weights, folder, part_bytes)
+    weights.unlink()
+    return len(parts.read_manifest(manifest)["parts"])
+
+
+def bring_back(stash: Path, out: Path, per_call: int = PARTS_PER_CALL) -> list[str]:
+    """Copy the manifest and the next parts not yet brought into `out`; returns their names."""
+    folder = return_folder(stash)
+    manifest_file = parts.manifest_path(folder, f"{NAME}.weights.pt")
+    manifest = parts.read_manifest(manifest_file)
+    brought_file = folder / "brought.json"
+    brought = json.loads(brought_file.read_text()) if brought_file.exists() else []
+    now = [p.name for p in manifest["parts"] if p.name not in brought][:per_call]
+    out.mkdir(parents=True, exist_ok=True)
+    for name in [manifest_file.name, *now]:
+        shutil.copy2(folder / name, out / name)
+    brought_file.write_text(json.dumps(brought + now))
+    left = len(manifest["parts"]) - len(brought) - len(now)
+    print(f"brought {', '.join(now) or 'nothing'}; {left} part(s) left" + (": run bring-back again" if left else ""))
+    return now
+
+
+def release(part_folders: list[Path], bundle: Path, valid: Path, work: Path, quantize: bool = True) -> dict:
+    """Join the weights, export with the parity check (the validation perplexity through
+    onnxruntime comes with it), and write the int8 variant where its gate allows."""
+    manifest = next((f / f"{NAME}.weights.pt.parts.json" for f in part_folders if (f / f"{NAME}.weights.pt.parts.json").exists()), None)
+    if manifest is None:
+        raise parts.PartError(f"no {NAME}.weights.pt.parts.json in {', '.join(map(str, part_folders))}")
+    weights = parts.join(manifest, work / f"{NAME}.weights.pt", part_folders)
+    log = work / "release.log"
+    python = sys.executable
+    if run_logged([python, "-m", "training", "export", "--checkpoint", str(weights), "--data", str(valid), "--format", "ptb",
+                   "--bundle", str(bundle)], log) != 0:
+        raise SystemExit(f"export failed: see {log}")
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    result = {"bundle": str(bundle), "valid_perplexity": metrics.get("valid_perplexity_onnx"),
+              "target": TARGET_VALID_PERPLEXITY, "paper_test": PAPER_TEST_PERPLEXITY}
+    if quantize:
+        status = run_logged([python, "-m", "training", "quantize", "--bundle", str(bundle)], log)
+        int8 = bundle.with_name(bundle.name + "-int8")
+        result["int8"] = str(int8) if status == 0 and int8.exists() else f"refused by its gate (exit {status}; {log})"
+    print(json.dumps(result))
+    return result
+
+
+def summary_table(summary: dict) -> str:
+    rows = [("device", f"{summary.get('gpu', summary['device'])} (torch {summary['torch']})"),
+            ("epochs", f"{summary['epochs_run']} of {summary['epochs']}" + ("" if summary["finished"] else ": rerun to resume")),
+            ("steps", str(summary["steps"])),
+            ("seconds per step", f"{summary['seconds_per_step']}"),
+            ("training seconds", f"{summary['train_seconds']}"),
+            ("best valid perplexity", f"{summary['valid_perplexity']} (epoch {summary['best_epoch']})"),
+            ("weights parts", f"{summary.get('parts', '-')}, brought {len(summary.get('brought', []))}")]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.gpu.check_lm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("train", help="train or resume within --minutes; bring the first parts when finished")
+    run.add_argument("--stash", type=Path, required=True, help="holds ptb/ (from the payload) and the checkpoint")
+    run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--minutes", type=float, default=8.0, help="the training's budget in this call (it stops and checkpoints)")
+    run.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    run.add_argument("--preset", default="large", choices=("small", "large"))
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE", help="passed to train-lm")
+    run.add_argument("--part-mib", type=float, default=RETURN_PART_BYTES / parts.MIB)
+    back = commands.add_parser("bring-back", help="the next parts of the weights into --out")
+    back.add_argument("--stash", type=Path, required=True)
+    back.add_argument("--out", type=Path, required=True)
+    out = commands.add_parser("release", help="here: join the parts, export, score, quantize")
+    out.add_argument("--parts", type=Path, action="append", required=True, help="a folder of parts (repeat for each call's)")
+    out.add_argument("--bundle", type=Path, default=REPOSITORY_ROOT / "models" / "zoo" / NAME)
+    out.add_argument("--valid", type=Path, default=REPOSITORY_ROOT.parent / "shared" / "data" / "ptb" / "valid.txt")
+    out.add_argument("--work", type=Path, default=REPOSITORY_ROOT / "checkpoints")
+    out.add_argument("--no-int8", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            args.out.mkdir(parents=True, exist_ok=True)
+            train(args.stash, args.out, args.minutes, args.device, args.preset, args.overrides, int(args.part_mib * parts.MIB))
+        elif args.command == "bring-back":
+            bring_back(args.stash, args.out)
+        else:
+            release(args.parts, args.bundle, args.valid, args.work, quantize=not args.no_int8)
+    except parts.PartError as error:
+        print(f"refused: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
