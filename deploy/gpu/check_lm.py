@@ -8,8 +8,9 @@ released here as char-lm-large-ptb.
     here:   python -m deploy.gpu.check_lm release --parts FOLDER [--parts FOLDER ...]
 
 The checkpoint that resumes (best and current weights, the average, the RNG states: about 230 MB)
-stays on the machine. What comes back is the best weights alone (about 77 MB), in parts of 16 MiB,
-at most 3 per call beside the logs: the tool returns 64 MiB per call. `release` joins and checks
+stays on the machine. What comes back with every train call is the best weights so far alone, as
+float16 (about 39 MB), in parts of 16 MiB, at most 3 per call beside the logs (the tool returns
+64 MiB per call); `bring-back` fetches any left over. `release` joins and checks
 them, exports with the parity check, scores PTB's validation text through onnxruntime and writes
 the int8 variant where its gate allows. The paper's test perplexity is 78.9; the target here is
 at most 82 on validation (test stays held out).
@@ -89,9 +90,8 @@ def train(stash: Path, out: Path, minutes: float, device: str, preset: str, over
         raise SystemExit(f"train-lm exited with {status}: see train-lm.log")
     summary = run_summary(checkpoint, device)
     summary["call_seconds"] = round(time.perf_counter() - started, 1)
-    if summary["finished"]:
-        summary["parts"] = cut_weights(checkpoint, return_folder(stash), part_bytes)
-        summary["brought"] = bring_back(stash, out)
+    summary["parts"] = cut_weights(checkpoint, return_folder(stash), part_bytes)  # the best so far, finished or not
+    summary["brought"] = bring_back(stash, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(summary_table(summary))
     return summary
@@ -114,11 +114,18 @@ def run_summary(checkpoint_file: Path, device: str) -> dict:
 
 
 def cut_weights(checkpoint_file: Path, folder: Path, part_bytes: int) -> int:
-    """The checkpoint without its resume state (best weights, vocabulary, encoding, metrics), cut into parts."""
+    """The checkpoint without its resume state (best weights, vocabulary, encoding, metrics), its
+    weights rounded to float16, cut into parts. float16 halves the 77 MB of float32 weights, so
+    that they come back with the call that trained them (3 parts, with the logs under the 64 MiB
+    a call returns) whatever time is left; the bundle is float16 anyway where rounding moves the
+    validation perplexity by under 0.1 % (export's gate), and release reads them back as float32."""
     import torch
 
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
     checkpoint.pop("resume")
+    checkpoint["state_dict"] = {name: value.half() if value.is_floating_point() else value
+                                for name, value in checkpoint["state_dict"].items()}
+    checkpoint["metrics"]["brought_back_as"] = "float16"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     weights = folder / f"{NAME}.weights.pt"
@@ -145,13 +152,30 @@ def bring_back(stash: Path, out: Path, per_call: int = PARTS_PER_CALL) -> list[s
     return now
 
 
-def release(part_folders: list[Path], bundle: Path, valid: Path, work: Path, quantize: bool = True) -> dict:
+def as_float32(weights: Path, unfinished: bool) -> None:
+    """The joined checkpoint's weights back in float32 (what export and PyTorch's parity expect);
+    a run that did not finish its epochs is refused unless `unfinished`."""
+    import torch
+
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    metrics = checkpoint["metrics"]
+    if metrics["epochs_run"] < metrics["epochs"] + metrics["tail_epochs"] and not unfinished:
+        raise SystemExit(f"these weights are from epoch {metrics['best_epoch']} of a run stopped after {metrics['epochs_run']} "
+                         f"of {metrics['epochs'] + metrics['tail_epochs']} epochs: resume it there, or pass --unfinished")
+    checkpoint["state_dict"] = {name: value.float() if value.is_floating_point() else value
+                                for name, value in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, weights)
+
+
+def release(part_folders: list[Path], bundle: Path, valid: Path, work: Path, quantize: bool = True,
+            unfinished: bool = False) -> dict:
     """Join the weights, export with the parity check (the validation perplexity through
     onnxruntime comes with it), and write the int8 variant where its gate allows."""
     manifest = next((f / f"{NAME}.weights.pt.parts.json" for f in part_folders if (f / f"{NAME}.weights.pt.parts.json").exists()), None)
     if manifest is None:
         raise parts.PartError(f"no {NAME}.weights.pt.parts.json in {', '.join(map(str, part_folders))}")
     weights = parts.join(manifest, work / f"{NAME}.weights.pt", part_folders)
+    as_float32(weights, unfinished)
     log = work / "release.log"
     python = sys.executable
     if run_logged([python, "-m", "training", "export", "--checkpoint", str(weights), "--data", str(valid), "--format", "ptb",
@@ -170,7 +194,8 @@ def release(part_folders: list[Path], bundle: Path, valid: Path, work: Path, qua
 
 def summary_table(summary: dict) -> str:
     rows = [("device", f"{summary.get('gpu', summary['device'])} (torch {summary['torch']})"),
-            ("epochs", f"{summary['epochs_run']} of {summary['epochs']}" + ("" if summary["finished"] else ": rerun to resume")),
+            ("epochs", f"{summary['epochs_run']} of {summary['epochs']}" + ("" if summary["finished"] else
+                                                                              ": rerun with --minutes (budget left - 90 s) / 60 to resume")),
             ("steps", str(summary["steps"])),
             ("seconds per step", f"{summary['seconds_per_step']}"),
             ("training seconds", f"{summary['train_seconds']}"),
@@ -200,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--valid", type=Path, default=REPOSITORY_ROOT.parent / "shared" / "data" / "ptb" / "valid.txt")
     out.add_argument("--work", type=Path, default=REPOSITORY_ROOT / "checkpoints")
     out.add_argument("--no-int8", action="store_true")
+    out.add_argument("--unfinished", action="store_true", help="release weights of a run stopped before its last epoch")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -208,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bring-back":
             bring_back(args.stash, args.out)
         else:
-            release(args.parts, args.bundle, args.valid, args.work, quantize=not args.no_int8)
+            release(args.parts, args.bundle, args.valid, args.work, quantize=not args.no_int8, unfinished=args.unfinished)
     except parts.PartError as error:
         print(f"refused: {error}", file=sys.stderr)
         return 2

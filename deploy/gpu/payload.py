@@ -129,6 +129,9 @@ def wheel_items(root: Path) -> list[Item]:
 
     manifest_file = root / ".gpu-wheels" / "parts" / f"{wheels.PACK_NAME}.parts.json"
     if manifest_file.is_file():
+        stale = wheels.stale_parts(root / ".gpu-wheels")
+        if stale:
+            raise PayloadError(stale)
         manifest = parts.read_manifest(manifest_file)
         return [Item(f"wheels/{manifest_file.name}", manifest_file.stat().st_size, manifest_file),
                 *(Item(f"wheels/{p.name}", p.size, manifest_file.parent / p.name) for p in manifest["parts"])]
@@ -248,15 +251,19 @@ def put_zoo_back(root: Path) -> int:
     """The zoo's index entries from HEAD again, the exclude line and the marker removed; returns the
     count of zoo files in the index, checked against HEAD's."""
     marker = git_dir(root) / MARKER
-    state = json.loads(marker.read_text()) if marker.is_file() else {"exclude_added": False}
-    git(root, "reset", "-q", "HEAD", "--", ZOO)
+    state = json.loads(marker.read_text()) if marker.is_file() else {"exclude_added": False, "head": "HEAD"}
+    if git(root, "rev-parse", "HEAD").strip() != git(root, "rev-parse", state["head"]).strip():
+        # A commit landed while the zoo was out (a hook bypassed): it records the zoo's deletion.
+        # The index gets the zoo of the commit it was taken from, so the next commit restores it.
+        print(f"HEAD moved while the zoo was out: its index entries come from {state['head'][:12]}; commit them", file=sys.stderr)
+    git(root, "reset", "-q", state["head"], "--", ZOO)
     if state["exclude_added"]:
         exclude = git_dir(root) / "info" / "exclude"
         exclude.write_text("".join(f"{line}\n" for line in exclude.read_text().splitlines() if line != EXCLUDE_LINE))
     indexed = len(git(root, "ls-files", "--", ZOO).splitlines())
-    committed = len(git(root, "ls-tree", "-r", "--name-only", "HEAD", "--", ZOO).splitlines())
+    committed = len(git(root, "ls-tree", "-r", "--name-only", state["head"], "--", ZOO).splitlines())
     if indexed != committed:
-        raise PayloadError(f"{ZOO}: {indexed} files in the index against {committed} in HEAD; the marker is kept")
+        raise PayloadError(f"{ZOO}: {indexed} files in the index against {committed} in {state['head'][:12]}; the marker is kept")
     marker.unlink(missing_ok=True)
     return indexed
 

@@ -37,6 +37,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 WRK_SUITE = "bookworm"
 WRK_PACKAGES = ("wrk", "libluajit-5.1-2")
 TAR_BLOCK = 512
+BUILT_FROM = "built-from.json"  # beside the parts: the lock's sha256 they were built from
 
 
 class WheelhouseError(Exception):
@@ -180,7 +181,23 @@ def pack_into_parts(files: list[Path], wheelhouse: Path, part_bytes: int) -> Pat
     pack.unlink()
     with tempfile.TemporaryDirectory() as scratch:
         parts.join(manifest, Path(scratch) / PACK_NAME)
+    (wheelhouse / "parts" / BUILT_FROM).write_text(json.dumps({"lock_sha256": lock_digest()}) + "\n")
     return manifest
+
+
+def lock_digest(path: Path = LOCK) -> str:
+    return parts.sha256_of(path)
+
+
+def stale_parts(wheelhouse: Path = WHEELHOUSE) -> str | None:
+    """Why the built parts do not match the lock in this checkout (which the GPU machine checks
+    them against), or None."""
+    built = wheelhouse / "parts" / BUILT_FROM
+    if not built.is_file():
+        return f"{built} is missing: make gpu-wheels"
+    if json.loads(built.read_text()).get("lock_sha256") != lock_digest():
+        return f"the parts in {built.parent} were built from another {LOCK.name}: make gpu-wheels"
+    return None
 
 
 def install(stash: Path, target: Path, lock_entries: list[dict] | None = None) -> dict:
@@ -201,18 +218,27 @@ def install(stash: Path, target: Path, lock_entries: list[dict] | None = None) -
     wheels = verified_wheels(unpacked / "wheels", lock_entries if lock_entries is not None else read_lock())
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
                     "--no-cache-dir", "--upgrade", "--target", str(target), *map(str, wheels)], check=True)
-    tools = target / "tools"
-    for deb in sorted((unpacked / "tools").glob("*.deb")):
-        subprocess.run(["dpkg", "-x", str(deb), str(tools)], check=True)
-    record = {"sha256": manifest["sha256"], "wheels": len(wheels), "target": str(target)}
+    record = {"sha256": manifest["sha256"], "wheels": len(wheels), "target": str(target), "wrk": unpack_tools(unpacked, target)}
     stamp.write_text(json.dumps(record) + "\n")
     return record
+
+
+def unpack_tools(unpacked: Path, target: Path) -> str:
+    """wrk and libluajit into target/tools; a failure is reported, not raised: only the service's
+    load needs wrk, and the rest of the check should still run."""
+    tools = target / "tools"
+    for deb in sorted((unpacked / "tools").glob("*.deb")):
+        done = subprocess.run(["dpkg", "-x", str(deb), str(tools)], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"dpkg -x {deb.name} failed: {done.stderr.strip()[:300]}"
+    wrk = tools / "usr" / "bin" / "wrk"
+    return str(wrk) if wrk.is_file() else "no wrk among the carried tools"
 
 
 def environment(target: Path) -> dict[str, str]:
     """The variables under which the installed stack (and wrk) is found first."""
     tools = target / "tools"
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH", "")])),
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(target), str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH", "")])),
             "PATH": os.pathsep.join([str(tools / "usr" / "bin"), str(target / "bin"), os.environ.get("PATH", "")]),
             "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(tools / "usr" / "lib" / "x86_64-linux-gnu"),
                                                              os.environ.get("LD_LIBRARY_PATH", "")]))}
