@@ -185,7 +185,7 @@ def language_model_in_process(name: str, sentences: list[str]) -> dict:
     import torch
 
     from models.text_encoding import EOS_TOKEN
-    from training.train_lm import load_language_model
+    from training.jobs.language_model import load_language_model
 
     model = load_language_model(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
 

@@ -26,7 +26,7 @@ from models.highway import Highway
 
 @dataclass(frozen=True)
 class LanguageModelRecipe:
-    """Kim et al.'s training recipe; read by training/train_lm.py, never by the model."""
+    """Kim et al.'s training recipe; read by training/jobs/language_model.py, never by the model."""
 
     learning_rate: float = 1.0  # plain SGD, no momentum
     decay: float = 0.5  # multiply the rate by this after an epoch whose validation perplexity

@@ -17,7 +17,7 @@ per map), and C3 connects every S2 map (the paper's table connects each C3 map t
 the output is a linear layer, not the paper's RBF units. 61,706 parameters.
 
 `digits-16` is the recipe chosen by 5-fold cross-validation over writers on the 1,437 training
-digits (training/train_image.py `cv_image_cnn`; docs/training.md has the table; released as
+digits (training/jobs/image.py `cv_image_cnn`; docs/training.md has the table; released as
 `digits-cnn` trained with `recipe.jitter=0.5` as an ensemble of 5 seeds, `train-image --members 5`):
 the 8x8 grid upsampled to 16x16 (bilinear, by models/image_encoding.py) so that two 3x3
 convolution stages see more than 2x2 cells, wider convolutions (32, 64), dense 256 with dropout
@@ -48,7 +48,7 @@ class ImageTrainingRecipe(TrainingRecipe):
     shift: int = 0  # each training image moved by a random whole number of pixels in [-shift, shift], per axis
     dev_fraction: float = 0.1  # held out of training to keep the best epoch; 0 trains on all and keeps the last
     # Each epoch, this share of the training digits is replaced by a copy redrawn as a picture would be
-    # read (rotated, slanted, wider or narrower, another pen; training/picture_jitter.py); 0 = off.
+    # read (rotated, slanted, wider or narrower, another pen; training/data/picture_jitter.py); 0 = off.
     jitter: float = 0.0
     jitter_copies: int = 8  # redrawn copies made per digit before training, among which each epoch picks
 

@@ -1,4 +1,4 @@
-"""Images to model input, torch-free: shared by training (training/train_image.py) and serving
+"""Images to model input, torch-free: shared by training (training/jobs/image.py) and serving
 (services/api/image_api.py), so the service sees an image exactly as the model was trained to.
 
 The model's unit is scikit-learn's digits: an 8x8 grid of ink amounts from 0 (paper) to 16 (full

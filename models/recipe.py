@@ -66,6 +66,10 @@ def config_from_dict(config_class, values: dict):
     return config_class(**kwargs)
 
 
+class SettingError(ValueError):
+    """A `--set NAME=VALUE` that names no setting or whose value does not parse as the setting's type."""
+
+
 def with_overrides(config, overrides: dict[str, str]):
     """A copy of `config` with `name=value` strings applied, each parsed as its field's type;
     `recipe.epochs=5` reaches into the training recipe."""
@@ -75,7 +79,7 @@ def with_overrides(config, overrides: dict[str, str]):
         target, name = (config.recipe, key.split(".", 1)[1]) if key.startswith("recipe.") else (config, key)
         fields = {f.name: f for f in dataclasses.fields(target)}
         if name not in fields:
-            raise ValueError(f"unknown setting {key!r}; settings are {sorted(fields)}")
+            raise SettingError(f"unknown setting {key!r}; settings are {sorted(fields)}")
         current = getattr(target, name)
         value = parse_like(current, raw, key)
         (recipe_changes if target is not config else changes)[name] = value
@@ -94,4 +98,4 @@ def parse_like(current, raw: str, key: str):
             return tuple(int(part) for part in raw.split(",") if part)
         return type(current)(raw)
     except ValueError:
-        raise ValueError(f"{key}={raw!r} is not a valid {type(current).__name__}") from None
+        raise SettingError(f"{key}={raw!r} is not a valid {type(current).__name__}") from None

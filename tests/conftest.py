@@ -18,9 +18,9 @@ def export_tiny_language_model(bundle_dir: Path, work_dir: Path) -> dict:
     serves a language model; the suite must not need ../shared/data) and export it to a bundle.
     Returns the bundle's metrics."""
     from models.text_encoding import tokenize
-    from training.datasets import read_mr_dir
-    from training.export_lm import export_language_model
-    from training.train_lm import train_language_model
+    from training.data.datasets import read_mr_dir
+    from training.bundles.export_lm import export_language_model
+    from training.jobs.language_model import train_language_model
 
     tokens = [token for example in read_mr_dir(SAMPLE_DATA / "mr") for token in (*tokenize(example.text), "<eos>")]
     cut = int(0.9 * len(tokens))

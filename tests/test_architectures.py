@@ -13,9 +13,9 @@ from models.registry import build_config, build_model, config_values
 from models.rnn_classifier import reverse_within_length
 from models.text_encoding import CharEncoder
 from services.backends.inference import TextClassifier, read_bundle
-from training.datasets import read_trec, split_dev
-from training.export_onnx import export_bundle, export_onnx
-from training.train_classifier import batch_tensors, train_classifier
+from training.data.datasets import read_trec, split_dev
+from training.bundles.export_classifier import export_bundle, export_onnx
+from training.jobs.classifier import batch_tensors, train_classifier
 
 WORD_MODELS = [
     ("dilated-cnn", "base", {"channels": "24", "embedding_dim": "16"}),

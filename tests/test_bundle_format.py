@@ -12,7 +12,7 @@ import pytest
 from services.backends.bundle_format import ENCODING_FIELDS, FORMAT_VERSION, BundleFormatError
 from services.backends.inference import BundleError, ImageClassifier, TextClassifier, read_bundle
 from services.backends.language_model import CharLanguageModel
-from training.export_onnx import write_manifest
+from training.bundles.writing import write_manifest
 from tests.conftest import REPOSITORY, ZOO
 
 BUNDLE_DOC = REPOSITORY / "docs" / "bundle.md"

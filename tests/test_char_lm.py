@@ -22,12 +22,12 @@ from models.text_encoding import (
 )
 from services.backends.inference import read_bundle
 from tests.conftest import REPOSITORY, SAMPLE_DATA
-from training import export_lm as export_lm_module
-from training.export_lm import export_language_model
-from training.export_onnx import ExportRefused
-from training.datasets import read_mr_dir, read_ptb
+from training.bundles import export_lm as export_lm_module
+from training.bundles.export_lm import export_language_model
+from training.bundles.export_classifier import ExportRefused
+from training.data.datasets import read_mr_dir, read_ptb
 from models.text_encoding import scoring_stream
-from training.train_lm import (WeightAverage, load_language_model, next_learning_rate, stream_perplexity, summed_step_loss,
+from training.jobs.language_model import (WeightAverage, load_language_model, next_learning_rate, stream_perplexity, summed_step_loss,
                               train_language_model)
 
 
@@ -400,9 +400,9 @@ def test_float16_storage_halves_the_graphs_and_records_its_effect(tiny_run, ptb_
 def test_an_lm_bundle_gives_kims_cnn_a_vector_for_every_word(tiny_lm_bundle, trec_path):
     from models.text_encoding import WordVocab, tokenize
     from services.backends.language_model import CharLanguageModel
-    from training.datasets import read_trec
-    from training.train_classifier import train_classifier
-    from training.word_vectors import read_word_vectors
+    from training.data.datasets import read_trec
+    from training.jobs.classifier import train_classifier
+    from training.data.word_vectors import read_word_vectors
 
     examples = read_trec(trec_path)[:300]
     vocab = WordVocab.build(tokenize(e.text, lowercase=False) for e in examples)
@@ -421,7 +421,7 @@ def test_an_lm_bundle_gives_kims_cnn_a_vector_for_every_word(tiny_lm_bundle, tre
 
 
 def test_results_table_has_a_language_model_section(tiny_lm_bundle, tmp_path):
-    from training.results_table import write_results
+    from training.evaluation.results_table import write_results
 
     (tmp_path / "zoo").mkdir()
     (tmp_path / "zoo" / "char-lm-tiny").symlink_to(tiny_lm_bundle)
@@ -443,7 +443,7 @@ def test_results_table_has_a_language_model_section(tiny_lm_bundle, tmp_path):
 
 
 def test_the_curve_shows_a_tail_cycle_as_a_rate_falling_to_zero():
-    from training.results_table import TABLE6_WORDS, render_language_models
+    from training.evaluation.results_table import TABLE6_WORDS, render_language_models
 
     history = [{"epoch": 1, "learning_rate": 1.0, "train_perplexity": 300.0, "valid_perplexity": 200.0},
                {"epoch": 2, "learning_rate": 0.25, "train_perplexity": 250.0, "valid_perplexity": 190.0,
@@ -469,7 +469,7 @@ def test_served_text_is_read_with_penn_treebank_conventions():
 
 def test_asking_for_cuda_without_a_gpu_is_an_error_not_a_fallback(tiny_lm_bundle, ptb_slice, tmp_path):
     from services.backends.inference import BundleError
-    from training.evaluate import evaluate_language_model
+    from training.evaluation.evaluate import evaluate_language_model
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is usable here")

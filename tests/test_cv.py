@@ -56,7 +56,7 @@ def test_each_fold_keeps_its_curve_and_the_selection_rules_are_scored_from_it(fi
 
 
 def test_the_selection_rules_pick_the_first_best_the_last_best_or_the_last_epoch():
-    from training.train_classifier import select_epoch
+    from training.jobs.classifier import select_epoch
 
     curve = [[0.80, 0.70], [0.85, 0.71], [0.84, 0.72], [0.85, 0.73], [0.83, 0.74]]  # [dev, held-out] per epoch
     assert select_epoch(curve, "first-best-dev") == 0.71

@@ -1,4 +1,4 @@
-"""Tests for training.datasets: small hand-written files, plus the real benchmark data when present."""
+"""Tests for training.data.datasets: small hand-written files, plus the real benchmark data when present."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPOSITORY, SAMPLE_DATA
 
-from training.datasets import (
+from training.data.datasets import (
     AGNEWS_CLASSES,
     CLASSIFICATION_FORMATS,
     LabelledText,
@@ -494,7 +494,7 @@ def test_training_into_a_log_writes_each_epoch_with_its_time_and_an_estimate_and
 
 
 def test_a_log_gets_a_plain_progress_line_now_and_then(capsys):
-    from training.progress import PlainProgress
+    from training.jobs.progress import PlainProgress
 
     plain = PlainProgress(range(5), desc="epoch 1", unit=" batches", interval_s=0.0)  # a line at every step
     plain.set_postfix(loss="0.41")

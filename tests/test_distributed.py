@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (training/distributed.py) is the same training as one
+"""Data-parallel training under torchrun (training/jobs/distributed.py) is the same training as one
 process: two gloo ranks on this CPU against one process with the same global batch and seeds,
 for Kim's CNN and a tiny character-aware LM; and a job that loses a rank stops with a clear
 message and resumes from its last checkpoint, with another number of ranks.
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.conftest import REPOSITORY, SAMPLE_DATA
-from training.datasets import read_mr_dir
+from training.data.datasets import read_mr_dir
 from models.text_encoding import tokenize
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -190,8 +190,8 @@ def test_cv_on_two_ranks_scores_the_folds_as_one_process(tmp_path):
 def test_patience_stops_only_after_epochs_without_a_better_dev_accuracy():
     """--patience N ends the run at the first epoch that does not beat the best dev accuracy and
     comes N or more epochs after the best; an epoch that improves never ends it (patience 0 too)."""
-    from training.datasets import read_labelled, split_dev
-    from training.train_classifier import train_classifier
+    from training.data.datasets import read_labelled, split_dev
+    from training.jobs.classifier import train_classifier
 
     train, dev = split_dev(read_labelled(SAMPLE_DATA / "trec.txt", "trec"), dev_fraction=0.1, seed=3435)
     for patience in (0, 2):

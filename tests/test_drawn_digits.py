@@ -1,5 +1,5 @@
-"""The drawn-digit check set (training/drawn_digits.py) and the picture jitter of digit training
-(training/picture_jitter.py): what they draw is checked by hand-countable properties."""
+"""The drawn-digit check set (training/evaluation/drawn_digits.py) and the picture jitter of digit training
+(training/data/picture_jitter.py): what they draw is checked by hand-countable properties."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from models.image_encoding import GRID, INK_SCALE, grid_from_grey, resize
-from training.drawn_digits import LINE_WIDTHS, SLANTS, STYLES, WIDTHS, DrawnDigit, drawn_grids, picture
-from training.image_data import digits
-from training.picture_jitter import FINE, PAD, Jitter, pick, redraw, redrawn_copies
+from training.evaluation.drawn_digits import LINE_WIDTHS, SLANTS, STYLES, WIDTHS, DrawnDigit, drawn_grids, picture
+from training.data.image_data import digits
+from training.data.picture_jitter import FINE, PAD, Jitter, pick, redraw, redrawn_copies
 
 TRAIN, _, _ = digits()
 
@@ -99,8 +99,8 @@ def test_check_drawn_scores_a_bundle_through_onnxruntime_as_training_did(tmp_pat
     import sys
 
     from tests.conftest import REPOSITORY
-    from training.export_image import export_image_bundle
-    from training.train_image import train_image_cnn
+    from training.bundles.export_image import export_image_bundle
+    from training.jobs.image import train_image_cnn
 
     test = digits()[1]
     checkpoint = train_image_cnn(TRAIN, test, [str(d) for d in range(10)], preset="digits", epochs=4)

@@ -16,10 +16,10 @@ from models.rnn_classifier import RNNClassifier, RNNClassifierConfig
 from services.backends.bundle_format import BundleFormatError, check_files
 from services.backends.explain import explain_texts
 from services.backends.inference import TextClassifier, read_bundle
-from training.datasets import read_trec, split_dev
-from training.evaluate import evaluate_classifier
-from training.export_onnx import export_bundle
-from training.train_classifier import (accuracy, batch_tensors, encode_examples, encoder_for, load_model, member_seeds,
+from training.data.datasets import read_trec, split_dev
+from training.evaluation.evaluate import evaluate_classifier
+from training.bundles.export_classifier import export_bundle
+from training.jobs.classifier import (accuracy, batch_tensors, encode_examples, encoder_for, load_model, member_seeds,
                                        train_classifier, train_ensemble)
 
 from tests.conftest import REPOSITORY, SAMPLE_DATA

@@ -9,7 +9,7 @@ import torch
 from models.kim_cnn import KimCNN, kim_cnn_config
 from services.backends.explain import explain_texts
 from services.backends.inference import BundleError, TextClassifier, read_bundle
-from training.export_onnx import export_bundle
+from training.bundles.export_classifier import export_bundle
 
 VOCAB = ("<pad>", "<unk>", "it", "was", "not", "very", "good", "a", "movie")
 WORD = {word: index for index, word in enumerate(VOCAB)}
@@ -64,8 +64,8 @@ def test_logit_is_bias_plus_contributions_in_a_mixed_batch(negation_detector):
 
 
 def test_models_without_evidence_refuse_to_explain(tmp_path, trec_path):
-    from training.datasets import read_trec
-    from training.train_classifier import train_classifier
+    from training.data.datasets import read_trec
+    from training.jobs.classifier import train_classifier
 
     examples = read_trec(trec_path)[:120]
     checkpoint = train_classifier(examples[:100], examples[100:], architecture_name="rnn", preset="gru",

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from services.backends.inference import BundleError, TextClassifier, read_bundle
-from training import export_onnx as export_module
-from training.datasets import read_trec, split_dev
-from training.evaluate import evaluate_classifier
-from training.export_onnx import ExportRefused, export_bundle
-from training.train_classifier import accuracy, encode_examples, encoder_for, load_model, train_classifier
+from training.bundles import export_classifier as export_module
+from training.data.datasets import read_trec, split_dev
+from training.evaluation.evaluate import evaluate_classifier
+from training.bundles.export_classifier import ExportRefused, export_bundle
+from training.jobs.classifier import accuracy, encode_examples, encoder_for, load_model, train_classifier
 
 from tests.conftest import REPOSITORY, ZOO
 
@@ -122,7 +122,7 @@ def test_float16_storage_halves_the_file_and_keeps_parity(small_run, tmp_path):
 
 
 def test_results_table_has_a_row_per_bundle(small_run, tmp_path):
-    from training.results_table import write_results
+    from training.evaluation.results_table import write_results
 
     checkpoint, dev = small_run
     export_bundle(checkpoint, tmp_path / "zoo" / "tiny-trec6", "tiny-trec6", [e.text for e in dev])

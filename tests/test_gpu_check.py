@@ -16,7 +16,7 @@ import pytest
 from deploy.gpu import parts, payload, wheels
 from deploy.gpu.payload import CALL_LIMIT, MIB
 from models.text_encoding import tokenize
-from training.datasets import read_mr_dir
+from training.data.datasets import read_mr_dir
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPOSITORY / "training" / "sample_data"
@@ -182,7 +182,7 @@ def test_wheel_parts_install_there_and_a_missing_part_is_refused_by_name(tmp_pat
 
 
 def test_step_a_imports_only_what_the_gpu_machine_has():
-    code = ("import sys; import deploy.gpu.check_lm, deploy.gpu.payload, training.__main__, training.train_lm, torch; "
+    code = ("import sys; import deploy.gpu.check_lm, deploy.gpu.payload, training.__main__, training.jobs.language_model, torch; "
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                 cwd=REPOSITORY).stdout.split())

@@ -11,13 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from services.backends.inference import TextClassifier, read_bundle
 from services.backends.language_model import CharLanguageModel
-from training import export_onnx as export_module
-from training import quantize as quantize_module
-from training.datasets import read_trec, split_dev
-from training.export_onnx import ExportRefused, export_bundle, optimize_bundle
-from training.graph_passes import conv1d_as_conv2d, drop_height_round_trips
-from training.quantize import QuantizationRefused, quantize_bundle
-from training.train_classifier import train_classifier
+from training.__main__ import parser
+from training.arguments import recorded_arguments
+from training.bundles import export_classifier as export_module
+from training.bundles import quantize as quantize_module
+from training.data.datasets import read_trec, split_dev
+from training.bundles.export_classifier import ExportRefused, export_bundle, optimize_bundle
+from training.bundles.graph_passes import conv1d_as_conv2d, drop_height_round_trips
+from training.bundles.quantize import QuantizationRefused, quantize_bundle
+from training.jobs.classifier import train_classifier
 
 from tests.conftest import SAMPLE_DATA
 
@@ -82,7 +84,9 @@ def trec_split():
 def released(checkpoint, folder, name, trec_split):
     """A bundle as `python -m training train ...` then `export` would have released it."""
     path, train, dev = trec_split
-    checkpoint["metrics"]["train_command"] = f"python -m training train --data {path} --format trec --out x.pt"
+    words = ["train", "--data", str(path), "--format", "trec", "--out", "x.pt"]
+    checkpoint["metrics"].update(train_command=f"python -m training {' '.join(words)}",
+                                 train_arguments=recorded_arguments(parser().parse_args(words)))
     export_bundle(checkpoint, folder / name, name, [e.text for e in dev])
     return folder / name
 
@@ -172,9 +176,9 @@ def test_quantize_refuses_when_the_dev_split_cannot_be_reproduced(lstm_bundle, t
     other = tmp_path / "lstm"
     shutil.copytree(lstm_bundle, other)
     metrics = json.loads((other / "metrics.json").read_text())
-    metrics["train_command"] += " --seed 7"  # not the split the recorded dev accuracy came from
+    metrics["train_arguments"]["seed"] = 7  # not the split the recorded dev accuracy came from
     (other / "metrics.json").write_text(json.dumps(metrics))
-    from training.export_onnx import write_manifest
+    from training.bundles.writing import write_manifest
 
     write_manifest(other)
     with pytest.raises(QuantizationRefused, match="not the recorded"):
@@ -184,7 +188,7 @@ def test_quantize_refuses_when_the_dev_split_cannot_be_reproduced(lstm_bundle, t
 
 def test_the_language_model_gets_int8_within_one_percent_perplexity(tiny_lm_bundle, tmp_path):
     from models.text_encoding import tokenize
-    from training.datasets import read_mr_dir
+    from training.data.datasets import read_mr_dir
 
     tokens = [t for e in read_mr_dir(SAMPLE_DATA / "mr") for t in (*tokenize(e.text), "<eos>")]
     valid = tokens[int(0.9 * len(tokens)):]  # the tiny LM's own validation part
@@ -211,7 +215,7 @@ def test_the_results_command_shows_an_int8_bundle_beside_its_source(lstm_bundle,
 
 
 def test_the_operator_profile_finds_the_convolutions_of_a_cnn_bundle(cnn_bundle, capsys):
-    from training.op_profile import main, operator_times
+    from training.bench.op_profile import main, operator_times
 
     per_run_ms, by_operator = operator_times(cnn_bundle, batch=8, runs=3, threads=1)
     assert per_run_ms > 0 and by_operator["Conv"] > 0  # the 2-D rewrite keeps them Conv

@@ -21,10 +21,10 @@ from models.image_encoding import ImageEncoder, ImageError, grid_from_grey, grid
 from services.backends.inference import ImageClassifier, read_bundle
 from tests.conftest import REPOSITORY, ZOO
 from tests.serving import running_server
-from training import image_data
-from training.export_image import export_image_bundle
-from training.show_filters import feature_maps, first_convolution, show_filters
-from training.train_image import cv_image_cnn, load_image_model, shifted, svm_accuracy, train_image_cnn, train_image_ensemble
+from training.data import image_data
+from training.bundles.export_image import export_image_bundle
+from training.evaluation.show_filters import feature_maps, first_convolution, show_filters
+from training.jobs.image import cv_image_cnn, load_image_model, shifted, svm_accuracy, train_image_cnn, train_image_ensemble
 
 DIGITS = ZOO / "digits-cnn"
 TRAIN, TEST, LABELS = image_data.digits()
@@ -60,7 +60,7 @@ def test_export_has_parity_and_the_service_classifier_agrees_with_torch(quick_ch
     metrics = export_image_bundle(quick_checkpoint, tmp_path / "digits-quick", "digits-quick", TEST[0])
     assert metrics["parity_max_abs_logit_delta"] <= 1e-4
     classifier = ImageClassifier(read_bundle(tmp_path / "digits-quick"))
-    from training.train_image import load_image_model
+    from training.jobs.image import load_image_model
 
     model = load_image_model(quick_checkpoint)
     images = ImageEncoder().encode(TEST[0][:50])
@@ -262,7 +262,7 @@ def test_a_huge_picture_is_refused_before_decoding_and_text_models_stay_separate
 
 
 def test_the_results_table_has_an_image_section_with_the_re_measured_accuracy(tmp_path):
-    from training.results_table import write_results
+    from training.evaluation.results_table import write_results
 
     zoo = tmp_path / "zoo"
     zoo.mkdir()

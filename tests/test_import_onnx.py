@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 from models.text_encoding import WordVocab, tokenize
 from services.backends.inference import TextClassifier, read_bundle
-from training.datasets import read_trec, split_dev
+from training.data.datasets import read_trec, split_dev
 from tests.conftest import REPOSITORY
 from tests.serving import running_server
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from models.kim_cnn import KimCNN, kim_cnn_config
-from training.datasets import read_trec, split_dev
-from training.export_onnx import export_onnx
-from training.train_classifier import batch_tensors, train_classifier
+from training.data.datasets import read_trec, split_dev
+from training.bundles.export_classifier import export_onnx
+from training.jobs.classifier import batch_tensors, train_classifier
 
 
 def random_model(vocab_size=50, num_classes=4, seed=0) -> KimCNN:
@@ -162,7 +162,7 @@ def test_shuffling_batches_keeps_kims_batches_and_moves_only_their_order():
 def test_a_model_pooling_over_padding_exports_and_explains_as_served(trec_path, tmp_path):
     from services.backends.explain import explain_texts
     from services.backends.inference import TextClassifier, read_bundle
-    from training.export_onnx import export_bundle
+    from training.bundles.export_classifier import export_bundle
 
     train, dev = split_dev(read_trec(trec_path)[:300], dev_fraction=0.2, seed=1)
     checkpoint = train_classifier(train, dev, epochs=1, show_progress=False,

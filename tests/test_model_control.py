@@ -30,9 +30,9 @@ from tritonclient.utils import InferenceServerException
 from services.backends.inference import TextClassifier, read_bundle, sha256_file
 from services.backends.model_agreement import state_folder
 from services.config import ServiceSettings
-from training.datasets import read_trec, split_dev
-from training.export_onnx import export_bundle
-from training.train_classifier import train_classifier
+from training.data.datasets import read_trec, split_dev
+from training.bundles.export_classifier import export_bundle
+from training.jobs.classifier import train_classifier
 from tests.conftest import REPOSITORY, ZOO
 from tests.serving import free_port, running_server
 

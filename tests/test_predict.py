@@ -20,7 +20,7 @@ import pytest
 
 from services.backends.inference import TextClassifier, read_bundle, softmax
 from tests.conftest import REPOSITORY, ZOO
-from training.datasets import read_trec
+from training.data.datasets import read_trec
 from training.predict import add_predict_parser, read_records, run_predict
 
 BUNDLE = ZOO / "kim-cnn-mr-int8"
@@ -239,7 +239,7 @@ def test_a_hundred_thousand_lines_over_two_workers(tmp_path, questions):
 
 
 def test_agnews_is_a_predict_format_with_the_training_readers_text(tmp_path, classifier):
-    from training.datasets import read_agnews
+    from training.data.datasets import read_agnews
 
     data, out = tmp_path / "test.csv", tmp_path / "predictions.jsonl"
     data.write_text('"3","Wall St. Bears Claw Back","Short-sellers are seeing green again.\\nMore at 11."\n'

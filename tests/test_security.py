@@ -39,7 +39,7 @@ def test_bundles_hold_only_json_and_onnx_and_the_loaders_unpickle_nothing():
             assert name not in ("eval", "exec", "pickle.load", "pickle.loads", "marshal.loads"), (path, name)
             if name in ("np.load", "numpy.load"):
                 assert any(k.arg == "allow_pickle" and ast.unparse(k.value) == "False" for k in call.keywords), path
-    for path in (REPOSITORY / "training").glob("*.py"):  # checkpoints: tensors only
+    for path in [*(REPOSITORY / "training").rglob("*.py"), *(REPOSITORY / "deploy").rglob("*.py")]:  # checkpoints: tensors only
         for call in calls_in(path):
             if called_name(call) == "torch.load":
                 assert any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in call.keywords), (path, ast.unparse(call))

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models.text_encoding import WordVocab
-from training.datasets import read_trec
-from training.train_classifier import load_model, train_classifier
-from training.word_vectors import VectorFileError, detect_format, embedding_matrix, read_word_vectors
+from training.data.datasets import read_trec
+from training.jobs.classifier import load_model, train_classifier
+from training.data.word_vectors import VectorFileError, detect_format, embedding_matrix, read_word_vectors
 
 VOCAB = WordVocab(("<pad>", "<unk>", "what", "is", "naïve"))
 VECTORS = {"what": [0.5, -1.0, 2.0], "is": [1.5, 0.25, -0.125], "naïve": [3.0, 3.0, 3.0], "absent": [9.0, 9.0, 9.0]}

@@ -39,8 +39,8 @@ from services.backends.bundle_format import BundleError
 from services.backends.inference import (IMAGE_ARCHITECTURE, LANGUAGE_MODEL_ARCHITECTURE, Bundle, TextClassifier,
                                          read_bundle, text_problem)
 from services.config import SETTINGS, available_cores
-from training import progress
-from training.datasets import ColumnError, MalformedDataError, agnews_text, column_spec
+from training.jobs import progress
+from training.data.datasets import ColumnError, MalformedDataError, agnews_text, column_spec
 
 INPUT_FORMATS = {
     "text": "one text per line, UTF-8",
@@ -72,7 +72,7 @@ class Record(NamedTuple):
 
 def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based number, line) of a file read lazily, split on "\\n" only with one trailing "\\r"
-    dropped (the conventions of training/datasets.py). Bytes that are not UTF-8 are decoded with
+    dropped (the conventions of training/data/datasets.py). Bytes that are not UTF-8 are decoded with
     "surrogateescape", so a bad byte becomes a problem of its record, not an exception that ends
     the file; a leading UTF-8 byte-order mark (spreadsheets write one) is dropped."""
     with open(path, "rb") as handle:
@@ -135,7 +135,7 @@ def jsonl_records(path: Path, text_key: str, id_key: str | None, max_chars: int)
 
 def has_header(text_column: str | None, id_column: str | None, header: bool | None) -> bool:
     """csv/tsv: whether the first row names the columns. Columns by name need one; by 0-based index
-    the file has none unless --header says so (training/datasets.py reads tables the same way)."""
+    the file has none unless --header says so (training/data/datasets.py reads tables the same way)."""
     if header is not None:
         return header
     return any(isinstance(column, str) for spec in (text_column or "text", id_column) if spec is not None
@@ -401,7 +401,12 @@ def add_predict_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--max-text-chars", type=int, default=SETTINGS.max_text_chars,
                         help="a longer text is malformed, as the service answers it 413 (default: TEXTSERVE_MAX_TEXT_CHARS, "
                              f"now {SETTINGS.max_text_chars}); 0: no limit")
+    parser.set_defaults(run=run_predict)
     return parser
+
+
+def register(commands) -> None:
+    add_predict_parser(commands)
 
 
 def classifier_bundle(path: Path) -> Bundle:

@@ -100,7 +100,7 @@ def train(stash: Path, out: Path, minutes: float, device: str, preset: str, over
 def run_summary(checkpoint_file: Path, device: str) -> dict:
     import torch
 
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     metrics = checkpoint["metrics"]
     progress = checkpoint["resume"]["progress"]
     epochs = metrics["epochs"] + metrics["tail_epochs"]
@@ -121,7 +121,7 @@ def cut_weights(checkpoint_file: Path, folder: Path, part_bytes: int) -> int:
     validation perplexity by under 0.1 % (export's gate), and release reads them back as float32."""
     import torch
 
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     checkpoint.pop("resume")
     checkpoint["state_dict"] = {name: value.half() if value.is_floating_point() else value
                                 for name, value in checkpoint["state_dict"].items()}
@@ -157,7 +157,7 @@ def as_float32(weights: Path, unfinished: bool) -> None:
     a run that did not finish its epochs is refused unless `unfinished`."""
     import torch
 
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     metrics = checkpoint["metrics"]
     if metrics["epochs_run"] < metrics["epochs"] + metrics["tail_epochs"] and not unfinished:
         raise SystemExit(f"these weights are from epoch {metrics['best_epoch']} of a run stopped after {metrics['epochs_run']} "

@@ -104,7 +104,7 @@ def environment_facts(device: str) -> dict:
 
 
 def sample_texts(count: int) -> list[str]:
-    from training.datasets import read_mr_dir, read_trec
+    from training.data.datasets import read_mr_dir, read_trec
 
     questions = [example.text for example in read_trec(SAMPLE / "trec.txt")]
     reviews = [example.text for example in read_mr_dir(SAMPLE / "mr")]
@@ -199,7 +199,7 @@ def bound_run(session, feeds: dict, output_name: str):
 
 
 def predict_throughput(zoo: Path, device: str, work: Path, copies: int = 20) -> dict:
-    from training.datasets import read_trec
+    from training.data.datasets import read_trec
 
     texts, out = work / "trec-questions.txt", work / "predictions.jsonl"
     out.unlink(missing_ok=True)  # predict resumes an existing file: a rerun would time nothing

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import math
 import os
 import tempfile
 import time
@@ -36,8 +35,9 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from services import metrics
 from services.api.model_config import config_of
 from services.api.model_statistics import statistics
-from services.api.oip import (InferRequest, OIPError, decode_raw_tensor, encode_raw_tensor, numpy_dtype,
-                              refuse_shared_memory_input, refuse_unsupported_output_parameters, shaped)
+from services.api.oip import (InferRequest, OIPError, check_element_count, decode_raw_tensor, encode_raw_tensor,
+                              input_label, numpy_dtype, refuse_shared_memory_input, refuse_unsupported_output_parameters,
+                              shaped)
 from services.api.open_inference import (SERVER_NAME, SERVER_VERSION, checked_bundle, infer_outputs, metadata_of,
                                          model_version)
 from services.config import ServiceSettings
@@ -65,11 +65,7 @@ def decoded_request(request: service_pb2.ModelInferRequest) -> InferRequest:
         raise OIPError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
     inputs: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
-        label = f"input '{tensor.name}'"
-        if not tensor.name:
-            raise OIPError(f"inputs[{index}]: 'name' must be a non-empty string")
-        if tensor.name in inputs:
-            raise OIPError(f"{label} appears more than once in 'inputs'")
+        label = input_label(index, tensor.name, inputs)  # the checks of the HTTP codec (oip.py)
         refuse_shared_memory_input(label, tensor.parameters)
         if raw and tensor.contents.ByteSize():
             raise OIPError(f"{label}: has both contents and raw_input_contents; send one of them")
@@ -83,9 +79,7 @@ def decoded_request(request: service_pb2.ModelInferRequest) -> InferRequest:
         if field_name is None:
             raise OIPError(f"{label}: unsupported datatype {tensor.datatype!r}; expected one of {sorted(CONTENTS_FIELDS)}")
         values = list(getattr(tensor.contents, field_name))
-        if len(values) != math.prod(shape):  # Python integers: a huge shape cannot wrap around
-            raise OIPError(f"{label}: contents.{field_name} has {len(values)} element(s) but shape {list(shape)} "
-                           f"requires {math.prod(shape)}")
+        check_element_count(label, len(values), f"contents.{field_name}", shape)
         if tensor.datatype == "BYTES":
             array = np.empty(len(values), dtype=object)
             array[:] = values

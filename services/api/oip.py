@@ -388,35 +388,70 @@ def _parse_outputs(
     return names, binary
 
 
-def decode_infer_request(
-    body: bytes,
-    header_length: int | None,
-) -> InferRequest:
-    """Decode a v2 inference request body (JSON or JSON + binary tensor data).
+def input_label(index: int, name: Any, seen: Iterable[str]) -> str:
+    """`input 'NAME'` for messages, once NAME is checked: a non-empty string not seen before in
+    the request. Both codecs (this one and gRPC's, services/api/grpc_inference.py) ask it."""
+    if not isinstance(name, str) or not name:
+        raise OIPError(f"inputs[{index}]: 'name' must be a non-empty string")
+    label = f"input '{name}'"
+    if name in seen:
+        raise OIPError(f"{label} appears more than once in 'inputs'")
+    return label
 
-    Args:
-        body: the HTTP request body exactly as received.
-        header_length: ``int`` of the ``Inference-Header-Content-Length``
-            header (see :func:`parse_header_length`), or ``None`` when absent,
-            in which case the whole body is JSON.
 
-    Raises:
-        OIPError: with a message naming the offending input/field.
-    """
-    body = bytes(body)  # already decompressed by the pipeline (services/http/body.py): the header length counts those bytes
+def check_datatype(label: str, datatype: Any) -> str:
+    if datatype not in DATATYPES:
+        raise OIPError(f"{label}: unsupported datatype {datatype!r}; expected one of {_DATATYPES_LISTED}")
+    return datatype
 
+
+def check_element_count(label: str, found: int, field: str, shape: tuple[int, ...]) -> None:
+    """A tensor's values as many as its shape holds (Python integers: a huge shape cannot wrap around)."""
+    if found != math.prod(shape):
+        raise OIPError(f"{label}: {field} has {found} element(s) but shape {list(shape)} requires {math.prod(shape)}")
+
+
+def decode_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """Decode a v2 inference request body (JSON, or JSON followed by binary tensor data).
+
+    `body` is the HTTP request body as received (decompressed by the pipeline,
+    services/http/body.py: the header length counts those bytes); `header_length` the
+    `Inference-Header-Content-Length` header as an int (parse_header_length), or None when the
+    whole body is JSON. Raises OIPError with a message naming the offending input or field."""
+    body = bytes(body)
+    header_length = checked_header_length(header_length, len(body))
+    request = request_json(body[:header_length])
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise OIPError(f"'id' must be a string, got {_json_type(request_id)}")
+    params = _expect_object(request.get("parameters", {}), "request 'parameters'")
+    # Other request parameters tritonclient may send (sequence_id, priority,
+    # timeout, custom ones) are scheduling hints with no meaning for a
+    # stateless classifier, so they are ignored rather than rejected.
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise OIPError(f"parameters.binary_data_output must be a boolean, got {binary_default!r}")
+    inputs = decoded_inputs(request.get("inputs"), BinaryData(memoryview(body)[header_length:], header_length))
+    requested, binary_outputs = _parse_outputs(request.get("outputs"), binary_default)
+    return InferRequest(id=request_id, inputs=inputs, requested_outputs=requested, binary_outputs=binary_outputs,
+                        binary_default=binary_default)
+
+
+def checked_header_length(header_length: int | None, body_length: int) -> int:
     if header_length is None:
-        header_length = len(body)
-    elif isinstance(header_length, bool) or not isinstance(header_length, int) or header_length < 0:
+        return body_length
+    if isinstance(header_length, bool) or not isinstance(header_length, int) or header_length < 0:
         raise OIPError(f"Inference-Header-Content-Length must be a non-negative integer, got {header_length!r}")
-    elif header_length > len(body):
-        raise OIPError(
-            f"Inference-Header-Content-Length is {header_length} but the "
-            f"(decompressed) body is only {len(body)} byte(s)"
-        )
+    if header_length > body_length:
+        raise OIPError(f"Inference-Header-Content-Length is {header_length} but the "
+                       f"(decompressed) body is only {body_length} byte(s)")
+    return header_length
 
+
+def request_json(header: bytes) -> dict[str, Any]:
+    """The request's JSON object: UTF-8, valid, an object, no lone surrogates."""
     try:
-        text = body[:header_length].decode("utf-8")
+        text = header.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise OIPError(f"request JSON is not valid UTF-8: {exc}") from None
     try:
@@ -427,100 +462,66 @@ def decode_infer_request(
         raise OIPError("request is not valid JSON: nesting too deep") from None
     request = _expect_object(request, "request")
     _refuse_lone_surrogates(request, "request")
+    return request
 
-    request_id = request.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise OIPError(f"'id' must be a string, got {_json_type(request_id)}")
 
-    params = _expect_object(request.get("parameters", {}), "request 'parameters'")
-    # Other request parameters tritonclient may send (sequence_id, priority,
-    # timeout, custom ones) are scheduling hints with no meaning for a
-    # stateless classifier, so they are ignored rather than rejected.
-    binary_default = params.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise OIPError(
-            f"parameters.binary_data_output must be a boolean, got {binary_default!r}"
-        )
+class BinaryData:
+    """The bytes after the JSON header, handed out in order to the inputs that claim them; every
+    byte must be claimed (a short header length, or blobs nobody claimed, mean guessing)."""
 
-    raw_inputs = request.get("inputs")
+    def __init__(self, data: memoryview, header_length: int) -> None:
+        self.data, self.header_length, self.offset = data, header_length, 0
+
+    def take(self, size: Any, label: str) -> memoryview:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise OIPError(f"{label}: parameters.binary_data_size must be a non-negative integer, got {size!r}")
+        if self.offset + size > len(self.data):
+            raise OIPError(f"{label}: binary_data_size {size} overruns the body: only {len(self.data) - self.offset} "
+                           f"byte(s) of binary data remain after the {self.header_length}-byte JSON header")
+        self.offset += size
+        return self.data[self.offset - size : self.offset]
+
+    def check_all_claimed(self) -> None:
+        if self.offset != len(self.data):
+            raise OIPError(f"{len(self.data) - self.offset} byte(s) of binary data after the JSON header "
+                           f"are not claimed by any input's binary_data_size (claimed {self.offset})")
+
+
+def decoded_inputs(raw_inputs: Any, binary: BinaryData) -> dict[str, np.ndarray]:
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise OIPError("'inputs' must be a non-empty list")
-
-    binary = memoryview(body)[header_length:]
-    offset = 0
     inputs: dict[str, np.ndarray] = {}
-    for i, entry in enumerate(raw_inputs):
-        entry = _expect_object(entry, f"inputs[{i}]")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise OIPError(f"inputs[{i}]: 'name' must be a non-empty string")
-        label = f"input '{name}'"
-        if name in inputs:
-            raise OIPError(f"{label} appears more than once in 'inputs'")
+    for index, entry in enumerate(raw_inputs):
+        entry = _expect_object(entry, f"inputs[{index}]")
+        label = input_label(index, entry.get("name"), inputs)
+        inputs[entry["name"]] = decoded_input(entry, label, binary)
+    binary.check_all_claimed()
+    return inputs
 
-        if "shape" not in entry:
-            raise OIPError(f"{label}: missing 'shape'")
-        shape = _parse_shape(entry["shape"], label)
-        count = math.prod(shape)
 
-        datatype = entry.get("datatype")
-        if datatype not in DATATYPES:
-            raise OIPError(
-                f"{label}: unsupported datatype {datatype!r}; expected one of {_DATATYPES_LISTED}"
-            )
-
-        in_params = _expect_object(entry.get("parameters", {}), f"{label}: 'parameters'")
-        refuse_shared_memory_input(label, in_params)
-        size = in_params.get("binary_data_size")
-        has_data = "data" in entry
-
-        if size is not None:
-            if has_data:
-                raise OIPError(f"{label}: has both 'data' and parameters.binary_data_size")
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise OIPError(
-                    f"{label}: parameters.binary_data_size must be a non-negative integer, got {size!r}"
-                )
-            if offset + size > len(binary):
-                raise OIPError(
-                    f"{label}: binary_data_size {size} overruns the body: only "
-                    f"{len(binary) - offset} byte(s) of binary data remain after the "
-                    f"{header_length}-byte JSON header"
-                )
-            flat = _binary_to_array(binary[offset : offset + size], datatype, count, label)
-            offset += size
-        elif has_data:
-            data = entry["data"]
-            if not isinstance(data, list):
-                raise OIPError(f"{label}: 'data' must be a list, got {_json_type(data)}")
-            elements = _flatten(data)
-            if len(elements) != count:
-                raise OIPError(
-                    f"{label}: 'data' has {len(elements)} element(s) but shape "
-                    f"{list(shape)} requires {count}"
-                )
-            flat = _json_to_array(elements, datatype, label)
-        else:
-            raise OIPError(f"{label}: has neither 'data' nor parameters.binary_data_size")
-
-        inputs[name] = shaped(flat, shape, label)
-
-    if offset != len(binary):
-        # Either a header length that is too short, or blobs nobody claimed;
-        # both mean we would be guessing at the client's intent.
-        raise OIPError(
-            f"{len(binary) - offset} byte(s) of binary data after the JSON header "
-            f"are not claimed by any input's binary_data_size (claimed {offset})"
-        )
-
-    requested, binary_outputs = _parse_outputs(request.get("outputs"), binary_default)
-    return InferRequest(
-        id=request_id,
-        inputs=inputs,
-        requested_outputs=requested,
-        binary_outputs=binary_outputs,
-        binary_default=binary_default,
-    )
+def decoded_input(entry: dict[str, Any], label: str, binary: BinaryData) -> np.ndarray:
+    """One input's tensor, from its JSON `data` or its share of the binary data."""
+    if "shape" not in entry:
+        raise OIPError(f"{label}: missing 'shape'")
+    shape = _parse_shape(entry["shape"], label)
+    datatype = check_datatype(label, entry.get("datatype"))
+    in_params = _expect_object(entry.get("parameters", {}), f"{label}: 'parameters'")
+    refuse_shared_memory_input(label, in_params)
+    size = in_params.get("binary_data_size")
+    if size is not None:
+        if "data" in entry:
+            raise OIPError(f"{label}: has both 'data' and parameters.binary_data_size")
+        flat = _binary_to_array(binary.take(size, label), datatype, math.prod(shape), label)
+    elif "data" in entry:
+        data = entry["data"]
+        if not isinstance(data, list):
+            raise OIPError(f"{label}: 'data' must be a list, got {_json_type(data)}")
+        elements = _flatten(data)
+        check_element_count(label, len(elements), "'data'", shape)
+        flat = _json_to_array(elements, datatype, label)
+    else:
+        raise OIPError(f"{label}: has neither 'data' nor parameters.binary_data_size")
+    return shaped(flat, shape, label)
 
 
 # --------------------------------------------------------------------------
@@ -531,8 +532,7 @@ def decode_infer_request(
 def decode_raw_tensor(raw: bytes, datatype: str, shape: tuple[int, ...], label: str) -> np.ndarray:
     """One tensor from its raw bytes, as the binary extension and gRPC's raw_input_contents
     carry them (BYTES: a 4-byte little-endian length before each element)."""
-    if datatype not in DATATYPES:
-        raise OIPError(f"{label}: unsupported datatype {datatype!r}; expected one of {_DATATYPES_LISTED}")
+    check_datatype(label, datatype)
     return shaped(_binary_to_array(memoryview(raw), datatype, math.prod(shape), label), shape, label)
 
 

@@ -2,7 +2,7 @@
 
 - `digits()`: the 1,797 8x8 handwritten digits scikit-learn ships inside its package (nothing
   downloads), split once and for all: the last 360 images (20 %) are the held-out test set, the
-  first 1,437 are for training (training/train_image.py takes 10 % of them as dev).
+  first 1,437 are for training (training/jobs/image.py takes 10 % of them as dev).
 - `read_idx(images, labels)`: an MNIST-style IDX file pair (ubyte, 0..255 with ink high).
 - `read_png_folder(root)`: one sub-folder of PNG/JPEG files per class; the folder name is the label.
 Pictures go through the service's own preprocessing (models/image_encoding.py), so a model

@@ -18,8 +18,9 @@ import torch
 
 from services.backends.bundle_format import FORMAT_VERSION as BUNDLE_FORMAT
 from services.backends.inference import IMAGE_ARCHITECTURE, ImageClassifier, read_bundle
-from training.export_onnx import OPSET, PARITY_ATOL, ExportRefused, ensemble_config, staged_bundle, write_json, write_manifest
-from training.train_image import load_image_model
+from training.bundles.export_classifier import OPSET, PARITY_ATOL, ExportRefused, ensemble_config
+from training.bundles.writing import staged_bundle, write_json, write_manifest
+from training.jobs.image import load_image_model
 
 PARITY_BATCH_SIZES = (1, 7, 64)
 

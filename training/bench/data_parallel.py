@@ -1,5 +1,5 @@
 """Training throughput of one process against torchrun ranks on this machine, for the two jobs:
-`python -m training.bench_data_parallel [--ptb ../shared/data/ptb] [--trec ../shared/data/trec/train.txt]
+`python -m training.bench.data_parallel [--ptb ../shared/data/ptb] [--trec ../shared/data/trec/train.txt]
 [--ranks 1 2] [--rounds 2] [--lm-minutes 1.5] [--cnn-epochs 5]`.
 
 Each row is a real run of the real command, one after the other (never two at once):
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def launch(arguments: list[str], ranks: int, threads: int) -> None:

@@ -1,7 +1,7 @@
 """How much of onnxruntime's speed `python -m training predict` keeps: texts/s of the same
 bundle on the same texts, from the bare graph to the whole command.
 
-    .venv/bin/python -m training.bench_predict --bundle models/zoo/kim-cnn-trec6 --lines 100000
+    .venv/bin/python -m training.bench.predict --bundle models/zoo/kim-cnn-trec6 --lines 100000
 
 Rows, each on the same --lines texts (TREC sample questions repeated, or --data), batches of
 --batch-size:
@@ -26,9 +26,9 @@ from pathlib import Path
 
 from services.backends.inference import TextClassifier, read_bundle
 from services.config import available_cores
-from training.datasets import read_trec
+from training.data.datasets import read_trec
 
-REPOSITORY = Path(__file__).resolve().parents[1]
+REPOSITORY = Path(__file__).resolve().parents[2]
 SAMPLE_QUESTIONS = REPOSITORY / "training" / "sample_data" / "trec.txt"
 
 
@@ -75,7 +75,7 @@ def command_rate(bundle: Path, data: Path, out: Path, batch_size: int, workers: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.bench_predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training.bench.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=REPOSITORY / "models" / "zoo" / "kim-cnn-trec6",
                         help="classifier bundle (default: kim-cnn-trec6)")
     parser.add_argument("--lines", type=int, default=100_000, help="texts to score in each row (default: 100000)")

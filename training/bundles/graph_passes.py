@@ -7,10 +7,10 @@ it changes. Why: onnxruntime 1.31's CPU Conv for 1-D inputs is a slow path (a pr
 kim-cnn-trec6 put 90 % of the run in 1-D FusedConv, and per text it got *slower* with larger
 batches), while its 2-D convolution is the tuned one (NCHW im2col + SGEMM). On this machine the
 rewrite took kim-cnn-trec6's kernel time from 0.38 to 0.28 ms at batch 1 and from 15.4 to
-10.2 ms at batch 64 (`python -m training.op_profile`; docs/performance-history.md).
+10.2 ms at batch 64 (`python -m training.bench.op_profile`; docs/performance-history.md).
 
 The weight's Unsqueeze is a constant expression, folded by onnxruntime when it loads the graph.
-Parity is proven by `optimize_bundle` in training/export_onnx.py (the rewritten graph against the
+Parity is proven by `optimize_bundle` in training/bundles/export_classifier.py (the rewritten graph against the
 original on real texts) and, for new exports, by export's parity check against PyTorch.
 """
 
@@ -93,7 +93,7 @@ def drop_height_round_trips(graph_model: onnx.ModelProto) -> int:
     unsqueezed once), and squeeze only where a 3-D op still reads the result. Returns how many
     Unsqueezes went. Why: onnxruntime's int8 convolution (QLinearConv) runs in NHWC and wraps
     each one in Transposes, which it cancels between neighbouring convolutions only when
-    nothing 3-D sits between them; `python -m training.op_profile` put those Transposes at half
+    nothing 3-D sits between them; `python -m training.bench.op_profile` put those Transposes at half
     of char-cnn-small-trec6-int8's time."""
     graph = graph_model.graph
     ranks = tensor_ranks(graph_model)

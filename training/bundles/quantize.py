@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,9 +40,10 @@ from onnxruntime.quantization import (
 
 from services.backends.inference import LANGUAGE_MODEL_ARCHITECTURE, Bundle, TextClassifier, read_bundle
 from services.backends.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH
-from training.datasets import read_labelled, read_ptb, split_dev
-from training.evaluate import evaluate_classifier, evaluate_language_model
-from training.export_onnx import staged_bundle, write_json, write_manifest
+from training.data.datasets import read_ptb, split_dev
+from training.evaluation.evaluate import evaluate_classifier, evaluate_language_model
+from training.arguments import recorded
+from training.bundles.writing import staged_bundle, write_json, write_manifest
 
 INT8_SUFFIX = "-int8"
 MAX_ACCURACY_DROP = 0.005  # 0.5 accuracy points on the dev split
@@ -53,23 +53,17 @@ CALIBRATION_BATCH = 64
 STATIC_OPS = ["Conv", "Gemm", "Gather"]
 DYNAMIC_OPS = ["LSTM", "MatMul", "Gemm", "Gather"]
 FLOAT_ONLY_RECURRENCES = {"GRU", "RNN"}  # no DynamicQuantizeGRU/RNN in onnxruntime
-# The defaults of `python -m training train`, for train commands that did not name them.
-TRAIN_DEFAULTS = {"dev_fraction": 0.1, "seed": 3435}
-
-
 class QuantizationRefused(RuntimeError):
     """The int8 graph costs more accuracy or perplexity than the gate allows; nothing is written."""
 
 
-def training_split(train_command: str) -> tuple[list, list]:
-    """(train, dev) examples exactly as `train_command` split them."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--format", required=True)
-    parser.add_argument("--dev-fraction", type=float, default=TRAIN_DEFAULTS["dev_fraction"])
-    parser.add_argument("--seed", type=int, default=TRAIN_DEFAULTS["seed"])
-    args, _ = parser.parse_known_args(shlex.split(train_command))
-    return split_dev(read_labelled(args.data, args.format), dev_fraction=args.dev_fraction, seed=args.seed)
+def training_split(train_arguments: dict) -> tuple[list, list]:
+    """(train, dev) examples exactly as the recorded `train` split them (its data, format, columns,
+    dev fraction and seed, as values: training/arguments.py `recorded_arguments`)."""
+    from training.arguments import read_examples
+
+    examples = read_examples(argparse.Namespace(**train_arguments))
+    return split_dev(examples, dev_fraction=train_arguments["dev_fraction"], seed=train_arguments["seed"])
 
 
 class EncodedTexts(CalibrationDataReader):
@@ -111,13 +105,13 @@ def quantize_graph(source: Path, target: Path, calibration: CalibrationDataReade
 
 def quantize_classifier(bundle_dir: Path, out_dir: Path, command: str) -> dict:
     source = read_bundle(bundle_dir)
-    train_part, dev_part = training_split(source.metrics["train_command"])
+    train_part, dev_part = training_split(recorded(source.metrics, "train", "re-export it from a checkpoint of `train`"))
     fp32 = evaluate_classifier(bundle_dir, dev_part)
-    recorded = source.metrics["dev_accuracy"]
-    if abs(fp32["accuracy"] - recorded) > 1.5 / len(dev_part):  # float16 storage may flip one text
+    recorded_accuracy = source.metrics["dev_accuracy"]
+    if abs(fp32["accuracy"] - recorded_accuracy) > 1.5 / len(dev_part):  # float16 storage may flip one text
         raise QuantizationRefused(
-            f"{bundle_dir}: its dev split, reproduced from the train command, scores {fp32['accuracy']:.4f}, "
-            f"not the recorded {recorded:.4f}; the gate would not compare like with like")
+            f"{bundle_dir}: its dev split, reproduced from the recorded train arguments, scores {fp32['accuracy']:.4f}, "
+            f"not the recorded {recorded_accuracy:.4f}; the gate would not compare like with like")
     ops = graph_ops(bundle_dir / "model.onnx")
     if ops & FLOAT_ONLY_RECURRENCES:
         raise QuantizationRefused(
@@ -144,16 +138,14 @@ def quantize_classifier(bundle_dir: Path, out_dir: Path, command: str) -> dict:
     return metrics
 
 
-def validation_tokens(export_command: str) -> list[str]:
+def validation_tokens(export_arguments: dict) -> list[str]:
     """The validation text the language model's export measured its perplexity on."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--data", required=True)
-    return read_ptb(parser.parse_known_args(shlex.split(export_command))[0].data)
+    return read_ptb(export_arguments["data"])
 
 
 def quantize_language_model(bundle_dir: Path, out_dir: Path, command: str, valid_tokens: list[str] | None = None) -> dict:
     source = read_bundle(bundle_dir)
-    valid_tokens = valid_tokens or validation_tokens(source.metrics["export_command"])
+    valid_tokens = valid_tokens or validation_tokens(recorded(source.metrics, "export", "re-export it with this version"))
     fp32_perplexity = evaluate_language_model(bundle_dir, valid_tokens)["perplexity"]
     with staged_bundle(out_dir, copy_from=bundle_dir) as staging:
         for graph in (STEP_GRAPH, WORD_ENCODER_GRAPH):

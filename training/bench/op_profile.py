@@ -1,6 +1,6 @@
 """Where a classifier bundle's inference time goes, by operator, from onnxruntime's own profiler.
 
-    python -m training.op_profile --bundle models/zoo/char-cnn-small-trec6 \\
+    python -m training.bench.op_profile --bundle models/zoo/char-cnn-small-trec6 \\
                                   --bundle models/zoo/char-cnn-small-trec6-int8 [--batch 64] [--runs 20]
 
 Runs each bundle's graph `--runs` times on a batch of `--batch` copies of one question (the

@@ -1,5 +1,5 @@
 """How fast one training step of the character-aware LM runs here, and what each CPU option buys:
-`python -m training.bench_lm_step [--preset small] [--threads 1 2] [--steps 12]`.
+`python -m training.bench.lm_step [--preset small] [--threads 1 2] [--steps 12]`.
 
 One step is what train-lm does per chunk (batch 20 x 35 words, forward, the summed loss,
 backward, clipping, SGD) on random characters and targets of PTB's sizes (10k words, 51
@@ -19,7 +19,7 @@ import time
 import torch
 
 from models.char_lm import CharAwareLM, char_lm_config
-from training.train_lm import summed_step_loss
+from training.jobs.language_model import summed_step_loss
 
 PTB_WORDS, PTB_CHARS, PTB_WIDTH = 10_000, 51, 21
 WARM_UP_STEPS = 3

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +27,12 @@ from models.recipe import TrainingRecipe
 from models.registry import architecture, build_config, build_model, config_values, input_encoding
 from models.text_encoding import CharEncoder, WordEncoder, WordVocab, encoder_from_config, tokenize
 from services.backends.inference import softmax
-from training import distributed, progress
-from training.datasets import LabelledText, first_unknown_label, kfold, split_dev
-from training.word_vectors import embedding_matrix, read_word_vectors
+from training.jobs import distributed, progress
+from training.jobs.checkpoints import save_atomically, seed_everything
+from training.data.datasets import LabelledText, first_unknown_label, kfold, split_dev
+from training.data.word_vectors import embedding_matrix, read_word_vectors
 
 PARITY_TEXTS = 512  # texts kept in a checkpoint for export's parity check (dev first, then train)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def encode_examples(
@@ -98,7 +93,7 @@ def train_classifier(
 ) -> dict:
     """Train on `train`, early-stop on `dev`, return the checkpoint dict of the best dev epoch.
 
-    Under torchrun (training/distributed.py) each rank computes its share of every batch and
+    Under torchrun (training/jobs/distributed.py) each rank computes its share of every batch and
     rank 0 alone validates; with `resume_path`, rank 0 writes the run's state there after every
     epoch and a rerun with the same settings, with any number of ranks, continues from it.
 
@@ -108,160 +103,226 @@ def train_classifier(
     The preset's recipe trains the full run and keeps the best dev epoch (Kim); `patience` N
     stops once N epochs in a row have not improved dev accuracy. `overrides` are config
     `name=value` strings, e.g. {"length": "256", "recipe.epochs": "10"}."""
-    # ---- data: labels sorted for a stable order; a vocabulary from the training split only ----
     seed_everything(seed)
-    labels = sorted({example.label for example in train})
-    unseen = first_unknown_label(dev, labels, "no training example has it: give it more examples, or drop it")
-    if unseen:
-        raise unseen
-    uses_words = architecture(architecture_name).input_kind == "words"
-    vocab = WordVocab.build((tokenize(e.text, lowercase) for e in train), min_count=min_count) if uses_words else None
-    overrides = dict(overrides or {})
-    if epochs is not None:
-        overrides["recipe.epochs"] = str(epochs)
-    config = build_config(architecture_name, preset, len(vocab) if vocab else 0, len(labels), overrides)
-    pretrained = None
-    if getattr(config, "variant", "rand") != "rand":
-        if vectors_path is None:
-            raise ValueError(f"preset {preset!r} starts from pretrained word vectors: give --vectors FILE (word2vec or GloVe)")
-        vectors, dimension = read_word_vectors(vectors_path, vocab, vectors_format)
-        config = build_config(architecture_name, preset, len(vocab), len(labels), {**overrides, "embedding_dim": str(dimension)})
-        pretrained = embedding_matrix(vocab, vectors, dimension, seed, config.embedding_init_range)
-        vectors_found = len(vectors)
-    recipe: TrainingRecipe = config.recipe
-    encoding = input_encoding(architecture_name, config, lowercase)
-    encoder = encoder_from_config(encoding, vocab)
-    train_rows, train_targets = encode_examples(encoder, train, labels)
-    dev_rows, dev_targets = encode_examples(encoder, dev, labels)
-    held_out_rows, held_out_targets = encode_examples(encoder, held_out, labels) if held_out else (None, None)
-
-    # ---- model and optimiser, both from the preset ----
-    ranks = distributed.current_ranks()
-    model = build_model(architecture_name, config_values(config)).to(device)
-    if pretrained is not None:
-        with torch.no_grad():
-            for embedding in model.embeddings:  # every channel starts from the same vectors
-                embedding.weight.copy_(torch.from_numpy(pretrained))
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(recipe, parameters)
-
-    # ---- the run so far, when a rerun resumes one (rank 0 reads it, every rank gets it) ----
-    best = {"dev_accuracy": -1.0}
-    best_state: dict[str, torch.Tensor] = {}
-    history = []
-    step = 0
-    order_rng = np.random.default_rng(seed)
-    fixed_order = order_rng.permutation(len(train_rows)) if recipe.shuffle == "batches" else None  # Kim's: once per run
-    run_key = {"architecture": architecture_name, "preset": preset, "config": config_values(config), "seed": seed,
-               "labels": labels, "vocab_size": len(vocab) if vocab else 0, "train_examples": len(train),
+    data = EncodedData.of(train, dev, held_out, architecture_name, preset, lowercase, seed, epochs, min_count,
+                          overrides, vectors_path, vectors_format)
+    run = ClassifierRun(data, architecture_name, device, seed)
+    run_key = {"architecture": architecture_name, "preset": preset, "config": config_values(data.config), "seed": seed,
+               "labels": data.labels, "vocab_size": len(data.vocab) if data.vocab else 0, "train_examples": len(train),
                "dev_examples": len(dev), "patience": patience, "data_sha256": examples_digest(train, dev),
                "vectors": str(vectors_path) if vectors_path is not None else None}
-    resumed = distributed.from_main(read_epoch_state(resume_path, run_key) if ranks.is_main else None)
-    if resumed and "refused" in resumed:
-        raise SystemExit(resumed["refused"])
-    if resumed:
-        model.load_state_dict(resumed["state_dict"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        best, best_state, history, step = resumed["best"], resumed["best_state"], resumed["history"], resumed["step"]
-        order_rng.bit_generator.state = resumed["order_rng"]
-        if ranks.is_main:
-            torch.set_rng_state(resumed["torch_rng"])
-            if device.startswith("cuda") and resumed.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(resumed["cuda_rng"])  # dropout masks on this rank's GPU
-            print(f"resuming {resume_path}: {len(history)} of {recipe.epochs} epochs done", flush=True)
-    distributed.reseed_dropout(seed, step)
-    trained = distributed.wrap(model, device)  # DDP under torchrun, else the model itself
-    stopped_early = bool(resumed and resumed["stopped"])  # a rerun of a run that patience had stopped
+    run.resume(resume_path, run_key)
 
     # ---- loop: shuffle, step, clip, constrain; keep the best dev epoch ----
-    started = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
-    first_epoch = len(history) + 1
-    shown = show_progress and ranks.is_main
-    epoch_bar = progress.bar(range(first_epoch, recipe.epochs + 1 if not stopped_early else first_epoch), shown, desc="epochs",
-                             leave=False)
+    recipe = data.recipe
+    started = time.perf_counter() - run.seconds_before
+    first_epoch = len(run.history) + 1
+    shown = show_progress and run.ranks.is_main
+    epoch_bar = progress.bar(range(first_epoch, recipe.epochs + 1 if not run.stopped_early else first_epoch), shown,
+                             desc="epochs", leave=False)
     for epoch in epoch_bar:
         epoch_started = time.perf_counter()
+        entry = run.train_epoch(epoch, shown)
+        epoch_bar.set_postfix(loss=f"{entry['train_loss']:.4f}", dev=f"{entry['dev_accuracy']:.4f}")
+        progress.report(progress.epoch_line(epoch, recipe.epochs, time.perf_counter() - epoch_started, time.perf_counter() - started,
+                                            f"train loss {entry['train_loss']:.4f}, dev {entry['dev_accuracy']:.4f}"), shown)
+        improved = run.keep_if_best(entry)
+        stop = not improved and patience is not None and epoch - run.best["best_epoch"] >= patience
+        if resume_path is not None and run.ranks.is_main:
+            run.save_epoch_state(resume_path, run_key, stop, time.perf_counter() - started)
+        if stop:
+            break
+    return run.checkpoint(architecture_name, preset, patience, vectors_path, time.perf_counter() - started, train, dev)
+
+
+@dataclass
+class EncodedData:
+    """A classifier run's data: labels (sorted, for a stable order), the vocabulary (from the
+    training split only), the config with the preset's recipe, pretrained vectors if the preset
+    starts from them, and the three splits encoded as the model reads them."""
+
+    labels: list[str]
+    vocab: WordVocab | None
+    config: object
+    encoding: dict
+    pretrained: np.ndarray | None
+    vectors_found: int
+    train_rows: list[list[int]]
+    train_targets: np.ndarray
+    dev_rows: list[list[int]]
+    dev_targets: np.ndarray
+    held_out_rows: list[list[int]] | None
+    held_out_targets: np.ndarray | None
+
+    @property
+    def recipe(self) -> TrainingRecipe:
+        return self.config.recipe
+
+    @classmethod
+    def of(cls, train, dev, held_out, architecture_name: str, preset: str, lowercase: bool, seed: int, epochs: int | None,
+           min_count: int, overrides: dict[str, str] | None, vectors_path, vectors_format: str) -> "EncodedData":
+        labels = sorted({example.label for example in train})
+        unseen = first_unknown_label(dev, labels, "no training example has it: give it more examples, or drop it")
+        if unseen:
+            raise unseen
+        uses_words = architecture(architecture_name).input_kind == "words"
+        vocab = WordVocab.build((tokenize(e.text, lowercase) for e in train), min_count=min_count) if uses_words else None
+        overrides = dict(overrides or {})
+        if epochs is not None:
+            overrides["recipe.epochs"] = str(epochs)
+        config = build_config(architecture_name, preset, len(vocab) if vocab else 0, len(labels), overrides)
+        pretrained, vectors_found = None, 0
+        if getattr(config, "variant", "rand") != "rand":
+            if vectors_path is None:
+                raise ValueError(f"preset {preset!r} starts from pretrained word vectors: give --vectors FILE (word2vec or GloVe)")
+            vectors, dimension = read_word_vectors(vectors_path, vocab, vectors_format)
+            config = build_config(architecture_name, preset, len(vocab), len(labels), {**overrides, "embedding_dim": str(dimension)})
+            pretrained = embedding_matrix(vocab, vectors, dimension, seed, config.embedding_init_range)
+            vectors_found = len(vectors)
+        encoding = input_encoding(architecture_name, config, lowercase)
+        encoder = encoder_from_config(encoding, vocab)
+        held_out_rows, held_out_targets = encode_examples(encoder, held_out, labels) if held_out else (None, None)
+        return cls(labels, vocab, config, encoding, pretrained, vectors_found, *encode_examples(encoder, train, labels),
+                   *encode_examples(encoder, dev, labels), held_out_rows, held_out_targets)
+
+
+class ClassifierRun:
+    """The model and optimiser of one classifier run (both from the preset) and where it stands:
+    the epochs' history, the best dev epoch and its weights, the step count and the batch order."""
+
+    def __init__(self, data: EncodedData, architecture_name: str, device: str, seed: int) -> None:
+        self.data, self.device, self.seed = data, device, seed
+        self.ranks = distributed.current_ranks()
+        self.model = build_model(architecture_name, config_values(data.config)).to(device)
+        if data.pretrained is not None:
+            with torch.no_grad():
+                for embedding in self.model.embeddings:  # every channel starts from the same vectors
+                    embedding.weight.copy_(torch.from_numpy(data.pretrained))
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(data.recipe, self.parameters)
+        self.best: dict = {"dev_accuracy": -1.0}
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.history: list[dict] = []
+        self.step = 0
+        self.order_rng = np.random.default_rng(seed)
+        # Kim's: one order for the whole run.
+        self.fixed_order = self.order_rng.permutation(len(data.train_rows)) if data.recipe.shuffle == "batches" else None
+        self.stopped_early, self.seconds_before = False, 0.0
+
+    def resume(self, resume_path: Path | None, run_key: dict) -> None:
+        """The run so far, when a rerun resumes one (rank 0 reads it, every rank gets it)."""
+        resumed = distributed.from_main(read_epoch_state(resume_path, run_key) if self.ranks.is_main else None)
+        if resumed and "refused" in resumed:
+            raise SystemExit(resumed["refused"])
+        if resumed:
+            self.model.load_state_dict(resumed["state_dict"])
+            self.optimizer.load_state_dict(resumed["optimizer"])
+            self.best, self.best_state, self.history, self.step = resumed["best"], resumed["best_state"], resumed["history"], resumed["step"]
+            self.order_rng.bit_generator.state = resumed["order_rng"]
+            if self.ranks.is_main:
+                torch.set_rng_state(resumed["torch_rng"])
+                if self.device.startswith("cuda") and resumed.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(resumed["cuda_rng"])  # dropout masks on this rank's GPU
+                print(f"resuming {resume_path}: {len(self.history)} of {self.data.recipe.epochs} epochs done", flush=True)
+            self.stopped_early = bool(resumed["stopped"])  # a rerun of a run that patience had stopped
+            self.seconds_before = resumed["seconds"]
+        distributed.reseed_dropout(self.seed, self.step)
+        self.trained = distributed.wrap(self.model, self.device)  # DDP under torchrun, else the model itself
+
+    def train_epoch(self, epoch: int, shown: bool) -> dict:
+        """One epoch of steps over this rank's share of every batch, then rank 0's validation, which
+        every rank takes (so all decide alike); returns the epoch's history entry."""
+        data, recipe, ranks, model, optimizer = self.data, self.data.recipe, self.ranks, self.model, self.optimizer
         model.train()
         learning_rate = recipe.learning_rate_at(epoch)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
         batch_losses = 0.0  # sum over batches of this rank's part of the batch's mean loss
-        batches = recipe.epoch_batches(len(train_rows), order_rng, fixed_order)  # the same global batches on every rank
+        batches = recipe.epoch_batches(len(data.train_rows), self.order_rng, self.fixed_order)  # the same global batches on every rank
         for index in progress.bar(batches, shown, desc=f"epoch {epoch}", leave=False):
-            share = ranks.share(index)
-            # A rank whose share is empty (a last batch smaller than the world) still joins the
-            # all-reduce, with one example weighted 0.
-            weight = ranks.world_size / len(index) if len(share) else 0.0
-            share = share if len(share) else index[:1]
-            token_ids, lengths = batch_tensors([train_rows[i] for i in share])
-            logits = trained(token_ids.to(device), lengths.to(device))
-            share_targets = torch.from_numpy(train_targets[share]).to(device)
-            if ranks.distributed:  # this share's loss sum over the global batch size, times the world
-                # size: DDP's mean over the ranks turns the gradients back into the batch mean's
-                loss = F.cross_entropy(logits, share_targets, reduction="sum") * weight
-            else:
-                loss = F.cross_entropy(logits, share_targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip_norm)
-            optimizer.step()
-            if hasattr(model, "apply_constraints"):
-                model.apply_constraints()  # Kim's max-norm on the output rows
-            batch_losses += loss.item() / ranks.world_size
-            step += 1
+            batch_losses += self.train_step(index) / ranks.world_size
         train_loss = distributed.sum_over_ranks([batch_losses])[0] / len(batches)
         entry = {"epoch": epoch, "learning_rate": learning_rate, "train_loss": train_loss}
-        if ranks.is_main:  # rank 0 validates; the others take its figures, so all decide alike
-            entry["dev_accuracy"] = accuracy(model, dev_rows, dev_targets, device=device)
-            if held_out_rows is not None:
-                entry["held_out_accuracy"] = accuracy(model, held_out_rows, held_out_targets, device=device)
+        if ranks.is_main:
+            entry["dev_accuracy"] = accuracy(model, data.dev_rows, data.dev_targets, device=self.device)
+            if data.held_out_rows is not None:
+                entry["held_out_accuracy"] = accuracy(model, data.held_out_rows, data.held_out_targets, device=self.device)
         entry = distributed.from_main(entry)
-        history.append(entry)
-        epoch_bar.set_postfix(loss=f"{train_loss:.4f}", dev=f"{entry['dev_accuracy']:.4f}")
-        progress.report(progress.epoch_line(epoch, recipe.epochs, time.perf_counter() - epoch_started, time.perf_counter() - started,
-                                            f"train loss {train_loss:.4f}, dev {entry['dev_accuracy']:.4f}"), shown)
-        improved = entry["dev_accuracy"] > best["dev_accuracy"]
-        if improved:
-            best = {"dev_accuracy": entry["dev_accuracy"], "best_epoch": epoch, "step": step}
-            best_state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-        stop = not improved and patience is not None and epoch - best["best_epoch"] >= patience
-        if resume_path is not None and ranks.is_main:
-            save_atomically({
-                "key": run_key, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "best": best,
-                "best_state": best_state, "history": history, "step": step, "order_rng": order_rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(), "stopped": stop, "seconds": time.perf_counter() - started,
-                "cuda_rng": torch.cuda.get_rng_state() if device.startswith("cuda") else None}, resume_path)
-        if stop:
-            break
+        self.history.append(entry)
+        return entry
 
-    metrics = {
-        **best,
-        "train_examples": len(train),
-        "dev_examples": len(dev),
-        "epochs": recipe.epochs,
-        "epochs_run": len(history),
-        "patience": patience,
-        "global_batch": recipe.batch_size,  # examples per step, over all ranks
-        "world_size": ranks.world_size,  # ranks that ran the last invocation (a resumed run may have changed it)
-        "parameters": sum(p.numel() for p in model.parameters()),
-        **({"vectors_file": Path(vectors_path).name, "vectors_coverage": vectors_found / (len(vocab) - 2)} if pretrained is not None else {}),
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "history": history,
-    }
-    return {
-        "architecture": architecture_name,
-        "preset": preset,
-        "state_dict": best_state,
-        "config": config_values(config),
-        "vocab": list(vocab.tokens) if vocab else None,
-        "labels": labels,
-        "encoding": encoding,
-        "metrics": metrics,
-        "step": best["step"],
-        # Real texts for export's parity check and float16 decision when `export --data` is not given.
-        "parity_texts": [example.text for example in [*dev, *train][:PARITY_TEXTS]],
-    }
+    def train_step(self, index: np.ndarray) -> float:
+        """One optimiser step on this rank's share of the batch `index`; returns its loss."""
+        data, recipe, ranks, device = self.data, self.data.recipe, self.ranks, self.device
+        share = ranks.share(index)
+        # A rank whose share is empty (a last batch smaller than the world) still joins the
+        # all-reduce, with one example weighted 0.
+        weight = ranks.world_size / len(index) if len(share) else 0.0
+        share = share if len(share) else index[:1]
+        token_ids, lengths = batch_tensors([data.train_rows[i] for i in share])
+        logits = self.trained(token_ids.to(device), lengths.to(device))
+        share_targets = torch.from_numpy(data.train_targets[share]).to(device)
+        if ranks.distributed:  # this share's loss sum over the global batch size, times the world
+            # size: DDP's mean over the ranks turns the gradients back into the batch mean's
+            loss = F.cross_entropy(logits, share_targets, reduction="sum") * weight
+        else:
+            loss = F.cross_entropy(logits, share_targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters, recipe.grad_clip_norm)
+        self.optimizer.step()
+        if hasattr(self.model, "apply_constraints"):
+            self.model.apply_constraints()  # Kim's max-norm on the output rows
+        self.step += 1
+        return loss.item()
+
+    def keep_if_best(self, entry: dict) -> bool:
+        improved = entry["dev_accuracy"] > self.best["dev_accuracy"]
+        if improved:
+            self.best = {"dev_accuracy": entry["dev_accuracy"], "best_epoch": entry["epoch"], "step": self.step}
+            self.best_state = {name: tensor.detach().cpu().clone() for name, tensor in self.model.state_dict().items()}
+        return improved
+
+    def save_epoch_state(self, resume_path: Path, run_key: dict, stopped: bool, seconds: float) -> None:
+        save_atomically({
+            "key": run_key, "state_dict": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "best": self.best,
+            "best_state": self.best_state, "history": self.history, "step": self.step,
+            "order_rng": self.order_rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "stopped": stopped,
+            "seconds": seconds, "cuda_rng": torch.cuda.get_rng_state() if self.device.startswith("cuda") else None}, resume_path)
+
+    def checkpoint(self, architecture_name: str, preset: str, patience: int | None, vectors_path, seconds: float,
+                   train: Sequence[LabelledText], dev: Sequence[LabelledText]) -> dict:
+        data, best, model, history, recipe = self.data, self.best, self.model, self.history, self.data.recipe
+        vocab, labels, encoding, config, best_state = data.vocab, data.labels, data.encoding, data.config, self.best_state
+        metrics = {
+            **best,
+            "train_examples": len(train),
+            "dev_examples": len(dev),
+            "epochs": recipe.epochs,
+            "epochs_run": len(history),
+            "patience": patience,
+            "global_batch": recipe.batch_size,  # examples per step, over all ranks
+            "world_size": self.ranks.world_size,  # ranks that ran the last invocation (a resumed run may have changed it)
+            "parameters": sum(p.numel() for p in model.parameters()),
+            **({"vectors_file": Path(vectors_path).name, "vectors_coverage": data.vectors_found / (len(vocab) - 2)}
+               if data.pretrained is not None else {}),
+            "train_seconds": round(seconds, 1),
+            "history": history,
+        }
+        return {
+            "architecture": architecture_name,
+            "preset": preset,
+            "state_dict": best_state,
+            "config": config_values(config),
+            "vocab": list(vocab.tokens) if vocab else None,
+            "labels": labels,
+            "encoding": encoding,
+            "metrics": metrics,
+            "step": best["step"],
+            # Real texts for export's parity check and float16 decision when `export --data` is not given.
+            "parity_texts": [example.text for example in [*dev, *train][:PARITY_TEXTS]],
+        }
 
 
 def examples_digest(*parts: Sequence[LabelledText]) -> str:
@@ -283,15 +344,6 @@ def read_epoch_state(path: Path | None, run_key: dict) -> dict | None:
     if state["key"] != run_key:
         return {"refused": f"{path} holds a stopped run with other settings; remove it to start afresh"}
     return state
-
-
-def save_atomically(state: dict, path: Path) -> None:
-    """torch.save through a sibling temporary file, so a stop mid-write keeps the previous file
-    (checkpoints, and the state of a run in progress)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.partial")
-    torch.save(state, staging)
-    staging.replace(path)
 
 
 def resume_folder(out: Path) -> Path:
@@ -445,6 +497,13 @@ def cross_validate(
         save_progress()
         if progress_path is not None and main:  # the fold is in the progress file now
             remove_resume_state(resume_folder(progress_path), f"fold-{fold}-member-*.pt")
+    return cv_summary(done, curves, scored, folds, members)
+
+
+def cv_summary(done: dict[str, float], curves: dict[str, list], scored: dict[str, dict], folds: int, members: int) -> dict:
+    """The cross-validation's figures from its folds: mean, std and each fold's accuracy; the
+    mean under each epoch-selection rule where every fold's curve is known; with members >= 2,
+    the ensembles of the first 1, 2, ... members, the mean of probabilities, and each member alone."""
     fold_accuracies = [done[str(fold)] for fold in range(1, folds + 1)]
     result = {
         "cv_folds": folds,

@@ -28,11 +28,11 @@ from models.text_encoding import LanguageModelVocab, WordCharEncoder, scoring_st
 from services.backends.bundle_format import FORMAT_VERSION as BUNDLE_FORMAT
 from services.backends.inference import read_bundle
 from services.backends.language_model import STEP_GRAPH, WORD_ENCODER_GRAPH, CharLanguageModel
-from training.export_onnx import (
-    OPSET, STORAGE_CHOICES, ExportRefused, check_exported_graph, round_weights_to_half, staged_bundle,
-    store_initializers_as_half, write_json, write_manifest,
+from training.bundles.export_classifier import (
+    OPSET, STORAGE_CHOICES, ExportRefused, check_exported_graph, round_weights_to_half, store_initializers_as_half,
 )
-from training.train_lm import ARCHITECTURE, load_language_model, stream_perplexity
+from training.bundles.writing import staged_bundle, write_json, write_manifest
+from training.jobs.language_model import ARCHITECTURE, load_language_model, stream_perplexity
 
 PERPLEXITY_RTOL = 1e-3  # 0.1 %
 LOGIT_ATOL = 1e-4

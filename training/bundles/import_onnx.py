@@ -29,7 +29,7 @@ import onnx
 from models.text_encoding import PAD_TOKEN, UNK_TOKEN, ZHANG_ALPHABET, WordVocab
 from services.backends.bundle_format import FORMAT_VERSION, BundleFormatError
 from services.backends.inference import TextClassifier, read_bundle, sha256_file
-from training.export_onnx import staged_bundle, write_json, write_manifest
+from training.bundles.writing import staged_bundle, write_json, write_manifest
 
 ARCHITECTURE = "imported"
 PROBE_ATOL = 1e-4

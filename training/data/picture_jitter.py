@@ -9,9 +9,9 @@ digits: each 8x8 grid is drawn large (32x32, bilinear), rotated, slanted, stretc
 its strokes thickened or thinned, and then read back by the very function that reads pictures.
 Nothing label-specific: every digit gets the same kinds of change.
 
-Used by training/train_image.py when the recipe's `jitter` > 0: `jitter_copies` redrawn copies of
+Used by training/jobs/image.py when the recipe's `jitter` > 0: `jitter_copies` redrawn copies of
 each training digit are made once, and in every epoch each digit is replaced by one of them with
-probability `jitter`. The check of the result is training/drawn_digits.py.
+probability `jitter`. The check of the result is training/evaluation/drawn_digits.py.
 """
 
 from __future__ import annotations

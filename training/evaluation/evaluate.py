@@ -13,7 +13,7 @@ import numpy as np
 from models.text_encoding import scoring_stream
 from services.backends.inference import TextClassifier, read_bundle
 from services.backends.language_model import CharLanguageModel
-from training.datasets import LabelledText, first_unknown_label
+from training.data.datasets import LabelledText, first_unknown_label
 
 
 def evaluate_classifier(

@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from models.image_encoding import ImageEncoder
-from training.image_data import digits
+from training.data.image_data import digits
 
 
 def first_convolution(model_path: Path) -> tuple[np.ndarray, np.ndarray, int]:

@@ -10,8 +10,8 @@ with the best dev accuracy is kept; with 0 every training image is trained on fo
 epochs and the last epoch is kept (the count chosen by cross-validation). `shift` > 0 moves each
 training image by a random whole number of pixels per axis in every epoch (zeros come in);
 `jitter` > 0 replaces that share of the digits in every epoch by copies redrawn as pictures are read
-(training/picture_jitter.py). Digit models also record `drawn_accuracy`, their score on the pen-drawn
-check set of training/drawn_digits.py, which chooses nothing in training.
+(training/data/picture_jitter.py). Digit models also record `drawn_accuracy`, their score on the pen-drawn
+check set of training/evaluation/drawn_digits.py, which chooses nothing in training.
 The test split of the digits is scored once, at the end, and recorded; it never chooses anything.
 
 Cross-validation cuts the training images into contiguous blocks, not a shuffle: scikit-learn's
@@ -34,8 +34,8 @@ from models.ensemble import ensemble_of, member_seeds
 from models.image_cnn import PRESETS, ImageCNN, ImageCNNConfig
 from models.image_encoding import GRID, ImageEncoder
 from models.recipe import config_from_dict, with_overrides
-from training.drawn_digits import drawn_grids
-from training.picture_jitter import Jitter, pick, redrawn_copies
+from training.evaluation.drawn_digits import drawn_grids
+from training.data.picture_jitter import Jitter, pick, redrawn_copies
 
 ARCHITECTURE = "image-cnn"
 DIGIT_LABELS = [str(digit) for digit in range(10)]
@@ -181,7 +181,7 @@ def svm_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
 
 
 def svm_drawn_accuracy(train: tuple[np.ndarray, np.ndarray]) -> float:
-    """The same SVM on the drawn check set (training/drawn_digits.py), read as the service reads pictures."""
+    """The same SVM on the drawn check set (training/evaluation/drawn_digits.py), read as the service reads pictures."""
     drawn, drawn_labels, _ = drawn_grids()
     return svm_accuracy(train, (drawn, np.array([int(label) for label in drawn_labels])))
 

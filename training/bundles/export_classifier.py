@@ -12,12 +12,10 @@ the legacy one keeps `dynamic_axes` symbolic for every model here (models.md, ex
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import random
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +23,12 @@ import onnx
 import torch
 
 from services.backends.bundle_format import FORMAT_VERSION as BUNDLE_FORMAT
-from services.backends.inference import MANIFEST, TextClassifier, read_bundle, sha256_file
-from training.graph_passes import PASS_NAME as GRAPH_PASS
-from training.graph_passes import ROUND_TRIPS_PASS_NAME as ROUND_TRIPS_PASS
-from training.graph_passes import conv1d_as_conv2d, drop_height_round_trips
-from training.train_classifier import batch_tensors, encoder_for, load_model
+from services.backends.inference import TextClassifier, read_bundle
+from training.bundles.graph_passes import PASS_NAME as GRAPH_PASS
+from training.bundles.graph_passes import ROUND_TRIPS_PASS_NAME as ROUND_TRIPS_PASS
+from training.bundles.graph_passes import conv1d_as_conv2d, drop_height_round_trips
+from training.bundles.writing import staged_bundle, write_json, write_manifest
+from training.jobs.classifier import batch_tensors, encoder_for, load_model
 
 OPSET = 17
 PARITY_ATOL = 1e-4
@@ -114,7 +113,7 @@ def output_names(model: torch.nn.Module) -> list[str]:
 
 
 def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None, opset: int = OPSET) -> list[str]:
-    """Export `model` to `path` and apply the graph passes of training/graph_passes.py (the
+    """Export `model` to `path` and apply the graph passes of training/bundles/graph_passes.py (the
     parity check that follows compares the final graph with PyTorch). Returns the passes applied."""
     encoding = encoding or {"kind": "words"}
     example, input_names, dynamic_axes = export_example(encoding)
@@ -137,7 +136,7 @@ def export_onnx(model: torch.nn.Module, path: Path, encoding: dict | None = None
 
 
 def apply_graph_passes(path: Path) -> list[str]:
-    """Rewrite the graph at `path` with every pass that applies (training/graph_passes.py);
+    """Rewrite the graph at `path` with every pass that applies (training/bundles/graph_passes.py);
     returns their names."""
     graph_model = onnx.load(str(path))
     applied = [name for name, graph_pass in ((GRAPH_PASS, conv1d_as_conv2d), (ROUND_TRIPS_PASS, drop_height_round_trips))
@@ -241,10 +240,6 @@ def ensemble_config(checkpoint: dict) -> dict:
     return {"ensemble": {"members": len(members), "combine": "mean-logits", "seeds": checkpoint["metrics"]["member_seeds"]}}
 
 
-def write_json(path: Path, value) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-
 def export_bundle(
     checkpoint: dict,
     bundle_dir: Path,
@@ -304,44 +299,6 @@ def export_bundle(
         metrics.update(parity_check(model, TextClassifier(read_bundle(staging)), shuffled))
         write_json(staging / "metrics.json", metrics)
         write_manifest(staging)
-    return metrics
-
-
-@contextlib.contextmanager
-def staged_bundle(bundle_dir: Path, copy_from: Path | None = None) -> Iterator[Path]:
-    """A hidden sibling folder to write a bundle into (the zoo ignores dot-folders, so a run
-    killed halfway never leaves a servable half-bundle); it replaces `bundle_dir` only when the
-    block ends without an exception, and is removed otherwise."""
-    staging = bundle_dir.with_name("." + bundle_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    if copy_from is not None:
-        shutil.copytree(copy_from, staging)
-    else:
-        staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(bundle_dir, ignore_errors=True)
-    staging.rename(bundle_dir)
-
-
-def write_manifest(bundle_dir: Path) -> None:
-    files = sorted(p.name for p in bundle_dir.iterdir() if p.is_file() and p.name != MANIFEST)
-    write_json(bundle_dir / MANIFEST, {"files": {file: sha256_file(bundle_dir / file) for file in files}})
-
-
-def attach_metrics(bundle_dir: Path, extra_metrics: dict) -> dict:
-    """Add figures measured after release (e.g. a cross-validation of the same recipe) to a
-    bundle's metrics.json, leaving model.onnx and every other file byte for byte as they were.
-    The bundle is rewritten through a hidden staging copy, as export does."""
-    read_bundle(bundle_dir)  # refuse a bundle that is already inconsistent
-    with staged_bundle(bundle_dir, copy_from=bundle_dir) as staging:
-        metrics = {**json.loads((staging / "metrics.json").read_text()), **extra_metrics}
-        write_json(staging / "metrics.json", metrics)
-        write_manifest(staging)
-        read_bundle(staging)
     return metrics
 
 
