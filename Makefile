@@ -116,9 +116,10 @@ audit: install
 	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off
 	$(BIN)/pip-audit -r deploy/requirements-serving.txt --no-deps --disable-pip --progress-spinner off
 
-# deploy/requirements-serving.txt, after a change to constraints.txt.
+# deploy/requirements-serving.txt (and -gpu.txt, with CUDA 13's wheels), after a change to constraints.txt.
 serving-requirements: install
 	$(BIN)/python deploy/pin_serving_requirements.py > deploy/requirements-serving.txt
+	$(BIN)/python deploy/pin_serving_requirements.py --gpu > deploy/requirements-serving-gpu.txt
 
 # Side by side, one run: onnxruntime in process, torch eager, the service, a hand-rolled
 # FastAPI server and the peers (mosec, LitServe, PyTriton) over HTTP under wrk, two rounds

@@ -73,18 +73,27 @@ def test_bento_holds_the_service_every_zoo_model_and_pinned_packages_without_tor
     assert "ENV TEXTSERVE_DEVICE=$TEXTSERVE_DEVICE" in dockerfile and "ARG TEXTSERVE_DEVICE=cpu" in dockerfile
 
 
-def test_gpu_bento_builds_on_the_cuda_and_cudnn_base_and_asks_for_cuda(tmp_path):
+def test_gpu_bento_carries_cuda_13_and_cudnn_as_wheels_and_asks_for_cuda(tmp_path):
+    """onnxruntime-gpu 1.31.1's CUDA provider links CUDA 13 (libcudart.so.13), which no base image
+    BentoML offers has: the GPU bento carries CUDA 13's runtime and cuDNN 9 as the nvidia-* wheels
+    of onnxruntime-gpu's cuda and cudnn extras, on the CPU image's Python base."""
     home = tmp_path / "home"
     tag = make("bento-gpu", home)
-    dockerfile = (bento_folder(home, tag) / "env" / "docker" / "Dockerfile").read_text()
-    assert "FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04" in dockerfile
-    assert "ARG TEXTSERVE_DEVICE=cuda" in dockerfile
+    folder = bento_folder(home, tag)
+    dockerfile = (folder / "env" / "docker" / "Dockerfile").read_text()
+    assert "nvidia/cuda:12" not in dockerfile and "ARG TEXTSERVE_DEVICE=cuda" in dockerfile
+    requirements = set((folder / "env" / "python" / "requirements.txt").read_text().splitlines())
+    assert {line for line in SERVING_REQUIREMENTS.read_text().splitlines() if "==" in line} <= requirements  # the serving closure
+    nvidia = {line.split("==")[0]: line.split("==")[1] for line in requirements if line.startswith("nvidia-") and "==" in line}
+    assert {"nvidia-cuda-runtime", "nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-curand", "nvidia-cufft", "nvidia-cuda-nvrtc"} <= set(nvidia)
+    assert nvidia["nvidia-cuda-runtime"].startswith("13.") and nvidia["nvidia-cublas"].startswith("13.")
 
 
 def test_serving_requirements_are_the_generators_output():
-    generated = subprocess.run([sys.executable, str(REPOSITORY / "deploy" / "pin_serving_requirements.py")],
-                               capture_output=True, text=True, check=True).stdout
-    assert generated == SERVING_REQUIREMENTS.read_text(), "run make serving-requirements"
+    for flags, committed in (([], SERVING_REQUIREMENTS), (["--gpu"], REPOSITORY / "deploy" / "requirements-serving-gpu.txt")):
+        generated = subprocess.run([sys.executable, str(REPOSITORY / "deploy" / "pin_serving_requirements.py"), *flags],
+                                   capture_output=True, text=True, check=True).stdout
+        assert generated == committed.read_text(), "run make serving-requirements"
 
 
 def test_exported_bento_serves_without_the_zoo_and_answers_as_the_bundle_does(built, tmp_path):

@@ -97,6 +97,12 @@ def environment_facts(device: str) -> dict:
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
         facts["gpu"] = pynvml.nvmlDeviceGetName(handle)
         facts["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        # The CUDA libraries onnxruntime-gpu runs on there, beside the GPU image's pins
+        # (deploy/requirements-serving-gpu.txt): the machine's own, from its torch's wheels.
+        from importlib import metadata
+
+        facts["nvidia_wheels"] = {d.metadata["Name"]: d.version for d in metadata.distributions()
+                                  if (d.metadata["Name"] or "").lower().startswith("nvidia-")}
     return facts
 
 

@@ -8,7 +8,9 @@ language-model bundle has step.onnx and word_encoder.onnx instead of model.onnx,
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,6 +95,18 @@ def read_bundle(path: str | Path) -> Bundle:
     )
 
 
+@functools.cache
+def load_cuda_wheels() -> bool:
+    """CUDA 13's runtime and cuDNN from the nvidia-* wheels installed beside onnxruntime (the GPU
+    image: deploy/requirements-serving-gpu.txt), loaded once before the first CUDA session, since
+    onnxruntime-gpu's CUDA provider finds them by name only. Where none are installed, the
+    system's libraries serve (or the session refuses CUDA, as make_session says)."""
+    if importlib.util.find_spec("nvidia") is None or not hasattr(ort, "preload_dlls"):
+        return False
+    ort.preload_dlls(cuda=True, cudnn=True)
+    return True
+
+
 def make_session(onnx_path: Path, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime session on `device`; asking for CUDA where it cannot run is an error,
     never a silent fall-back to the CPU. `threads` 0 lets onnxruntime pick (one per core)."""
@@ -104,6 +118,7 @@ def make_session(onnx_path: Path, device: str = "cpu", threads: int = 0) -> ort.
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BundleError("device 'cuda' requested but this onnxruntime build has no CUDAExecutionProvider")
+        load_cuda_wheels()
         session = ort.InferenceSession(str(onnx_path), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
         if session.get_providers()[0] != "CUDAExecutionProvider":
             raise BundleError(
