@@ -186,6 +186,25 @@ def test_quantize_refuses_when_the_dev_split_cannot_be_reproduced(lstm_bundle, t
     assert not other.with_name("lstm-int8").exists()
 
 
+def test_a_bundle_written_before_arguments_were_values_is_given_them_once_and_quantizes(lstm_bundle, trec_split, tmp_path):
+    old = tmp_path / "old-lstm"
+    shutil.copytree(lstm_bundle, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["train_arguments"]  # as bundles were written before 2026-12-06: the command line alone
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    from training.bundles.writing import write_manifest
+
+    write_manifest(old)
+    with pytest.raises(SystemExit, match=r"record-arguments --bundle BUNDLE -- train --data .* --format trec --out x.pt"):
+        quantize_bundle(old, "quantize")
+    from training.__main__ import main
+
+    path, _, _ = trec_split
+    main(["record-arguments", "--bundle", str(old), "--", "train", "--data", str(path), "--format", "trec", "--out", "x.pt"])
+    assert json.loads((old / "metrics.json").read_text())["train_arguments"]["data"] == str(path)
+    assert quantize_bundle(old, "quantize")["dev_examples"] > 0
+
+
 def test_the_language_model_gets_int8_within_one_percent_perplexity(tiny_lm_bundle, tmp_path):
     from models.text_encoding import tokenize
     from training.data.datasets import read_mr_dir

@@ -92,7 +92,7 @@ def test_main_only_gathers_the_commands_each_room_registers():
 
     whole = parser()
     [subcommands] = [action for action in whole._actions if isinstance(action, argparse._SubParsersAction)]
-    assert len(subcommands.choices) == 16
+    assert len(subcommands.choices) == 17
     for name, sub in subcommands.choices.items():
         assert callable(sub.get_default("run")), name
 

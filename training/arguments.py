@@ -31,8 +31,11 @@ def recorded(metrics: dict, kind: str, instead: str) -> dict:
     """The values a `kind` command (train, export) recorded in a checkpoint's or bundle's metrics."""
     values = metrics.get(f"{kind}_arguments")
     if not values:
-        made_by = metrics.get(f"{kind}_command", "no command recorded")
-        raise SystemExit(f"this checkpoint or bundle records no {kind} arguments as values ({made_by}): {instead}")
+        made_by = metrics.get(f"{kind}_command")
+        if made_by:  # a bundle written before the values were kept: its command line says what to give
+            raise SystemExit(f"this bundle was written before its {kind} command was kept as values; give them once: "
+                             f"python -m training record-arguments --bundle BUNDLE -- {made_by.removeprefix('python -m training ')}")
+        raise SystemExit(f"this checkpoint or bundle records no {kind} arguments: {instead}")
     return values
 
 

@@ -15,7 +15,7 @@ from training.data.datasets import CLASSIFICATION_FORMATS
 
 
 def register(commands) -> None:
-    for add in (add_export, add_export_image, add_import_onnx, add_attach_cv, add_optimize, add_quantize):
+    for add in (add_export, add_export_image, add_import_onnx, add_attach_cv, add_optimize, add_quantize, add_record_arguments):
         add(commands)
 
 
@@ -258,3 +258,34 @@ def run_quantize(args: argparse.Namespace) -> None:
         print(json.dumps({"bundle": str(bundle) + "-int8", **{k: metrics[k] for k in keys if k in metrics}}))
     if refused:
         raise SystemExit(f"{len(refused)} of {len(args.bundle)} bundles refused: {', '.join(map(str, refused))}")
+
+
+# --------------------------------------------------------------------------- record-arguments
+
+
+MADE_BY = {"train": "train", "train-lm": "train", "train-image": "train", "export": "export", "export-image": "export"}
+
+
+def add_record_arguments(commands) -> None:
+    record = commands.add_parser(
+        "record-arguments", help="give a bundle written before commands were kept as values the values of the command that made it",
+        description="A bundle written before its commands were kept as values (train_arguments, export_arguments) serves as "
+                    "it did; quantize, optimize and attach-cv need the values. Give them once, as the command that made it "
+                    "after --, e.g. record-arguments --bundle models/zoo/NAME -- train --data FILE --format trec --out x.pt "
+                    "(its metrics.json keeps that command line as train_command).")
+    record.add_argument("--bundle", required=True, type=Path)
+    record.add_argument("made_by", nargs=argparse.REMAINDER, help="-- then the train or export command's arguments")
+    record.set_defaults(run=run_record_arguments)
+
+
+def run_record_arguments(args: argparse.Namespace) -> None:
+    from training.__main__ import parser
+    from training.bundles.writing import attach_metrics
+
+    words = args.made_by[1:] if args.made_by[:1] == ["--"] else args.made_by
+    kind = MADE_BY.get(words[0]) if words else None
+    if kind is None:
+        raise SystemExit(f"record-arguments: after --, the command that made the bundle: one of {', '.join(MADE_BY)}")
+    values = recorded_arguments(parser().parse_args(words))
+    attach_metrics(args.bundle, {f"{kind}_arguments": values})
+    print(json.dumps({"bundle": str(args.bundle), f"{kind}_arguments": values}))
