@@ -22,9 +22,14 @@ def command_line() -> str:
 def recorded_arguments(args: argparse.Namespace) -> dict:
     """The parsed arguments as JSON values (paths as strings), kept beside the command line in a
     checkpoint and a bundle's metrics.json so that later commands read values, not a shell string."""
-    return {key: (str(value) if isinstance(value, Path) else [str(v) if isinstance(v, Path) else v for v in value]
-                  if isinstance(value, list) else value)
-            for key, value in sorted(vars(args).items()) if not callable(value)}
+    return {key: json_value(value) for key, value in sorted(vars(args).items()) if not callable(value)}
+
+
+def json_value(value):
+    """An argument's value as JSON keeps it: a path as its string, a list item by item."""
+    if isinstance(value, list):
+        return [json_value(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
 
 
 def recorded(metrics: dict, kind: str, instead: str) -> dict:

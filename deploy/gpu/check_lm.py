@@ -72,8 +72,8 @@ def environment_facts(device: str) -> dict:
 
 def train(stash: Path, out: Path, minutes: float, device: str, preset: str, overrides: list[str],
           part_bytes: int = RETURN_PART_BYTES) -> dict:
-    """Train (or resume) into the stash's checkpoint within `minutes`; when the run has finished
-    its epochs, cut the best weights into parts and put the first ones in `out`."""
+    """Train (or resume) into the stash's checkpoint within `minutes`, then cut the best weights so
+    far into parts and put the first ones in `out`, finished or not."""
     started = time.perf_counter()
     checkpoint = checkpoint_path(stash)
     command = [sys.executable, "-m", "training", "train-lm", "--data", str(stash / "ptb"), "--preset", preset,
@@ -85,22 +85,23 @@ def train(stash: Path, out: Path, minutes: float, device: str, preset: str, over
     if curve_kept.exists():
         shutil.copy2(curve_kept, out / f"{NAME}.curve.jsonl")
     status = run_logged(command, out / "train-lm.log")
-    shutil.copy2(out / f"{NAME}.curve.jsonl", curve_kept) if (out / f"{NAME}.curve.jsonl").exists() else None
+    if (out / f"{NAME}.curve.jsonl").exists():
+        shutil.copy2(out / f"{NAME}.curve.jsonl", curve_kept)
     if status != 0:
         raise SystemExit(f"train-lm exited with {status}: see train-lm.log")
-    summary = run_summary(checkpoint, device)
+    import torch
+
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # about 230 MB: read once
+    summary = run_summary(saved, device)
     summary["call_seconds"] = round(time.perf_counter() - started, 1)
-    summary["parts"] = cut_weights(checkpoint, return_folder(stash), part_bytes)  # the best so far, finished or not
+    summary["parts"] = cut_weights(saved, return_folder(stash), part_bytes)
     summary["brought"] = bring_back(stash, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(summary_table(summary))
     return summary
 
 
-def run_summary(checkpoint_file: Path, device: str) -> dict:
-    import torch
-
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+def run_summary(checkpoint: dict, device: str) -> dict:
     metrics = checkpoint["metrics"]
     progress = checkpoint["resume"]["progress"]
     epochs = metrics["epochs"] + metrics["tail_epochs"]
@@ -113,7 +114,7 @@ def run_summary(checkpoint_file: Path, device: str) -> dict:
             "history": [{k: e.get(k) for k in ("epoch", "valid_perplexity", "learning_rate", "seconds")} for e in metrics["history"]]}
 
 
-def cut_weights(checkpoint_file: Path, folder: Path, part_bytes: int) -> int:
+def cut_weights(checkpoint: dict, folder: Path, part_bytes: int) -> int:
     """The checkpoint without its resume state (best weights, vocabulary, encoding, metrics), its
     weights rounded to float16, cut into parts. float16 halves the 77 MB of float32 weights, so
     that they come back with the call that trained them (3 parts, with the logs under the 64 MiB
@@ -121,15 +122,14 @@ def cut_weights(checkpoint_file: Path, folder: Path, part_bytes: int) -> int:
     validation perplexity by under 0.1 % (export's gate), and release reads them back as float32."""
     import torch
 
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
-    checkpoint.pop("resume")
-    checkpoint["state_dict"] = {name: value.half() if value.is_floating_point() else value
-                                for name, value in checkpoint["state_dict"].items()}
-    checkpoint["metrics"]["brought_back_as"] = "float16"
+    best = {key: value for key, value in checkpoint.items() if key != "resume"}
+    best["state_dict"] = {name: value.half() if value.is_floating_point() else value
+                          for name, value in checkpoint["state_dict"].items()}
+    best["metrics"] = {**checkpoint["metrics"], "brought_back_as": "float16"}
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     weights = folder / f"{NAME}.weights.pt"
-    torch.save(checkpoint, weights)
+    torch.save(best, weights)
     manifest = parts.split(weights, folder, part_bytes)
     weights.unlink()
     return len(parts.read_manifest(manifest)["parts"])

@@ -23,6 +23,7 @@ installed into --site and the check runs again under it (deploy/gpu/wheels.py). 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -269,7 +270,7 @@ def service_runs(device: str, seconds: float, warm_up: float, work: Path, out: P
         env = {**os.environ, "TEXTSERVE_DEVICE": run_device}
         sampler = GpuSampler() if run_device == "cuda" else None
         started = time.perf_counter()
-        with sampler or _nothing():
+        with sampler or contextlib.nullcontext():
             done = subprocess.run(command, cwd=REPOSITORY_ROOT, env=env, capture_output=True, text=True)
         (out / f"{label}.log").write_text(done.stdout[-200_000:] + done.stderr[-50_000:])
         if done.returncode != 0:  # recorded; the CPU's run still comes
@@ -281,14 +282,6 @@ def service_runs(device: str, seconds: float, warm_up: float, work: Path, out: P
         runs[label] = {"seconds": round(time.perf_counter() - started, 1), "levels": service_levels(report),
                        **({"gpu": sampler.summary()} if sampler else {})}
     return runs
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *_):
-        return None
 
 
 def service_levels(report: dict) -> list[dict]:

@@ -274,7 +274,7 @@ def stage(calls: list[Call], root: Path) -> None:
     for call in calls:
         for item in call.items:
             if item.source is None:
-                raise PayloadError(f"{item.dest} is not built yet (make gpu-wheels)")
+                raise PayloadError(f"{item.dest}: nothing here to send (wheel parts: make gpu-wheels; PTB: out lm --data FOLDER)")
             target = root / STAGE / call.name / item.dest
             if item.source.is_dir():
                 shutil.copytree(item.source, target, copy_function=link_or_copy)
